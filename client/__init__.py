@@ -1,0 +1,1 @@
+"""Python SDK and the magi-client CLI (depends only on proto, grpcio, protobuf, av)."""

@@ -1,0 +1,1 @@
+"""MAGI-1 in PyTorch: configs, DiT, VAE, T5 text encoder, checkpoint I/O."""

@@ -1,0 +1,184 @@
+"""Checkpoint I/O in the official layouts (reference §3.15, §7.5).
+
+The DiT is built on the meta device and the safetensors tensors are assigned to it, so loading
+never holds two copies of the weights; the key check is strict and its error names what is
+missing, unexpected or mis-shaped. Shards are read one at a time with `safe_open`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from model.config import MagiConfig
+from model.dit import VideoDiT
+from model.fp8 import quantize_linear
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message says what is wrong and where."""
+
+
+def build_dit_meta(config: MagiConfig) -> VideoDiT:
+    with torch.device("meta"):
+        return VideoDiT(config)
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    want = expected_shapes(model)
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = [f"{k}: file {shapes[k]} vs model {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes ({len(wrong)}): {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def shard_map(weight_dir: Path) -> dict[str, list[str]]:
+    """shard file -> keys, from the index (or the single-file layout)."""
+    index = weight_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        shards: dict[str, list[str]] = defaultdict(list)
+        for key, shard in weight_map.items():
+            shards[shard].append(key)
+        for shard in shards:
+            if not (weight_dir / shard).exists():
+                raise CheckpointError(f"{weight_dir / shard}: shard listed in {INDEX_FILE} is missing")
+        return dict(shards)
+    single = weight_dir / SINGLE_FILE
+    if single.exists():
+        with safe_open(single, "pt") as f:
+            return {SINGLE_FILE: list(f.keys())}
+    raise CheckpointError(f"{weight_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+def read_shapes(weight_dir: Path, shards: dict[str, list[str]]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for shard, keys in shards.items():
+        with safe_open(weight_dir / shard, "pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{weight_dir / shard}: key {key} listed in the index is not in the shard")
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def load_dit(model_dir: str | Path, config: MagiConfig, device: str | torch.device = "cpu") -> VideoDiT:
+    """Build on meta, assign the tensors shard by shard (the file's dtypes are kept, as the
+    official `assign=True` does), then promote the fp32 modules (§3.12)."""
+    weight_dir = Path(model_dir) / config.runtime_config.load / config.weight_subdir
+    if not weight_dir.is_dir():
+        raise CheckpointError(f"{weight_dir}: DiT weight folder not found (expected {config.weight_subdir}/)")
+    model = build_dit_meta(config)
+    shards = shard_map(weight_dir)
+    check_state_dict(model, read_shapes(weight_dir, shards), str(weight_dir))
+    for shard, keys in shards.items():
+        with safe_open(weight_dir / shard, "pt", device=str(device)) as f:
+            part = {k: f.get_tensor(k) for k in keys}
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
+    model.requires_grad_(False)
+    return model.promote_high_precision().eval()
+
+
+def init_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Deterministic random weights in key order: normal(std) for matrices, small normal for
+    norms' stored (gamma - 1) and biases, the official default bands for RoPE."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dtype == torch.float8_e4m3fn:
+                continue
+            if name.endswith("rope.bands"):
+                n = param.numel()
+                values = 1.0 / (10000 ** (torch.arange(n, dtype=torch.float32) / n))
+            elif param.dim() >= 2:
+                values = torch.randn(param.shape, generator=gen) * std
+            else:
+                values = torch.randn(param.shape, generator=gen) * 0.1
+            param.copy_(values.to(param.dtype))
+
+
+def random_dit(config: MagiConfig, seed: int) -> VideoDiT:
+    """A DiT with deterministic random weights; fp8 variants get quantised twins of the linears."""
+    unquantised = MagiConfig(
+        config.model_config,
+        config.runtime_config.__class__(**{**config.runtime_config.__dict__, "cfg_number": 1 if config.engine_config.distill else 3}),
+        config.engine_config.__class__(**{**config.engine_config.__dict__, "fp8_quant": False}),
+    )
+    model = VideoDiT(unquantised)
+    init_random_(model, seed)
+    if config.engine_config.fp8_quant:
+        _quantise_layers_(model)
+    return model.eval()
+
+
+def _quantise_layers_(model: VideoDiT) -> None:
+    layers = model.videodit_blocks.layers
+    for layer in list(layers)[1:-1]:
+        qkv = layer.self_attention.linear_qkv
+        for name in ("q", "qx", "k", "v"):
+            setattr(qkv, name, quantize_linear(getattr(qkv, name), per_channel=False))
+        layer.mlp.linear_fc1 = quantize_linear(layer.mlp.linear_fc1, per_channel=False)
+        layer.mlp.linear_fc2 = quantize_linear(layer.mlp.linear_fc2, per_channel=True)
+        sa = layer.self_attention
+        sa.linear_proj = quantize_linear(sa.linear_proj, per_channel=True)
+
+
+def save_dit(model: nn.Module, weight_dir: str | Path, max_shard_bytes: int = 2 << 30, num_shards: int | None = None) -> None:
+    """Write `model.safetensors.index.json` + `model-0000i-of-0000n.safetensors`, keys sorted."""
+    weight_dir = Path(weight_dir)
+    weight_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in sorted(model.state_dict().items())}
+    shards = _split(state, max_shard_bytes, num_shards)
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(weight_dir / name), metadata={"format": "pt"})
+        for key, tensor in shard.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (weight_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _split(state: dict[str, Tensor], max_bytes: int, num_shards: int | None) -> list[dict[str, Tensor]]:
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if num_shards:
+        max_bytes = -(-total // num_shards)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards

@@ -1,0 +1,440 @@
+"""MAGI-1's diffusion transformer (`videodit_ardf`), for packed chunks of many sessions.
+
+Module attributes are the official state-dict keys (reference §3.14), so `load_state_dict(strict=
+True)` is the key check. One forward takes any number of chunks, grouped by the key sequence they
+attend over (one session's cache plus its chunks in this forward, or a lone uncond chunk); each
+chunk carries its own timestep, caption, adaLN row, RoPE placement and key range. With one group
+laid out as the official sampler lays it out this is exactly `VideoDiTModel.forward`.
+
+Sections of `forward` follow reference §3: 1 patch embed, 2 RoPE, 3 timestep, 4 caption and
+condition, 5 layers, 6 final layer and unpatchify. Activations are sequence-first `(S, D)` (the
+official batch axis of 1 is dropped), tokens in `(T, H, W)` row-major order per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import AttentionBackend, default_backend
+from model.config import MagiConfig, ModelConfig
+from model.fp8 import PerChannelFp8Linear, PerTensorFp8Linear
+from model.kv_cache import KVCache
+
+TIMESTEP_FREQ_DIM = 256  # sinusoid width of the timestep embedder
+TIMESTEP_RESCALE = 1000  # t in [0, 1] is scaled by this inside the sinusoid
+LINEAR_PROJ_BLOCKS = 8  # hard-coded "hn=8" of the linear_proj input permutation (§3.9)
+ROPE_REFERENCE_AREA = 16 * 16  # spatial RoPE coordinates are rescaled to this many patches
+
+
+@dataclass
+class ChunkInput:
+    """One chunk's queries in a packed forward."""
+
+    latent: Tensor  # (C, T, H, W) fp32, C = 16 latent channels
+    t: float  # flow time: 0 = noise, 1 = clean
+    caption: Tensor  # (L, caption_channels): the valid (mask = 1) caption tokens, L may be 0
+    caption_dropped: bool  # adaLN text row: null_caption_embedding[-1] if True else [-2]
+    rope_frame: int  # latent-frame index of the chunk's first frame on the RoPE time axis
+    rope_frames_total: int  # length of that time axis (official T_total; fp32 rescale needs it)
+    k_range: tuple[int, int]  # token range into its group's key sequence
+    step_size: float | None = None  # distill models: the shortcut step-size value (§3.3)
+    cache_index: int | None = None  # write this chunk's K|V into the group's cache at this index
+
+
+@dataclass
+class ChunkGroup:
+    """Chunks sharing one key sequence: `cache[cached_chunks] ++ K|V of these chunks`."""
+
+    chunks: list[ChunkInput]
+    cache: KVCache | None = None  # the session's cache (read and, per chunk, written)
+    cached_chunks: list[int] = field(default_factory=list)  # cache entries prepended, in order
+
+
+class LayerNorm1p(nn.Module):
+    """The official `FusedLayerNorm` with zero-centred gamma: weight is stored as gamma - 1."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight + 1, self.bias, self.eps)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.compute_dtype = cfg.dtype
+        dc = cfg.cond_dim
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQ_DIM, dc), nn.SiLU(), nn.Linear(dc, dc))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """t (n,) -> (n, Dc). The order of fp32 operations is the official one (§3.3)."""
+        half = TIMESTEP_FREQ_DIM // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None].to(t.device) * TIMESTEP_RESCALE
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        # the sinusoid is rounded to the params dtype before the (fp32) MLP, as officially
+        emb = emb.to(self.compute_dtype).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d_x = int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio)
+        self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.caption_channels, d_x), nn.SiLU())
+        self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.caption_channels, cfg.cond_dim))
+        self.null_caption_embedding = nn.Parameter(torch.empty(cfg.caption_max_length, cfg.caption_channels))
+
+
+class RotaryEmbedding(nn.Module):
+    """Learned-band 3-D RoPE (`LearnableRotaryEmbeddingCat`, in_pixels=False)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.bands = nn.Parameter(torch.empty(cfg.rope_bands))
+
+    def table(self, frames: range, frames_total: int, hp: int, wp: int) -> Tensor:
+        """`[sin | cos]` of the angles of the tokens of `frames` -> (len(frames)*hp*wp, 6*bands).
+
+        Coordinates: time = frame index, space centred; each axis is rescaled as
+        `x / (f - 1) * (r - 1)` in fp32 (divide first) to the reference shape
+        `[frames_total, hp / rho, wp / rho]`, rho = sqrt(hp * wp / 256) (reference §3.7)."""
+        rho = math.sqrt((hp * wp) / ROPE_REFERENCE_AREA)
+        sizes = [frames_total, hp, wp]
+        refs = [frames_total, hp / rho, wp / rho]
+        coords = [torch.arange(s, dtype=torch.int64).to(torch.float32) for s in sizes]
+        coords[1] = coords[1] - (hp - 1) / 2
+        coords[2] = coords[2] - (wp - 1) / 2
+        coords = [x if f == 1 else x / (f - 1) * (r - 1) for x, f, r in zip(coords, sizes, refs)]
+        coords[0] = coords[0][frames.start : frames.stop]
+        grid = torch.stack(torch.meshgrid(*coords, indexing="ij"), dim=-1)  # (T, H, W, 3)
+        bands = self.bands.float().to(grid.device)
+        pos = grid.unsqueeze(-1) * bands  # (T, H, W, 3, bands)
+        n = pos.shape[0] * hp * wp
+        return torch.cat([pos.sin().reshape(n, -1), pos.cos().reshape(n, -1)], dim=-1)
+
+
+def apply_rotary(x: Tensor, table: Tensor) -> Tensor:
+    """Non-interleaved rotation of the first 6*bands dims (pairs m, m + 3*bands); rest unchanged.
+    x (S, H, hd) fp32, table (S, 6*bands)."""
+    sin, cos = table.tensor_split(2, dim=-1)
+    half = sin.shape[-1]
+    sin, cos = sin[:, None, :], cos[:, None, :]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+def _linear(cfg: ModelConfig, quantised: bool, per_channel: bool, d_in: int, d_out: int) -> nn.Module:
+    if not quantised:
+        return nn.Linear(d_in, d_out, bias=False, dtype=cfg.dtype)
+    klass = PerChannelFp8Linear if per_channel else PerTensorFp8Linear
+    return klass(d_in, d_out, out_dtype=cfg.dtype)
+
+
+class LinearQKV(nn.Module):
+    """Shared pre-LayerNorm and the four token projections (`linear_qkv.*`)."""
+
+    def __init__(self, cfg: ModelConfig, quantised: bool) -> None:
+        super().__init__()
+        d, q_size, kv_size = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
+        self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=cfg.dtype)
+        self.q = _linear(cfg, quantised, False, d, q_size)
+        self.qx = _linear(cfg, quantised, False, d, q_size)
+        self.k = _linear(cfg, quantised, False, d, kv_size)
+        self.v = _linear(cfg, quantised, False, d, kv_size)
+
+
+class AdaModulateLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        gates = int(cfg.hidden_size * cfg.cond_gating_ratio) * 2
+        self.proj = nn.Sequential(nn.Linear(cfg.cond_dim, gates, dtype=cfg.dtype))
+
+    def forward(self, c: Tensor) -> Tensor:
+        """c (n, Dc) -> tanh-softcapped gates (n, 2D): [msa | mlp]."""
+        g = self.proj(F.silu(c))
+        return torch.tanh(g.float()).to(g.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Parallel self- and cross-attention (`FullyParallelAttention`)."""
+
+    def __init__(self, cfg: ModelConfig, quantised: bool) -> None:
+        super().__init__()
+        hd, eps, dt = cfg.kv_channels, cfg.layernorm_epsilon, cfg.dtype
+        q_size = cfg.num_attention_heads * hd
+        self.hd = hd
+        self.linear_qkv = LinearQKV(cfg, quantised)
+        d_x = int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio)
+        self.linear_kv_xattn = nn.Linear(d_x, 2 * cfg.num_query_groups * hd, bias=False, dtype=dt)
+        self.linear_proj = _linear(cfg, quantised, True, 2 * q_size, cfg.hidden_size)
+        self.q_layernorm = LayerNorm1p(hd, eps, dt)
+        self.k_layernorm = LayerNorm1p(hd, eps, dt)
+        self.q_layernorm_xattn = LayerNorm1p(hd, eps, dt)
+        self.k_layernorm_xattn = LayerNorm1p(hd, eps, dt)
+
+    def qk(self, proj: nn.Module, norm: LayerNorm1p, a: Tensor, rope: Tensor) -> Tensor:
+        """Project, QK-norm and rotate in fp32, back to the compute dtype. -> (S, heads, hd)"""
+        x = proj(a)
+        dtype = x.dtype
+        x = norm(x.reshape(x.shape[0], -1, self.hd).float())
+        return apply_rotary(x, rope).to(dtype)
+
+    def cross_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """text (Lt, D) -> K, V (Lt, G, hd). Weight rows are per group `[K_g ; V_g]` (§3.8)."""
+        kv = (text @ self.linear_kv_xattn.weight.t()).view(text.shape[0], -1, 2 * self.hd)
+        k, v = kv.split(self.hd, dim=-1)
+        return self.k_layernorm_xattn(k), v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, quantised: bool) -> None:
+        super().__init__()
+        self.gated = cfg.gated_linear_unit
+        f = cfg.ffn_hidden_size
+        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dtype=cfg.dtype)
+        self.linear_fc1 = _linear(cfg, quantised, False, cfg.hidden_size, 2 * f if self.gated else f)
+        self.linear_fc2 = _linear(cfg, quantised, True, f, cfg.hidden_size)
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = self.linear_fc1(self.layer_norm(h))
+        if self.gated:  # SwiGLU: silu(first half) * second half
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x)  # exact erf GELU
+        return self.linear_fc2(x)
+
+
+def _gate_add(x: Tensor, residual: Tensor, gate: Tensor, post_norm: LayerNorm1p) -> Tensor:
+    """`residual + LN1p(x * gate)` in fp32, back to the residual dtype (§3.6 steps 6, 8)."""
+    out = post_norm(x.float() * gate.float()) + residual.float()
+    return out.to(residual.dtype)
+
+
+@dataclass
+class _Packed:
+    """Per-forward bookkeeping shared by all layers (built once in `forward`)."""
+
+    groups: list[ChunkGroup]
+    rope: Tensor  # (S, 6*bands) fp32
+    token_gates_row: Tensor  # (S,) chunk index of every query token
+    q_ranges: list[list[tuple[int, int]]]  # per group: query ranges, local to the group
+    group_spans: list[tuple[int, int]]  # per group: its tokens in the packed sequence
+    group_first_chunk: list[int]  # per group: index of its first chunk in `chunk_spans`
+    chunk_spans: list[tuple[int, int]]  # per chunk: its tokens in the packed sequence
+    text: Tensor  # (Lt, D) projected caption tokens of all chunks
+    text_spans: list[tuple[int, int]]  # per chunk: its rows of `text`
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, quantised: bool) -> None:
+        super().__init__()
+        self.ada_modulate_layer = AdaModulateLayer(cfg)
+        self.self_attention = SelfAttention(cfg, quantised)
+        self.self_attn_post_norm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.dtype)
+        self.mlp = MLP(cfg, quantised)
+        self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.dtype)
+
+    def forward(self, h: Tensor, gates: Tensor, p: _Packed, layer: int, backend: AttentionBackend) -> Tensor:
+        sa = self.self_attention
+        a = sa.linear_qkv.layer_norm(h)  # (S, D), shared by self- and cross-attention
+        # self-attention: queries and this forward's keys, then each group's cache in front
+        q = sa.qk(sa.linear_qkv.q, sa.q_layernorm, a, p.rope)
+        k = sa.qk(sa.linear_qkv.k, sa.k_layernorm, a, p.rope)
+        v = sa.linear_qkv.v(a).reshape(a.shape[0], -1, sa.hd)
+        o_sa = torch.empty_like(q)
+        for g, group in enumerate(p.groups):
+            s0, s1 = p.group_spans[g]
+            kv = torch.cat([k[s0:s1], v[s0:s1]], dim=-1)  # (Sg, G, 2hd), the cache layout
+            self._write_cache(group, kv, layer, p.chunk_spans[p.group_first_chunk[g]:], s0)
+            if group.cached_chunks:
+                kv = torch.cat([group.cache.read(layer, group.cached_chunks).to(kv.dtype), kv], dim=0)
+            gk, gv = kv.split(sa.hd, dim=-1)
+            k_ranges = [c.k_range for c in group.chunks]
+            o_sa[s0:s1] = backend.ranged(q[s0:s1], gk, gv, p.q_ranges[g], k_ranges)
+        # cross-attention: each chunk's queries over its own caption tokens
+        qx = sa.linear_qkv.qx(a).reshape(a.shape[0], -1, sa.hd)
+        qx = sa.q_layernorm_xattn(qx)
+        kx, vx = sa.cross_kv(p.text)
+        o_xa = backend.ranged(qx, kx, vx, p.chunk_spans, p.text_spans)
+        # output projection over the [SA_0, XA_0, ..., SA_7, XA_7] interleave (§3.9)
+        s = h.shape[0]
+        o = torch.cat([o_sa.reshape(s, -1), o_xa.reshape(s, -1)], dim=-1)
+        o = o.reshape(s, 2, LINEAR_PROJ_BLOCKS, -1).transpose(1, 2).reshape(s, -1)
+        if isinstance(sa.linear_proj, nn.Linear):
+            o = F.linear(o.float(), sa.linear_proj.weight.float())  # fp32 autocast officially
+        else:
+            o = sa.linear_proj(o)
+        gate_msa, gate_mlp = gates[p.token_gates_row].chunk(2, dim=-1)
+        h = _gate_add(o, h, gate_msa, self.self_attn_post_norm)
+        return _gate_add(self.mlp(h), h, gate_mlp, self.mlp_post_norm)
+
+    @staticmethod
+    def _write_cache(
+        group: ChunkGroup, kv: Tensor, layer: int, spans: list[tuple[int, int]], s0: int
+    ) -> None:
+        """Store the K|V of the group's chunks that ask for it (`spans` start at the group's
+        first chunk; `kv` starts at packed token `s0`)."""
+        for chunk, (c0, c1) in zip(group.chunks, spans):
+            if chunk.cache_index is None:
+                continue
+            if group.cache is None:
+                raise ValueError("a chunk asks for a cache write but its group has no cache")
+            group.cache.write(layer, chunk.cache_index, kv[c0 - s0 : c1 - s0].clone())
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, fp8_quant: bool) -> None:
+        super().__init__()
+        n = cfg.num_layers
+        # fp8 checkpoints keep the first and the last layer in bf16 (§7.5)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, fp8_quant and 0 < i < n - 1) for i in range(n)
+        )
+        self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.dtype)
+
+
+class FinalLinear(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        out = cfg.patch_size * cfg.patch_size * cfg.t_patch_size * cfg.out_channels
+        self.linear = nn.Linear(cfg.hidden_size, out, bias=False)
+
+
+class VideoDiT(nn.Module):
+    """The whole DiT. Build it on the meta device and load weights with `model.checkpoint`."""
+
+    def __init__(self, config: MagiConfig, backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        cfg = config.model_config
+        self.cfg = cfg
+        self.distill = config.engine_config.distill
+        self.backend = backend or default_backend()
+        p, pt = cfg.patch_size, cfg.t_patch_size
+        self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, (pt, p, p), (pt, p, p), bias=False)
+        self.t_embedder = TimestepEmbedder(cfg)
+        self.y_embedder = CaptionEmbedder(cfg)
+        self.rope = RotaryEmbedding(cfg)
+        self.videodit_blocks = TransformerBlock(cfg, config.engine_config.fp8_quant)
+        self.final_linear = FinalLinear(cfg)
+
+    def promote_high_precision(self) -> VideoDiT:
+        """fp32 for the modules the official `_high_precision_promoter` promotes (§3.12)."""
+        for module in (self.x_embedder, self.y_embedder, self.t_embedder, self.final_linear, self.rope):
+            module.float()
+        for layer in self.videodit_blocks.layers:
+            sa = layer.self_attention
+            for module in (sa.q_layernorm, sa.k_layernorm, layer.self_attn_post_norm, layer.mlp_post_norm):
+                module.float()
+        self.videodit_blocks.final_layernorm.float()
+        return self
+
+    @torch.inference_mode()
+    def forward(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
+        """Velocities, per group per chunk, each (C_out, T, H, W) fp32."""
+        cfg = self.cfg
+        chunks = [c for g in groups for c in g.chunks]
+        # 1. x_embedder: each chunk (C, T, H, W) -> tokens (T*Hp*Wp, D), in fp32
+        tokens, grids = self._embed_latents(chunks)
+        # 2. RoPE table per chunk, at the chunk's own time slot
+        rope = torch.cat(
+            [self.rope.table(range(c.rope_frame, c.rope_frame + t), c.rope_frames_total, hp, wp)
+             for c, (t, hp, wp) in zip(chunks, grids)]
+        )
+        # 3 + 4. condition per chunk: t_emb (+ step-size emb) + adaLN text row, cast to params dtype
+        condition = self._condition(chunks)
+        gates_rows = torch.repeat_interleave(
+            torch.arange(len(chunks)), torch.tensor([t.shape[0] for t in tokens])
+        )
+        text, text_spans = self._caption_tokens(chunks)
+        packed = self._pack(groups, tokens, rope, gates_rows, text, text_spans)
+        # 5. transformer layers over the packed sequence (S, D)
+        h = torch.cat(tokens).to(cfg.dtype)
+        for i, layer in enumerate(self.videodit_blocks.layers):
+            gates = layer.ada_modulate_layer(condition)
+            h = layer(h, gates, packed, i, self.backend)
+        h = self.videodit_blocks.final_layernorm(h.float())
+        # 6. final linear (fp32) and unpatchify per chunk
+        out = F.linear(h.float(), self.final_linear.linear.weight.float())
+        velocities = [self._unpatchify(out[s0:s1], grid) for (s0, s1), grid in zip(packed.chunk_spans, grids)]
+        result, i = [], 0
+        for g in groups:
+            result.append(velocities[i : i + len(g.chunks)])
+            i += len(g.chunks)
+        return result
+
+    def _embed_latents(self, chunks: list[ChunkInput]) -> tuple[list[Tensor], list[tuple[int, int, int]]]:
+        cfg = self.cfg
+        tokens, grids = [], []
+        for c in chunks:
+            x = c.latent.float().unsqueeze(0) * cfg.x_rescale_factor  # (1, C, T, H, W)
+            if cfg.half_channel_vae:  # 24B: 16 latent channels duplicated to 32
+                x = torch.cat([x, x], dim=1)
+            x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).float()  # (1, D, T, Hp, Wp)
+            _, _, t, hp, wp = x.shape
+            tokens.append(x[0].flatten(1).transpose(0, 1))  # (T*Hp*Wp, D)
+            grids.append((t, hp, wp))
+        return tokens, grids
+
+    def _condition(self, chunks: list[ChunkInput]) -> Tensor:
+        t = torch.tensor([c.t for c in chunks], dtype=torch.float32)
+        emb = self.t_embedder(t)
+        if self.distill:
+            if any(c.step_size is None for c in chunks):
+                raise ValueError("a distill model needs step_size on every chunk")
+            emb = emb + self.t_embedder(torch.tensor([c.step_size for c in chunks], dtype=torch.float32))
+        null = self.y_embedder.null_caption_embedding
+        rows = torch.stack([null[-1] if c.caption_dropped else null[-2] for c in chunks])
+        adaln = self.y_embedder.y_proj_adaln(rows.float())
+        return (emb.float() + adaln.float()).to(self.cfg.dtype)
+
+    def _caption_tokens(self, chunks: list[ChunkInput]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Every chunk's valid caption tokens through y_proj_xattn, packed: (Lt, D)."""
+        captions = [c.caption.float() for c in chunks]
+        spans, start = [], 0
+        for cap in captions:
+            spans.append((start, start + cap.shape[0]))
+            start += cap.shape[0]
+        text = self.y_embedder.y_proj_xattn(torch.cat(captions).to(self.y_embedder.null_caption_embedding.dtype))
+        return text.to(self.cfg.dtype), spans
+
+    def _pack(self, groups, tokens, rope, gates_rows, text, text_spans) -> _Packed:
+        chunk_spans, group_spans, q_ranges, first = [], [], [], []
+        start, i = 0, 0
+        for group in groups:
+            g0, local = start, []
+            first.append(i)
+            for _ in group.chunks:
+                n = tokens[i].shape[0]
+                chunk_spans.append((start, start + n))
+                local.append((start - g0, start - g0 + n))
+                start += n
+                i += 1
+            group_spans.append((g0, start))
+            q_ranges.append(local)
+            if group.cached_chunks and group.cache is None:
+                raise ValueError("a group lists cached chunks but has no cache")
+        return _Packed(
+            groups, rope, gates_rows, q_ranges, group_spans, first, chunk_spans, text, text_spans
+        )
+
+    def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """(T*Hp*Wp, pT*pH*pW*C) -> (C, T*pT, Hp*pH, Wp*pW); channel fastest within a token."""
+        cfg = self.cfg
+        t, hp, wp = grid
+        p, pt = cfg.patch_size, cfg.t_patch_size
+        x = x.reshape(t, hp, wp, pt, p, p, -1).permute(6, 0, 3, 1, 4, 2, 5)
+        x = x.reshape(-1, t * pt, hp * p, wp * p)
+        if cfg.half_channel_vae:
+            x = x[:16]
+        return x / cfg.x_rescale_factor

@@ -1,0 +1,1 @@
+"""magistream.v1 API: the .proto and its generated Python (make proto)."""

@@ -1,0 +1,1 @@
+"""The chunk scheduler: MAGI-1 window, cross-session batching, admission, KV cache."""

@@ -1,0 +1,1 @@
+"""The gRPC server process: sessions, validation, encoding, metrics, workers."""

@@ -1,0 +1,23 @@
+"""Shared fixtures: paths to the official conformance outputs, tiny model folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    path = SHARED / "conformance"
+    if not path.is_dir():
+        pytest.fail(f"conformance fixtures not found at {path} (the shared/ folder beside the repo)")
+    return path
