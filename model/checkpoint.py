@@ -99,11 +99,19 @@ def load_dit(model_dir: str | Path, config: MagiConfig, device: str | torch.devi
     check_state_dict(model, read_shapes(weight_dir, shards), str(weight_dir))
     for shard, keys in shards.items():
         with safe_open(weight_dir / shard, "pt", device=str(device)) as f:
-            part = {k: f.get_tensor(k) for k in keys}
+            part = {k: _aligned(f.get_tensor(k)) for k in keys}
         model.load_state_dict(part, strict=False, assign=True)
         del part
     model.requires_grad_(False)
     return model.promote_high_precision().eval()
+
+
+def _aligned(tensor: Tensor, alignment: int = 64) -> Tensor:
+    """safetensors hands out tensors at the file's byte offsets; vector kernels pick other code
+    paths for unaligned memory (last-bit differences, slower), so re-home those."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+        return tensor.clone()
+    return tensor
 
 
 def init_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
@@ -169,16 +177,20 @@ def save_dit(model: nn.Module, weight_dir: str | Path, max_shard_bytes: int = 2 
 
 
 def _split(state: dict[str, Tensor], max_bytes: int, num_shards: int | None) -> list[dict[str, Tensor]]:
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if num_shards:
-        max_bytes = -(-total // num_shards)
+    """Consecutive keys per shard: by a byte budget, or into exactly `num_shards` even parts."""
+    sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    total = sum(sizes.values())
     shards: list[dict[str, Tensor]] = [{}]
-    size = 0
+    done = size = 0
     for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
+        if num_shards:
+            new_shard = len(shards) < num_shards and done >= total * len(shards) / num_shards
+        else:
+            new_shard = size + sizes[key] > max_bytes
+        if shards[-1] and new_shard:
             shards.append({})
             size = 0
         shards[-1][key] = tensor
-        size += nbytes
+        size += sizes[key]
+        done += sizes[key]
     return shards

@@ -191,7 +191,8 @@ class SelfAttention(nn.Module):
 
     def cross_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
         """text (Lt, D) -> K, V (Lt, G, hd). Weight rows are per group `[K_g ; V_g]` (§3.8)."""
-        kv = (text @ self.linear_kv_xattn.weight.t()).view(text.shape[0], -1, 2 * self.hd)
+        groups = self.linear_kv_xattn.weight.shape[0] // (2 * self.hd)
+        kv = (text @ self.linear_kv_xattn.weight.t()).view(text.shape[0], groups, 2 * self.hd)
         k, v = kv.split(self.hd, dim=-1)
         return self.k_layernorm_xattn(k), v
 

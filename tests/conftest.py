@@ -21,3 +21,11 @@ def conformance_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"conformance fixtures not found at {path} (the shared/ folder beside the repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A complete `tiny` model folder written by the project's own writer (seed 0)."""
+    from model.folder import write_random
+
+    return write_random("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
