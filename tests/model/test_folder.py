@@ -59,7 +59,7 @@ def test_check_prints_what_the_folder_holds(tiny_folder):
     result = run_model_cli("check", str(tiny_folder))
     assert result.returncode == 0, result.stderr
     assert "preset: tiny" in result.stdout
-    assert "434,402 parameters" in result.stdout
+    assert "607,842 parameters" in result.stdout
 
 
 def broken_copy(tiny_folder, tmp_path):

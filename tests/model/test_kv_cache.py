@@ -66,7 +66,7 @@ def test_window_forward_with_cache_equals_full_sequence_with_mask():
     want = tiny_model(DenseMaskBackend())([ChunkGroup(full)])[0][1:]
     # with a cache: chunk 0's K|V written by its own forward, then read in front of chunks 1..4
     gen = torch.Generator().manual_seed(1)
-    model, cache = tiny_model(), KVCache(num_layers=2)
+    model, cache = tiny_model(), KVCache(num_layers=3)
     model([ChunkGroup([clean_chunk(gen, np_, cache_index=0)], cache=cache)])
     windowed = window_chunks(gen, np_, offset_chunks=1)
     got = model([ChunkGroup(windowed, cache=cache, cached_chunks=[0])])[0]
@@ -76,13 +76,13 @@ def test_window_forward_with_cache_equals_full_sequence_with_mask():
 
 def test_cache_holds_post_norm_post_rope_keys_per_layer_and_frees_on_drop():
     np_ = CHUNK_FRAMES * 16
-    model, cache = tiny_model(), KVCache(num_layers=2)
+    model, cache = tiny_model(), KVCache(num_layers=3)
     gen = torch.Generator().manual_seed(2)
     model([ChunkGroup([clean_chunk(gen, np_, cache_index=3)], cache=cache)])
     assert cache.chunk_indices == [3] and cache.has(3)
     kv = cache.read(0, [3])
     assert kv.shape == (np_, 4, 2 * 16)  # (tokens, G, [K | V])
-    assert cache.nbytes == 2 * kv.numel() * kv.element_size()
+    assert cache.nbytes == 3 * kv.numel() * kv.element_size()
     cache.drop_before(4)
     assert cache.nbytes == 0 and cache.chunk_indices == []
 
