@@ -679,18 +679,23 @@ def encode_frames(
 # ------------------------------------------------------------------------------------------------
 
 
+def _listed(items: list[str], limit: int = 12) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return "[" + "; ".join(items[:limit]) + "]" + more
+
+
 def _check_state(vae: ViTVAE, state: dict[str, Tensor], source: Path) -> None:
-    """Raise ValueError naming every missing, unexpected and mis-shaped key."""
+    """Raise ValueError naming the missing, unexpected and mis-shaped keys (first 12 of each)."""
     want = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     problems = []
     if missing := sorted(want.keys() - have.keys()):
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {_listed(missing)}")
     if unexpected := sorted(have.keys() - want.keys()):
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"unexpected keys {_listed(unexpected)}")
     shared = sorted(want.keys() & have.keys())
     if wrong := [f"{k}: file {have[k]} vs config {want[k]}" for k in shared if have[k] != want[k]]:
-        problems.append(f"wrong shapes [{'; '.join(wrong)}]")
+        problems.append(f"wrong shapes {_listed(wrong)}")
     if problems:
         raise ValueError(f"{source} does not match its {CONFIG_FILE}: " + "; ".join(problems))
 
