@@ -27,7 +27,7 @@ system-deps:
 	else echo "system-deps: install ffmpeg and prometheus (promtool) with your package manager"; fi
 
 proto:
-	@echo "proto: the API lands with the service issue; nothing to generate yet"
+	PYTHON=$(PY) bash proto/generate.sh
 
 # The main job on the embedded default model. Until the gRPC service lands this writes the
 # tiny model, checks it, and runs one DiT forward over a full window.
