@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -13,6 +14,10 @@ SHARED = REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# One intra-op thread: tests share 2 cores with worker subprocesses, and OpenMP threads that
+# spin against each other make a forward 10-100x slower than one thread alone.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

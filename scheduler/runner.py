@@ -1,0 +1,253 @@
+"""The runner computes what the scheduler planned: one packed DiT forward per engine step.
+
+For every session in the step it assembles the official forward (reference §4.4): the clean
+re-forward, the in-flight chunks with their kv ranges over the session's KV cache, the CFG
+branches (§4.7: text+context, null+context, uncond) or the distilled path with its nearly-clean
+copy; all sessions' chunks go into one `VideoDiT.forward`. Then it mixes the branches, takes the
+Euler step per chunk and VAE-decodes the chunks that became clean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.dit import ChunkGroup, ChunkInput
+from model.folder import MagiModel
+from model.kv_cache import KVCache
+from model.text import PromptEmbedding, TextConditioning, chunk_caption, null_caption
+from model.vae import decode_chunk_to_uint8, encode_frames
+from scheduler.plan import SessionForward, StepOutput, StepPlan
+from scheduler.session import Session, SessionParams
+from scheduler.timegrid import (
+    NEARLY_CLEAN_BLEND,
+    cfg_scales,
+    mix_cfg,
+    nearly_clean,
+    step_intervals,
+    step_size_value,
+    time_grid,
+)
+
+V2V_PREFIX_FRAMES = 32  # video frames of a v2v prefix (official prefix_frame): 8 latents
+
+
+@dataclass
+class _Assembled:
+    """A session's groups in the packed forward and how to read its velocities back."""
+
+    forward: SessionForward
+    session: Session
+    inputs: dict[int, Tensor]  # chunk -> latent fed to the forward (prefix pasted)
+    first_group: int  # index of its first group in the packed list
+    roles: dict[str, list[int]]  # "ctx_text" / "ctx_null" / "uncond" / "copy" -> group offsets
+
+
+class ModelRunner:
+    """Owns the model on this worker; stateless across steps apart from caches of text."""
+
+    def __init__(self, model: MagiModel, text_conditioning: TextConditioning | None = None) -> None:
+        self.model = model
+        self.rc = model.config.runtime_config
+        self.ec = model.config.engine_config
+        self.text_conditioning = text_conditioning or TextConditioning()
+        self._null = null_caption(model.dit.y_embedder.null_caption_embedding.detach())
+        self._null_tokens = _visible(self._null)
+        self._grids: dict[tuple[int, str], Tensor] = {}
+
+    # ---- session set-up -------------------------------------------------------------------
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config.model_config.num_layers)
+
+    def encode_prefix(self, params: SessionParams) -> Tensor | None:
+        """i2v: the image's latent (16, 1, h, w); v2v: the prefix video's latents (16, n, h, w).
+        Both x scale factor, fp32 (reference §4.9)."""
+        if params.mode == "i2v":
+            frames = params.image[None]
+        elif params.mode == "v2v":
+            # continue from the END of the given video (the reference script takes its start)
+            frames = params.video[-V2V_PREFIX_FRAMES:]
+        else:
+            return None
+        latent = encode_frames(self.model.vae, frames, self.rc.scale_factor, self.rc.fps)
+        return latent[0].float()
+
+    def grid(self, num_steps: int, shortcut_mode: str) -> Tensor:
+        key = (num_steps, shortcut_mode)
+        if key not in self._grids:
+            self._grids[key] = time_grid(num_steps, shortcut_mode)
+        return self._grids[key]
+
+    # ---- one engine step ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, step: StepPlan, sessions: dict[str, Session]) -> StepOutput:
+        out = StepOutput()
+        t0 = time.perf_counter()
+        groups: list[ChunkGroup] = []
+        assembled = [self._assemble(f, sessions[f.session_id], groups) for f in step.forwards]
+        out.chunks_in_forward = sum(len(g.chunks) for g in groups)
+        t1 = time.perf_counter()
+        velocities = self.model.dit(groups)
+        t2 = time.perf_counter()
+        finished = []
+        for a in assembled:
+            if a.forward.plan.prefix_extraction:
+                continue  # only the KV written into the cache is kept
+            for c, latent in self._update(a, velocities).items():
+                out.latents[(a.session.session_id, c)] = latent
+                if c in a.forward.plan.finished:
+                    finished.append((a.session, c, latent))
+        t3 = time.perf_counter()
+        for session, c, latent in finished:
+            d0 = time.perf_counter()
+            frames = self._decode(session, c, latent)
+            out.decoded[(session.session_id, c)] = (frames, time.perf_counter() - d0)
+        out.dit_s, out.decode_s = t2 - t1, time.perf_counter() - t3
+        out.assemble_s = (t1 - t0) + (t3 - t2)
+        return out
+
+    def _assemble(self, forward: SessionForward, session: Session, groups: list[ChunkGroup]) -> _Assembled:
+        plan, params = forward.plan, session.params
+        h8, w8 = params.height // 8, params.width // 8
+        np_ = self.rc.chunk_width * (h8 // 2) * (w8 // 2)  # tokens per chunk
+        grid = self.grid(*self._sampling(params))
+        num_steps = len(grid) - 1
+        step_size = step_size_value(num_steps, step_intervals(num_steps, self._sampling(params)[1])[plan.sub_step])
+        noisy = [c.chunk_index for c in plan.chunks]
+        forward_chunks = ([plan.clean_chunk] if plan.clean_chunk is not None else []) + noisy
+        inputs = {c: self._input_latent(session, c, plan.prefix_extraction) for c in forward_chunks}
+        t_of = {c.chunk_index: float(grid[c.grid_index]) for c in plan.chunks}
+        if plan.prefix_extraction:
+            t_of = dict.fromkeys(noisy, self.rc.clean_t)
+        if plan.clean_chunk is not None:
+            t_of[plan.clean_chunk] = self.rc.clean_t
+        kv_first = {c.chunk_index: c.kv_first_chunk for c in plan.chunks}
+        if plan.clean_chunk is not None:
+            kv_first[plan.clean_chunk] = plan.clean_kv_first_chunk
+        # keys: cache[lo .. slice_point) ++ this forward's chunks; chunk g sits at (g - lo) * Np
+        slice_point = forward_chunks[0]
+        lo = min(min(kv_first.values()), slice_point)
+        cached = list(range(lo, slice_point))
+        frames_total = self.rc.chunk_width * (forward_chunks[-1] + 1)
+
+        def chunk(c: int, caption: Tensor, dropped: bool, writes: bool) -> ChunkInput:
+            return ChunkInput(
+                latent=inputs[c], t=t_of[c], caption=caption, caption_dropped=dropped,
+                rope_frame=self.rc.chunk_width * c, rope_frames_total=frames_total,
+                k_range=((kv_first[c] - lo) * np_, (c + 1 - lo) * np_), step_size=step_size,
+                cache_index=c if writes else None,
+            )
+
+        def is_clean(c: int) -> bool:
+            return plan.prefix_extraction or c == plan.clean_chunk
+
+        first, roles = len(groups), {}
+        cache = session.kv_cache
+        if self.rc.cfg_number == 3:  # the clean chunk's KV is written by the null branch
+            text_branch = [
+                chunk(c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, False)
+                for c in forward_chunks
+            ]
+            null_branch = [chunk(c, self._null_tokens, True, is_clean(c)) for c in forward_chunks]
+            if not plan.prefix_extraction:  # the text branch's outputs are discarded there
+                roles["ctx_text"] = [len(groups) - first]
+                groups.append(ChunkGroup(text_branch, cache, cached))
+            roles["ctx_null"] = [len(groups) - first]
+            groups.append(ChunkGroup(null_branch, cache, cached))
+            if not plan.prefix_extraction:
+                roles["uncond"] = []
+                for c in noisy:  # each chunk alone: no context, time positions 0..5 (§4.7)
+                    roles["uncond"].append(len(groups) - first)
+                    groups.append(ChunkGroup([ChunkInput(
+                        latent=inputs[c], t=t_of[c], caption=self._null_tokens, caption_dropped=True,
+                        rope_frame=0, rope_frames_total=self.rc.chunk_width, k_range=(0, np_),
+                        step_size=step_size)]))
+        else:
+            branch = [
+                chunk(c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, is_clean(c))
+                for c in forward_chunks
+            ]
+            roles["ctx_text"] = [len(groups) - first]
+            groups.append(ChunkGroup(branch, cache, cached))
+            oldest = noisy[0]
+            if not plan.prefix_extraction and nearly_clean(t_of[oldest], self.ec.distill_nearly_clean_chunk_threshold):
+                # a self-only copy of the oldest chunk, one slot after the newest (§4.7)
+                slot = len(forward_chunks) + slice_point
+                roles["copy"] = [len(groups) - first]
+                groups.append(ChunkGroup([ChunkInput(
+                    latent=inputs[oldest], t=t_of[oldest], caption=self._prompt(session, oldest),
+                    caption_dropped=False, rope_frame=self.rc.chunk_width * slot,
+                    rope_frames_total=self.rc.chunk_width * (slot + 1), k_range=(0, np_),
+                    step_size=step_size)]))
+        return _Assembled(forward, session, inputs, first, roles)
+
+    def _update(self, a: _Assembled, velocities: list[list[Tensor]]) -> dict[int, Tensor]:
+        """Mix the branches per chunk and take its Euler step: x + v * (t[k+1] - t[k])."""
+        plan, params = a.forward.plan, a.session.params
+        grid = self.grid(*self._sampling(params))
+        offset = 1 if plan.clean_chunk is not None else 0  # the clean chunk's output is discarded
+        rc = self.rc
+        out = {}
+        for m, pc in enumerate(plan.chunks):
+            c, k = pc.chunk_index, pc.grid_index
+            if rc.cfg_number == 3:
+                v_ct = velocities[a.first_group + a.roles["ctx_text"][0]][offset + m]
+                v_c = velocities[a.first_group + a.roles["ctx_null"][0]][offset + m]
+                v_u = velocities[a.first_group + a.roles["uncond"][m]][0]
+                s_p, s_t = cfg_scales(float(grid[k]), rc.cfg_t_range, rc.prev_chunk_scales, rc.text_scales)
+                v = mix_cfg(v_u, v_c, v_ct, s_p, s_t)
+            else:
+                v = velocities[a.first_group + a.roles["ctx_text"][0]][offset + m]
+                if m == 0 and "copy" in a.roles:
+                    v_copy = velocities[a.first_group + a.roles["copy"][0]][0]
+                    v = v * NEARLY_CLEAN_BLEND + v_copy * (1 - NEARLY_CLEAN_BLEND)
+            out[c] = a.inputs[c] + v * (grid[k + 1] - grid[k])
+        return out
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _sampling(self, params: SessionParams) -> tuple[int, str]:
+        return (params.num_steps or self.rc.num_steps, params.shortcut_mode or self.ec.shortcut_mode)
+
+    def _input_latent(self, session: Session, c: int, prefix_extraction: bool) -> Tensor:
+        """The chunk's latent with prefix frames pasted in (every forward, §4.4 step 5)."""
+        width = self.rc.chunk_width
+        prefix = session.prefix_latent
+        if prefix_extraction:
+            return prefix[:, width * c : width * (c + 1)]
+        x = session.latents[c]
+        n = min(session.prefix_latent_frames - width * c, width)
+        if prefix is None or n <= 0:
+            return x
+        x = x.clone()
+        x[:, :n] = prefix[:, width * c : width * c + n]
+        return x
+
+    def _prompt(self, session: Session, c: int) -> Tensor:
+        entry = session.bound_prompts[c]
+        generated_total = session.params.num_chunks
+        caption = chunk_caption(
+            self.model.text.encode(entry.text), self.model.special_tokens, self.text_conditioning,
+            c - session.prefix_chunks, generated_total,
+        )
+        return _visible(caption)
+
+    def _decode(self, session: Session, c: int, latent: Tensor) -> Tensor:
+        """uint8 frames of a clean chunk; prefix latents are not output, except the i2v image
+        frame, which is (§4.6 `real_start`)."""
+        width = self.rc.chunk_width
+        start = width * c
+        if session.params.mode == "v2v":
+            start = max(start, session.prefix_latent_frames)
+        z = latent[:, start - width * c :][None]
+        return decode_chunk_to_uint8(self.model.vae, z, self.rc.scale_factor, self.rc.fps)
+
+
+def _visible(caption: PromptEmbedding) -> Tensor:
+    """The caption rows the DiT's cross-attention sees (mask = 1), fp32."""
+    return caption.embedding[caption.mask.bool()].float()
