@@ -12,7 +12,9 @@ from model.config import PRESETS, get_preset
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("write-random", help="write a model folder with deterministic random weights")
+    w = sub.add_parser(
+        "write-random", help="write a model folder with deterministic random weights"
+    )
     w.add_argument("--preset", required=True, choices=list(PRESETS))
     w.add_argument("--out", required=True, help="folder to write")
     w.add_argument("--seed", type=int, default=0)

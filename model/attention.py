@@ -15,7 +15,11 @@ from torch import Tensor
 
 class AttentionBackend(Protocol):
     def ranged(
-        self, q: Tensor, k: Tensor, v: Tensor, q_ranges: list[tuple[int, int]],
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_ranges: list[tuple[int, int]],
         k_ranges: list[tuple[int, int]],
     ) -> Tensor:
         """q (Sq, Hq, hd), k/v (Sk, G, hd) -> (Sq, Hq, hd). Query range i attends to key range i
@@ -24,27 +28,34 @@ class AttentionBackend(Protocol):
 
 
 class SdpaBackend:
-    """PyTorch scaled_dot_product_attention, one call per range pair. On CPU this is the math
-    kernel; on CUDA SDPA picks its flash / memory-efficient kernels itself."""
+    """PyTorch scaled_dot_product_attention. Range pairs of equal (query, key) lengths are
+    stacked into one batched call: many sessions' chunks share shapes (every uncond chunk, the
+    null captions, chunks at the same window level), and one call per shape instead of one per
+    chunk is what makes packing sessions pay off. On CUDA SDPA picks flash kernels itself."""
 
     def ranged(
-        self, q: Tensor, k: Tensor, v: Tensor, q_ranges: list[tuple[int, int]],
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_ranges: list[tuple[int, int]],
         k_ranges: list[tuple[int, int]],
     ) -> Tensor:
         out = torch.zeros_like(q)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, ((q0, q1), (k0, k1)) in enumerate(zip(q_ranges, k_ranges, strict=True)):
+            if q1 > q0 and k1 > k0:  # an empty key range gives zeros
+                buckets.setdefault((q1 - q0, k1 - k0), []).append(i)
         gqa = q.shape[1] != k.shape[1]
-        for (q0, q1), (k0, k1) in zip(q_ranges, k_ranges, strict=True):
-            if q1 <= q0 or k1 <= k0:
-                continue
-            # (S, H, hd) -> (H, S, hd); GQA repeats KV heads contiguously (head h -> h // rep),
-            # the flash-attn convention MAGI-1 was trained with.
-            o = F.scaled_dot_product_attention(
-                q[q0:q1].transpose(0, 1),
-                k[k0:k1].transpose(0, 1),
-                v[k0:k1].transpose(0, 1),
-                enable_gqa=gqa,
-            )
-            out[q0:q1] = o.transpose(0, 1)
+        for members in buckets.values():
+            # (S, H, hd) slices -> (B, H, S, hd); GQA repeats KV heads contiguously (head h ->
+            # group h // rep), the flash-attn convention MAGI-1 was trained with.
+            qs = torch.stack([q[q_ranges[i][0] : q_ranges[i][1]] for i in members]).transpose(1, 2)
+            ks = torch.stack([k[k_ranges[i][0] : k_ranges[i][1]] for i in members]).transpose(1, 2)
+            vs = torch.stack([v[k_ranges[i][0] : k_ranges[i][1]] for i in members]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa).transpose(1, 2)
+            for j, i in enumerate(members):
+                out[q_ranges[i][0] : q_ranges[i][1]] = o[j]
         return out
 
 

@@ -42,14 +42,20 @@ def check_state_dict(model: nn.Module, shapes: dict[str, tuple[int, ...]], sourc
     want = expected_shapes(model)
     missing = sorted(set(want) - set(shapes))
     unexpected = sorted(set(shapes) - set(want))
-    wrong = [f"{k}: file {shapes[k]} vs model {want[k]}" for k in sorted(set(want) & set(shapes)) if shapes[k] != want[k]]
+    wrong = [
+        f"{k}: file {shapes[k]} vs model {want[k]}"
+        for k in sorted(set(want) & set(shapes))
+        if shapes[k] != want[k]
+    ]
     problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            more = " ..." if len(keys) > 8 else ""
+            problems.append(f"{what} ({len(keys)}): {', '.join(keys[:8])}{more}")
     if wrong:
-        problems.append(f"wrong shapes ({len(wrong)}): {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+        problems.append(
+            f"wrong shapes ({len(wrong)}): {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}"
+        )
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
 
@@ -67,7 +73,9 @@ def shard_map(weight_dir: Path) -> dict[str, list[str]]:
             shards[shard].append(key)
         for shard in shards:
             if not (weight_dir / shard).exists():
-                raise CheckpointError(f"{weight_dir / shard}: shard listed in {INDEX_FILE} is missing")
+                raise CheckpointError(
+                    f"{weight_dir / shard}: shard listed in {INDEX_FILE} is missing"
+                )
         return dict(shards)
     single = weight_dir / SINGLE_FILE
     if single.exists():
@@ -83,17 +91,23 @@ def read_shapes(weight_dir: Path, shards: dict[str, list[str]]) -> dict[str, tup
             present = set(f.keys())
             for key in keys:
                 if key not in present:
-                    raise CheckpointError(f"{weight_dir / shard}: key {key} listed in the index is not in the shard")
+                    raise CheckpointError(
+                        f"{weight_dir / shard}: key {key} listed in the index is not in the shard"
+                    )
                 shapes[key] = tuple(f.get_slice(key).get_shape())
     return shapes
 
 
-def load_dit(model_dir: str | Path, config: MagiConfig, device: str | torch.device = "cpu") -> VideoDiT:
+def load_dit(
+    model_dir: str | Path, config: MagiConfig, device: str | torch.device = "cpu"
+) -> VideoDiT:
     """Build on meta, assign the tensors shard by shard (the file's dtypes are kept, as the
     official `assign=True` does), then promote the fp32 modules (§3.12)."""
     weight_dir = Path(model_dir) / config.runtime_config.load / config.weight_subdir
     if not weight_dir.is_dir():
-        raise CheckpointError(f"{weight_dir}: DiT weight folder not found (expected {config.weight_subdir}/)")
+        raise CheckpointError(
+            f"{weight_dir}: DiT weight folder not found (expected {config.weight_subdir}/)"
+        )
     model = build_dit_meta(config)
     shards = shard_map(weight_dir)
     check_state_dict(model, read_shapes(weight_dir, shards), str(weight_dir))
@@ -136,7 +150,12 @@ def random_dit(config: MagiConfig, seed: int) -> VideoDiT:
     """A DiT with deterministic random weights; fp8 variants get quantised twins of the linears."""
     unquantised = MagiConfig(
         config.model_config,
-        config.runtime_config.__class__(**{**config.runtime_config.__dict__, "cfg_number": 1 if config.engine_config.distill else 3}),
+        config.runtime_config.__class__(
+            **{
+                **config.runtime_config.__dict__,
+                "cfg_number": 1 if config.engine_config.distill else 3,
+            }
+        ),
         config.engine_config.__class__(**{**config.engine_config.__dict__, "fp8_quant": False}),
     )
     model = VideoDiT(unquantised)
@@ -158,7 +177,12 @@ def _quantise_layers_(model: VideoDiT) -> None:
         sa.linear_proj = quantize_linear(sa.linear_proj, per_channel=True)
 
 
-def save_dit(model: nn.Module, weight_dir: str | Path, max_shard_bytes: int = 2 << 30, num_shards: int | None = None) -> None:
+def save_dit(
+    model: nn.Module,
+    weight_dir: str | Path,
+    max_shard_bytes: int = 2 << 30,
+    num_shards: int | None = None,
+) -> None:
     """Write `model.safetensors.index.json` + `model-0000i-of-0000n.safetensors`, keys sorted."""
     weight_dir = Path(weight_dir)
     weight_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +200,9 @@ def save_dit(model: nn.Module, weight_dir: str | Path, max_shard_bytes: int = 2 
     (weight_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _split(state: dict[str, Tensor], max_bytes: int, num_shards: int | None) -> list[dict[str, Tensor]]:
+def _split(
+    state: dict[str, Tensor], max_bytes: int, num_shards: int | None
+) -> list[dict[str, Tensor]]:
     """Consecutive keys per shard: by a byte budget, or into exactly `num_shards` even parts."""
     sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
     total = sum(sizes.values())

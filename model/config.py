@@ -58,11 +58,17 @@ class ModelConfig:
                 f"num_query_groups ({self.num_query_groups})"
             )
         if (self.num_attention_heads * self.kv_channels) % 8:
-            raise ValueError("num_attention_heads x kv_channels must be a multiple of 8 (linear_proj)")
+            raise ValueError(
+                "num_attention_heads x kv_channels must be a multiple of 8 (linear_proj)"
+            )
         if self.kv_channels % 8:
-            raise ValueError(f"kv_channels must be a multiple of 8 (RoPE bands), got {self.kv_channels}")
+            raise ValueError(
+                f"kv_channels must be a multiple of 8 (RoPE bands), got {self.kv_channels}"
+            )
         if self.params_dtype not in _DTYPES:
-            raise ValueError(f"params_dtype must be one of {sorted(_DTYPES)}, got {self.params_dtype!r}")
+            raise ValueError(
+                f"params_dtype must be one of {sorted(_DTYPES)}, got {self.params_dtype!r}"
+            )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,7 +116,9 @@ class RuntimeConfig:
             raise ValueError(f"cfg_number must be 1 or 3, got {self.cfg_number}")
         n = len(self.cfg_t_range)
         if len(self.prev_chunk_scales) != n or len(self.text_scales) != n:
-            raise ValueError("cfg_t_range, prev_chunk_scales and text_scales must have equal lengths")
+            raise ValueError(
+                "cfg_t_range, prev_chunk_scales and text_scales must have equal lengths"
+            )
         if self.num_steps % len(self.noise2clean_kvrange) or self.num_steps % self.window_size:
             raise ValueError(
                 f"num_steps ({self.num_steps}) must be divisible by window_size "

@@ -92,7 +92,9 @@ class CaptionEmbedder(nn.Module):
         d_x = int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio)
         self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.caption_channels, d_x), nn.SiLU())
         self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.caption_channels, cfg.cond_dim))
-        self.null_caption_embedding = nn.Parameter(torch.empty(cfg.caption_max_length, cfg.caption_channels))
+        self.null_caption_embedding = nn.Parameter(
+            torch.empty(cfg.caption_max_length, cfg.caption_channels)
+        )
 
 
 class RotaryEmbedding(nn.Module):
@@ -114,7 +116,10 @@ class RotaryEmbedding(nn.Module):
         coords = [torch.arange(s, dtype=torch.int64).to(torch.float32) for s in sizes]
         coords[1] = coords[1] - (hp - 1) / 2
         coords[2] = coords[2] - (wp - 1) / 2
-        coords = [x if f == 1 else x / (f - 1) * (r - 1) for x, f, r in zip(coords, sizes, refs)]
+        coords = [
+            x if f == 1 else x / (f - 1) * (r - 1)
+            for x, f, r in zip(coords, sizes, refs, strict=True)
+        ]
         coords[0] = coords[0][frames.start : frames.stop]
         grid = torch.stack(torch.meshgrid(*coords, indexing="ij"), dim=-1)  # (T, H, W, 3)
         bands = self.bands.float().to(grid.device)
@@ -133,7 +138,9 @@ def apply_rotary(x: Tensor, table: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-def _linear(cfg: ModelConfig, quantised: bool, per_channel: bool, d_in: int, d_out: int) -> nn.Module:
+def _linear(
+    cfg: ModelConfig, quantised: bool, per_channel: bool, d_in: int, d_out: int
+) -> nn.Module:
     if not quantised:
         return nn.Linear(d_in, d_out, bias=False, dtype=cfg.dtype)
     klass = PerChannelFp8Linear if per_channel else PerTensorFp8Linear
@@ -145,7 +152,11 @@ class LinearQKV(nn.Module):
 
     def __init__(self, cfg: ModelConfig, quantised: bool) -> None:
         super().__init__()
-        d, q_size, kv_size = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
+        d, q_size, kv_size = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.kv_channels,
+            cfg.num_query_groups * cfg.kv_channels,
+        )
         self.layer_norm = nn.LayerNorm(d, eps=cfg.layernorm_epsilon, dtype=cfg.dtype)
         self.q = _linear(cfg, quantised, False, d, q_size)
         self.qx = _linear(cfg, quantised, False, d, q_size)
@@ -203,7 +214,9 @@ class MLP(nn.Module):
         self.gated = cfg.gated_linear_unit
         f = cfg.ffn_hidden_size
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dtype=cfg.dtype)
-        self.linear_fc1 = _linear(cfg, quantised, False, cfg.hidden_size, 2 * f if self.gated else f)
+        self.linear_fc1 = _linear(
+            cfg, quantised, False, cfg.hidden_size, 2 * f if self.gated else f
+        )
         self.linear_fc2 = _linear(cfg, quantised, True, f, cfg.hidden_size)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -229,7 +242,6 @@ class _Packed:
     groups: list[ChunkGroup]
     rope: Tensor  # (S, 6*bands) fp32
     token_gates_row: Tensor  # (S,) chunk index of every query token
-    q_ranges: list[list[tuple[int, int]]]  # per group: query ranges, local to the group
     group_spans: list[tuple[int, int]]  # per group: its tokens in the packed sequence
     group_first_chunk: list[int]  # per group: index of its first chunk in `chunk_spans`
     chunk_spans: list[tuple[int, int]]  # per chunk: its tokens in the packed sequence
@@ -246,23 +258,31 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, quantised)
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.dtype)
 
-    def forward(self, h: Tensor, gates: Tensor, p: _Packed, layer: int, backend: AttentionBackend) -> Tensor:
+    def forward(
+        self, h: Tensor, gates: Tensor, p: _Packed, layer: int, backend: AttentionBackend
+    ) -> Tensor:
         sa = self.self_attention
         a = sa.linear_qkv.layer_norm(h)  # (S, D), shared by self- and cross-attention
         # self-attention: queries and this forward's keys, then each group's cache in front
         q = sa.qk(sa.linear_qkv.q, sa.q_layernorm, a, p.rope)
         k = sa.qk(sa.linear_qkv.k, sa.k_layernorm, a, p.rope)
         v = sa.linear_qkv.v(a).reshape(a.shape[0], -1, sa.hd)
-        o_sa = torch.empty_like(q)
+        # all groups' key sequences packed one after another, each chunk's key range shifted to
+        # its group's place, so one backend call covers every chunk of every session
+        kv_parts, k_ranges, offset = [], [], 0
         for g, group in enumerate(p.groups):
             s0, s1 = p.group_spans[g]
             kv = torch.cat([k[s0:s1], v[s0:s1]], dim=-1)  # (Sg, G, 2hd), the cache layout
-            self._write_cache(group, kv, layer, p.chunk_spans[p.group_first_chunk[g]:], s0)
+            self._write_cache(group, kv, layer, p.chunk_spans[p.group_first_chunk[g] :], s0)
             if group.cached_chunks:
-                kv = torch.cat([group.cache.read(layer, group.cached_chunks).to(kv.dtype), kv], dim=0)
-            gk, gv = kv.split(sa.hd, dim=-1)
-            k_ranges = [c.k_range for c in group.chunks]
-            o_sa[s0:s1] = backend.ranged(q[s0:s1], gk, gv, p.q_ranges[g], k_ranges)
+                kv = torch.cat(
+                    [group.cache.read(layer, group.cached_chunks).to(kv.dtype), kv], dim=0
+                )
+            kv_parts.append(kv)
+            k_ranges += [(offset + c.k_range[0], offset + c.k_range[1]) for c in group.chunks]
+            offset += kv.shape[0]
+        keys, values = torch.cat(kv_parts).split(sa.hd, dim=-1)
+        o_sa = backend.ranged(q, keys, values, p.chunk_spans, k_ranges)
         # cross-attention: each chunk's queries over its own caption tokens
         qx = sa.linear_qkv.qx(a).reshape(a.shape[0], -1, sa.hd)
         qx = sa.q_layernorm_xattn(qx)
@@ -285,8 +305,8 @@ class TransformerLayer(nn.Module):
         group: ChunkGroup, kv: Tensor, layer: int, spans: list[tuple[int, int]], s0: int
     ) -> None:
         """Store the K|V of the group's chunks that ask for it (`spans` start at the group's
-        first chunk; `kv` starts at packed token `s0`)."""
-        for chunk, (c0, c1) in zip(group.chunks, spans):
+        first chunk and run on past it; `kv` starts at packed token `s0`)."""
+        for chunk, (c0, c1) in zip(group.chunks, spans, strict=False):
             if chunk.cache_index is None:
                 continue
             if group.cache is None:
@@ -322,7 +342,9 @@ class VideoDiT(nn.Module):
         self.distill = config.engine_config.distill
         self.backend = backend or default_backend()
         p, pt = cfg.patch_size, cfg.t_patch_size
-        self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, (pt, p, p), (pt, p, p), bias=False)
+        self.x_embedder = nn.Conv3d(
+            cfg.in_channels, cfg.hidden_size, (pt, p, p), (pt, p, p), bias=False
+        )
         self.t_embedder = TimestepEmbedder(cfg)
         self.y_embedder = CaptionEmbedder(cfg)
         self.rope = RotaryEmbedding(cfg)
@@ -331,11 +353,22 @@ class VideoDiT(nn.Module):
 
     def promote_high_precision(self) -> VideoDiT:
         """fp32 for the modules the official `_high_precision_promoter` promotes (§3.12)."""
-        for module in (self.x_embedder, self.y_embedder, self.t_embedder, self.final_linear, self.rope):
+        for module in (
+            self.x_embedder,
+            self.y_embedder,
+            self.t_embedder,
+            self.final_linear,
+            self.rope,
+        ):
             module.float()
         for layer in self.videodit_blocks.layers:
             sa = layer.self_attention
-            for module in (sa.q_layernorm, sa.k_layernorm, layer.self_attn_post_norm, layer.mlp_post_norm):
+            for module in (
+                sa.q_layernorm,
+                sa.k_layernorm,
+                layer.self_attn_post_norm,
+                layer.mlp_post_norm,
+            ):
                 module.float()
         self.videodit_blocks.final_layernorm.float()
         return self
@@ -349,8 +382,10 @@ class VideoDiT(nn.Module):
         tokens, grids = self._embed_latents(chunks)
         # 2. RoPE table per chunk, at the chunk's own time slot
         rope = torch.cat(
-            [self.rope.table(range(c.rope_frame, c.rope_frame + t), c.rope_frames_total, hp, wp)
-             for c, (t, hp, wp) in zip(chunks, grids)]
+            [
+                self.rope.table(range(c.rope_frame, c.rope_frame + t), c.rope_frames_total, hp, wp)
+                for c, (t, hp, wp) in zip(chunks, grids, strict=True)
+            ]
         )
         # 3 + 4. condition per chunk: t_emb (+ step-size emb) + adaLN text row, cast to params dtype
         condition = self._condition(chunks)
@@ -367,14 +402,19 @@ class VideoDiT(nn.Module):
         h = self.videodit_blocks.final_layernorm(h.float())
         # 6. final linear (fp32) and unpatchify per chunk
         out = F.linear(h.float(), self.final_linear.linear.weight.float())
-        velocities = [self._unpatchify(out[s0:s1], grid) for (s0, s1), grid in zip(packed.chunk_spans, grids)]
+        velocities = [
+            self._unpatchify(out[s0:s1], grid)
+            for (s0, s1), grid in zip(packed.chunk_spans, grids, strict=True)
+        ]
         result, i = [], 0
         for g in groups:
             result.append(velocities[i : i + len(g.chunks)])
             i += len(g.chunks)
         return result
 
-    def _embed_latents(self, chunks: list[ChunkInput]) -> tuple[list[Tensor], list[tuple[int, int, int]]]:
+    def _embed_latents(
+        self, chunks: list[ChunkInput]
+    ) -> tuple[list[Tensor], list[tuple[int, int, int]]]:
         cfg = self.cfg
         tokens, grids = [], []
         for c in chunks:
@@ -393,7 +433,9 @@ class VideoDiT(nn.Module):
         if self.distill:
             if any(c.step_size is None for c in chunks):
                 raise ValueError("a distill model needs step_size on every chunk")
-            emb = emb + self.t_embedder(torch.tensor([c.step_size for c in chunks], dtype=torch.float32))
+            emb = emb + self.t_embedder(
+                torch.tensor([c.step_size for c in chunks], dtype=torch.float32)
+            )
         null = self.y_embedder.null_caption_embedding
         rows = torch.stack([null[-1] if c.caption_dropped else null[-2] for c in chunks])
         adaln = self.y_embedder.y_proj_adaln(rows.float())
@@ -406,28 +448,25 @@ class VideoDiT(nn.Module):
         for cap in captions:
             spans.append((start, start + cap.shape[0]))
             start += cap.shape[0]
-        text = self.y_embedder.y_proj_xattn(torch.cat(captions).to(self.y_embedder.null_caption_embedding.dtype))
+        text = self.y_embedder.y_proj_xattn(
+            torch.cat(captions).to(self.y_embedder.null_caption_embedding.dtype)
+        )
         return text.to(self.cfg.dtype), spans
 
     def _pack(self, groups, tokens, rope, gates_rows, text, text_spans) -> _Packed:
-        chunk_spans, group_spans, q_ranges, first = [], [], [], []
+        chunk_spans, group_spans, first = [], [], []
         start, i = 0, 0
         for group in groups:
-            g0, local = start, []
-            first.append(i)
-            for _ in group.chunks:
-                n = tokens[i].shape[0]
-                chunk_spans.append((start, start + n))
-                local.append((start - g0, start - g0 + n))
-                start += n
-                i += 1
-            group_spans.append((g0, start))
-            q_ranges.append(local)
             if group.cached_chunks and group.cache is None:
                 raise ValueError("a group lists cached chunks but has no cache")
-        return _Packed(
-            groups, rope, gates_rows, q_ranges, group_spans, first, chunk_spans, text, text_spans
-        )
+            g0 = start
+            first.append(i)
+            for _ in group.chunks:
+                chunk_spans.append((start, start + tokens[i].shape[0]))
+                start += tokens[i].shape[0]
+                i += 1
+            group_spans.append((g0, start))
+        return _Packed(groups, rope, gates_rows, group_spans, first, chunk_spans, text, text_spans)
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """(T*Hp*Wp, pT*pH*pW*C) -> (C, T*pT, Hp*pH, Wp*pW); channel fastest within a token."""

@@ -79,7 +79,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> MagiMo
     try:
         vae = load_vae(paths.vae, dtype=config.model_config.dtype, device=device)
         t5_folder(paths.t5)
-        text = TextEncoder(paths.t5, device=config.runtime_config.t5_device if str(device) != "cpu" else "cpu")
+        text = TextEncoder(
+            paths.t5, device=config.runtime_config.t5_device if str(device) != "cpu" else "cpu"
+        )
         if not paths.special_tokens.is_file():
             raise FileNotFoundError(f"{paths.special_tokens}: special tokens file missing")
         tokens = SpecialTokens.load(paths.special_tokens)
@@ -105,7 +107,14 @@ def write_random(preset: str, out: str | Path, seed: int = 0) -> Path:
     if not preset.startswith("tiny"):
         config = MagiConfig(
             config.model_config,
-            rc.__class__(**{**rc.__dict__, "load": ".", "vae_pretrained": "vae", "t5_pretrained": "t5_pretrained"}),
+            rc.__class__(
+                **{
+                    **rc.__dict__,
+                    "load": ".",
+                    "vae_pretrained": "vae",
+                    "t5_pretrained": "t5_pretrained",
+                }
+            ),
             config.engine_config,
         )
     out = Path(out)
@@ -116,7 +125,9 @@ def write_random(preset: str, out: str | Path, seed: int = 0) -> Path:
     if preset.startswith("tiny"):
         save_vae(random_vae(VAEConfig.tiny(), seed=seed + 1), paths.vae)
         write_tiny_t5(paths.t5, d_model=config.model_config.caption_channels, seed=seed + 2)
-        write_special_tokens(paths.special_tokens, config.model_config.caption_channels, seed=seed + 3)
+        write_special_tokens(
+            paths.special_tokens, config.model_config.caption_channels, seed=seed + 3
+        )
     return out
 
 

@@ -21,13 +21,19 @@ def quantize_activation(x: Tensor, scale: Tensor) -> Tensor:
     return q.to(_E4M3)
 
 
-def _fp8_matmul(xq: Tensor, weight: Tensor, a_scale: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _fp8_matmul(
+    xq: Tensor, weight: Tensor, a_scale: Tensor, b_scale: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     """xq (M, in) e4m3, weight (out, in) e4m3 -> (M, out) = (xq @ W^T) * a_scale * b_scale."""
     a_scale = a_scale.float().reshape(-1)[:1]  # cuBLASLt reads the A scale as a scalar
     b_scale = b_scale.float().reshape(-1)[:1]
     if xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (8, 9):
         return torch._scaled_mm(
-            xq, weight.t(), scale_a=a_scale.reshape(()), scale_b=b_scale.reshape(()), out_dtype=out_dtype
+            xq,
+            weight.t(),
+            scale_a=a_scale.reshape(()),
+            scale_b=b_scale.reshape(()),
+            out_dtype=out_dtype,
         )
     out = xq.float() @ weight.float().t()
     return (out * (a_scale * b_scale)).to(out_dtype)
@@ -36,16 +42,28 @@ def _fp8_matmul(xq: Tensor, weight: Tensor, a_scale: Tensor, b_scale: Tensor, ou
 class PerTensorFp8Linear(nn.Module):
     """`linear_qkv.{q,qx,k,v}` and `mlp.linear_fc1` in quantised layers."""
 
-    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
-        self.weight = nn.Parameter(torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
-        self.input_scale = nn.Parameter(torch.empty(in_features, dtype=torch.float32), requires_grad=False)
+        self.input_scale = nn.Parameter(
+            torch.empty(in_features, dtype=torch.float32), requires_grad=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         xq = quantize_activation(x, self.input_scale)
-        out = _fp8_matmul(xq.reshape(-1, xq.shape[-1]), self.weight[0], self.input_scale, self.weight_scale, self.out_dtype)
+        out = _fp8_matmul(
+            xq.reshape(-1, xq.shape[-1]),
+            self.weight[0],
+            self.input_scale,
+            self.weight_scale,
+            self.out_dtype,
+        )
         return out.reshape(*x.shape[:-1], -1)
 
 
@@ -53,17 +71,29 @@ class PerChannelFp8Linear(nn.Module):
     """`self_attention.linear_proj` and `mlp.linear_fc2` in quantised layers (SmoothQuant style:
     the smooth scale already absorbs the activation scale)."""
 
-    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
-        self.weight = nn.Parameter(torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
         self.input_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
-        self.smooth_scale = nn.Parameter(torch.empty(1, in_features, dtype=torch.float32), requires_grad=False)
+        self.smooth_scale = nn.Parameter(
+            torch.empty(1, in_features, dtype=torch.float32), requires_grad=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         xq = quantize_activation(x, self.smooth_scale)
-        out = _fp8_matmul(xq.reshape(-1, xq.shape[-1]), self.weight[0], self.input_scale, self.weight_scale, self.out_dtype)
+        out = _fp8_matmul(
+            xq.reshape(-1, xq.shape[-1]),
+            self.weight[0],
+            self.input_scale,
+            self.weight_scale,
+            self.out_dtype,
+        )
         return out.reshape(*x.shape[:-1], -1)
 
 

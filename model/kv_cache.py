@@ -53,5 +53,8 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(
-            t.numel() * t.element_size() for slots in self._chunks.values() for t in slots if t is not None
+            t.numel() * t.element_size()
+            for slots in self._chunks.values()
+            for t in slots
+            if t is not None
         )

@@ -85,9 +85,13 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = {0: args.prompt, **dict(args.prompt_at)}
     try:
         params = SessionParams(
-            session_id="cli", prompts=tuple(sorted(prompts.items())), num_chunks=args.chunks,
-            height=args.height or rc.video_size_h, width=args.width or rc.video_size_w,
-            seed=args.seed, num_steps=args.steps,
+            session_id="cli",
+            prompts=tuple(sorted(prompts.items())),
+            num_chunks=args.chunks,
+            height=args.height or rc.video_size_h,
+            width=args.width or rc.video_size_w,
+            seed=args.seed,
+            num_steps=args.steps,
         )
         engine = Engine(model)
         engine.open(params)
@@ -98,8 +102,10 @@ def _generate(args: argparse.Namespace) -> int:
     frames = np.concatenate([d.frames.numpy() for d in done])
     np.save(args.out, frames)
     for d in done:
-        print(f"chunk {d.output_index}: frames {d.first_frame}..{d.first_frame + len(d.frames) - 1}"
-              f" prompt v{d.prompt.version} {d.prompt.text!r}")
+        print(
+            f"chunk {d.output_index}: frames {d.first_frame}..{d.first_frame + len(d.frames) - 1}"
+            f" prompt v{d.prompt.version} {d.prompt.text!r}"
+        )
     print(f"wrote {args.out}: {frames.shape}")
     return 0
 
@@ -123,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="run one session in-process, write uint8 frames")
     gen.add_argument("--model", required=True, help="model folder")
     gen.add_argument("--prompt", required=True, help="prompt for chunk 0 on")
-    gen.add_argument("--prompt-at", type=_prompt_at, action="append", default=[],
-                     metavar="CHUNK:TEXT", help="prompt from this chunk on (repeatable)")
+    gen.add_argument(
+        "--prompt-at",
+        type=_prompt_at,
+        action="append",
+        default=[],
+        metavar="CHUNK:TEXT",
+        help="prompt from this chunk on (repeatable)",
+    )
     gen.add_argument("--chunks", type=int, required=True, help="chunks to generate")
     gen.add_argument("--out", required=True, help=".npy file for the (T, H, W, 3) uint8 frames")
     gen.add_argument("--seed", type=int, default=0)

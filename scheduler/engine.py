@@ -51,14 +51,19 @@ class Engine:
         num_steps = params.num_steps or rc.num_steps
         total = None if params.num_chunks is None else prefix_chunks + params.num_chunks
         spec = WindowSpec(
-            num_steps=num_steps, window_size=rc.window_size, num_chunks=total,
-            prefix_chunks=prefix_chunks, noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
+            num_steps=num_steps,
+            window_size=rc.window_size,
+            num_chunks=total,
+            prefix_chunks=prefix_chunks,
+            noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
             clean_chunk_kvrange=rc.clean_chunk_kvrange,
         )
         session = Session(
-            params=params, window=Window(spec),
+            params=params,
+            window=Window(spec),
             timeline=PromptTimeline(params.prompts, first_chunk=prefix_chunks),
-            prefix_latent=prefix, prefix_latent_frames=prefix_frames,
+            prefix_latent=prefix,
+            prefix_latent_frames=prefix_frames,
             estimated_bytes=self.session_bytes(params, spec),
             kv_cache=self.runner.new_cache(),
         )
@@ -89,8 +94,12 @@ class Engine:
         done = self.scheduler.update_from_output(plan, output)
         t3 = time.perf_counter()
         self.last_step = StepStats(
-            sessions=len(plan.forwards), chunk_slots=output.chunks_in_forward, dit_s=output.dit_s,
-            decode_s=output.decode_s, schedule_s=(t1 - t0) + (t3 - t2), assemble_s=output.assemble_s,
+            sessions=len(plan.forwards),
+            chunk_slots=output.chunks_in_forward,
+            dit_s=output.dit_s,
+            decode_s=output.decode_s,
+            schedule_s=(t1 - t0) + (t3 - t2),
+            assemble_s=output.assemble_s,
         )
         return done
 
@@ -108,10 +117,16 @@ class Engine:
 def max_cached_chunks(spec: WindowSpec) -> int:
     """Most clean chunks whose KV is held at once: simulated over the first stages of an
     unbounded window of this shape (the steady state repeats from then on)."""
-    window = Window(WindowSpec(
-        spec.num_steps, spec.window_size, None, spec.prefix_chunks, spec.noise2clean_kvrange,
-        spec.clean_chunk_kvrange,
-    ))
+    window = Window(
+        WindowSpec(
+            spec.num_steps,
+            spec.window_size,
+            None,
+            spec.prefix_chunks,
+            spec.noise2clean_kvrange,
+            spec.clean_chunk_kvrange,
+        )
+    )
     most = spec.prefix_chunks
     for _ in range(spec.steps_per_stage * (spec.window_size + max(spec.noise2clean_kvrange) + 2)):
         plan = window.next_forward()

@@ -10,7 +10,7 @@ Euler step per chunk and VAE-decodes the chunks that became clean.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -111,13 +111,17 @@ class ModelRunner:
         out.assemble_s = (t1 - t0) + (t3 - t2)
         return out
 
-    def _assemble(self, forward: SessionForward, session: Session, groups: list[ChunkGroup]) -> _Assembled:
+    def _assemble(
+        self, forward: SessionForward, session: Session, groups: list[ChunkGroup]
+    ) -> _Assembled:
         plan, params = forward.plan, session.params
         h8, w8 = params.height // 8, params.width // 8
         np_ = self.rc.chunk_width * (h8 // 2) * (w8 // 2)  # tokens per chunk
         grid = self.grid(*self._sampling(params))
         num_steps = len(grid) - 1
-        step_size = step_size_value(num_steps, step_intervals(num_steps, self._sampling(params)[1])[plan.sub_step])
+        step_size = step_size_value(
+            num_steps, step_intervals(num_steps, self._sampling(params)[1])[plan.sub_step]
+        )
         noisy = [c.chunk_index for c in plan.chunks]
         forward_chunks = ([plan.clean_chunk] if plan.clean_chunk is not None else []) + noisy
         inputs = {c: self._input_latent(session, c, plan.prefix_extraction) for c in forward_chunks}
@@ -137,9 +141,14 @@ class ModelRunner:
 
         def chunk(c: int, caption: Tensor, dropped: bool, writes: bool) -> ChunkInput:
             return ChunkInput(
-                latent=inputs[c], t=t_of[c], caption=caption, caption_dropped=dropped,
-                rope_frame=self.rc.chunk_width * c, rope_frames_total=frames_total,
-                k_range=((kv_first[c] - lo) * np_, (c + 1 - lo) * np_), step_size=step_size,
+                latent=inputs[c],
+                t=t_of[c],
+                caption=caption,
+                caption_dropped=dropped,
+                rope_frame=self.rc.chunk_width * c,
+                rope_frames_total=frames_total,
+                k_range=((kv_first[c] - lo) * np_, (c + 1 - lo) * np_),
+                step_size=step_size,
                 cache_index=c if writes else None,
             )
 
@@ -150,7 +159,9 @@ class ModelRunner:
         cache = session.kv_cache
         if self.rc.cfg_number == 3:  # the clean chunk's KV is written by the null branch
             text_branch = [
-                chunk(c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, False)
+                chunk(
+                    c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, False
+                )
                 for c in forward_chunks
             ]
             null_branch = [chunk(c, self._null_tokens, True, is_clean(c)) for c in forward_chunks]
@@ -163,27 +174,57 @@ class ModelRunner:
                 roles["uncond"] = []
                 for c in noisy:  # each chunk alone: no context, time positions 0..5 (§4.7)
                     roles["uncond"].append(len(groups) - first)
-                    groups.append(ChunkGroup([ChunkInput(
-                        latent=inputs[c], t=t_of[c], caption=self._null_tokens, caption_dropped=True,
-                        rope_frame=0, rope_frames_total=self.rc.chunk_width, k_range=(0, np_),
-                        step_size=step_size)]))
+                    groups.append(
+                        ChunkGroup(
+                            [
+                                ChunkInput(
+                                    latent=inputs[c],
+                                    t=t_of[c],
+                                    caption=self._null_tokens,
+                                    caption_dropped=True,
+                                    rope_frame=0,
+                                    rope_frames_total=self.rc.chunk_width,
+                                    k_range=(0, np_),
+                                    step_size=step_size,
+                                )
+                            ]
+                        )
+                    )
         else:
             branch = [
-                chunk(c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, is_clean(c))
+                chunk(
+                    c,
+                    self._null_tokens if is_clean(c) else self._prompt(session, c),
+                    False,
+                    is_clean(c),
+                )
                 for c in forward_chunks
             ]
             roles["ctx_text"] = [len(groups) - first]
             groups.append(ChunkGroup(branch, cache, cached))
             oldest = noisy[0]
-            if not plan.prefix_extraction and nearly_clean(t_of[oldest], self.ec.distill_nearly_clean_chunk_threshold):
+            if not plan.prefix_extraction and nearly_clean(
+                t_of[oldest], self.ec.distill_nearly_clean_chunk_threshold
+            ):
                 # a self-only copy of the oldest chunk, one slot after the newest (§4.7)
                 slot = len(forward_chunks) + slice_point
                 roles["copy"] = [len(groups) - first]
-                groups.append(ChunkGroup([ChunkInput(
-                    latent=inputs[oldest], t=t_of[oldest], caption=self._prompt(session, oldest),
-                    caption_dropped=False, rope_frame=self.rc.chunk_width * slot,
-                    rope_frames_total=self.rc.chunk_width * (slot + 1), k_range=(0, np_),
-                    step_size=step_size)]))
+                groups.append(
+                    ChunkGroup(
+                        [
+                            ChunkInput(
+                                latent=inputs[oldest],
+                                t=t_of[oldest],
+                                caption=self._prompt(session, oldest),
+                                caption_dropped=False,
+                                rope_frame=self.rc.chunk_width * slot,
+                                rope_frames_total=self.rc.chunk_width * (slot + 1),
+                                k_range=(0, np_),
+                                step_size=step_size,
+                            )
+                        ]
+                    )
+                )
         return _Assembled(forward, session, inputs, first, roles)
 
     def _update(self, a: _Assembled, velocities: list[list[Tensor]]) -> dict[int, Tensor]:
@@ -199,7 +240,9 @@ class ModelRunner:
                 v_ct = velocities[a.first_group + a.roles["ctx_text"][0]][offset + m]
                 v_c = velocities[a.first_group + a.roles["ctx_null"][0]][offset + m]
                 v_u = velocities[a.first_group + a.roles["uncond"][m]][0]
-                s_p, s_t = cfg_scales(float(grid[k]), rc.cfg_t_range, rc.prev_chunk_scales, rc.text_scales)
+                s_p, s_t = cfg_scales(
+                    float(grid[k]), rc.cfg_t_range, rc.prev_chunk_scales, rc.text_scales
+                )
                 v = mix_cfg(v_u, v_c, v_ct, s_p, s_t)
             else:
                 v = velocities[a.first_group + a.roles["ctx_text"][0]][offset + m]
@@ -212,7 +255,10 @@ class ModelRunner:
     # ---- helpers --------------------------------------------------------------------------
 
     def _sampling(self, params: SessionParams) -> tuple[int, str]:
-        return (params.num_steps or self.rc.num_steps, params.shortcut_mode or self.ec.shortcut_mode)
+        return (
+            params.num_steps or self.rc.num_steps,
+            params.shortcut_mode or self.ec.shortcut_mode,
+        )
 
     def _input_latent(self, session: Session, c: int, prefix_extraction: bool) -> Tensor:
         """The chunk's latent with prefix frames pasted in (every forward, §4.4 step 5)."""
@@ -232,8 +278,11 @@ class ModelRunner:
         entry = session.bound_prompts[c]
         generated_total = session.params.num_chunks
         caption = chunk_caption(
-            self.model.text.encode(entry.text), self.model.special_tokens, self.text_conditioning,
-            c - session.prefix_chunks, generated_total,
+            self.model.text.encode(entry.text),
+            self.model.special_tokens,
+            self.text_conditioning,
+            c - session.prefix_chunks,
+            generated_total,
         )
         return _visible(caption)
 

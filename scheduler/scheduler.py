@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from scheduler.plan import SessionForward, StepOutput, StepPlan
-from scheduler.session import LATENT_CHANNELS, ChunkDone, PromptEntry, Session, SessionState, chunk_noise
+from scheduler.session import (
+    LATENT_CHANNELS,
+    ChunkDone,
+    PromptEntry,
+    Session,
+    SessionState,
+    chunk_noise,
+)
 
 
 @dataclass(frozen=True)
@@ -28,8 +35,14 @@ class SchedulerConfig:
     output_queue_chunks: int = 2  # decoded chunks a session may hold before it pauses
 
     def __post_init__(self) -> None:
-        if self.memory_budget_bytes <= 0 or self.max_chunk_slots < 1 or self.output_queue_chunks < 1:
-            raise ValueError("memory_budget_bytes, max_chunk_slots, output_queue_chunks must be > 0")
+        if (
+            self.memory_budget_bytes <= 0
+            or self.max_chunk_slots < 1
+            or self.output_queue_chunks < 1
+        ):
+            raise ValueError(
+                "memory_budget_bytes, max_chunk_slots, output_queue_chunks must be > 0"
+            )
         if self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
 
@@ -52,11 +65,12 @@ class ChunkScheduler:
         sid = session.session_id
         if sid in self.sessions and not self.sessions[sid].finished:
             raise ValueError(f"session id {sid!r} is already in use")
-        if session.estimated_bytes > self.config.memory_budget_bytes:
+        budget = self.config.memory_budget_bytes
+        if session.estimated_bytes > budget:
             raise AdmissionRefused(
                 f"this request needs {session.estimated_bytes / 2**20:.0f} MiB of KV cache and "
-                f"latents, more than the whole budget ({self.config.memory_budget_bytes / 2**20:.0f}"
-                " MiB): ask for a smaller size or fewer steps in flight"
+                f"latents, more than the whole budget ({budget / 2**20:.0f} MiB): ask for a "
+                "smaller size"
             )
         if not self._queue and self._fits(session):
             self._start(session)
@@ -89,8 +103,12 @@ class ChunkScheduler:
             )
         return session.timeline.add(chunk, text, replace_later)
 
-    def cancel(self, session_id: str, state: SessionState = SessionState.CANCELLED,
-               error: str | None = None) -> None:
+    def cancel(
+        self,
+        session_id: str,
+        state: SessionState = SessionState.CANCELLED,
+        error: str | None = None,
+    ) -> None:
         """End a session now and free all it holds; it leaves the next forward."""
         session = self.get(session_id)
         if session.finished:
@@ -125,7 +143,9 @@ class ChunkScheduler:
         return self._queue.index(session_id) if session_id in self._queue else None
 
     def reserved_bytes(self) -> int:
-        return sum(s.estimated_bytes for s in self.sessions.values() if s.state is SessionState.RUNNING)
+        return sum(
+            s.estimated_bytes for s in self.sessions.values() if s.state is SessionState.RUNNING
+        )
 
     def used_bytes(self, session_id: str) -> int:
         """KV cache and latents this session holds now."""
@@ -134,7 +154,9 @@ class ChunkScheduler:
         return kv + s.latent_bytes()
 
     def has_work(self) -> bool:
-        return any(s.state is SessionState.RUNNING for s in self.sessions.values()) or bool(self._queue)
+        return any(s.state is SessionState.RUNNING for s in self.sessions.values()) or bool(
+            self._queue
+        )
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -157,8 +179,10 @@ class ChunkScheduler:
     def _pack(self) -> StepPlan:
         """Sessions served least first, skipping paused ones, until the forward is full."""
         ready = [
-            s for s in self.sessions.values()
-            if s.state is SessionState.RUNNING and not s.window.done
+            s
+            for s in self.sessions.values()
+            if s.state is SessionState.RUNNING
+            and not s.window.done
             and len(s.outputs) < self.config.output_queue_chunks
         ]
         ready.sort(key=lambda s: (s.forwards_served, s.created_at))
@@ -222,9 +246,14 @@ class ChunkScheduler:
     ) -> ChunkDone:
         entered = session.entered_at.pop(chunk, time.monotonic())
         result = ChunkDone(
-            session_id=session.session_id, chunk_index=chunk, output_index=session.chunks_out,
-            first_frame=session.frames_out, frames=frames, latent=latent,
-            prompt=session.bound_prompts.pop(chunk), denoise_s=time.monotonic() - entered - decode_s,
+            session_id=session.session_id,
+            chunk_index=chunk,
+            output_index=session.chunks_out,
+            first_frame=session.frames_out,
+            frames=frames,
+            latent=latent,
+            prompt=session.bound_prompts.pop(chunk),
+            denoise_s=time.monotonic() - entered - decode_s,
             decode_s=decode_s,
         )
         session.chunks_out += 1

@@ -75,7 +75,8 @@ class PromptTimeline:
         self.version += 1
         entry = PromptEntry(from_chunk, text, self.version)
         keep = [
-            e for e in self.entries
+            e
+            for e in self.entries
             if e.from_chunk < from_chunk or (e.from_chunk > from_chunk and not replace_later)
         ]
         self.entries = sorted([*keep, entry], key=lambda e: e.from_chunk)

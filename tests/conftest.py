@@ -24,7 +24,9 @@ torch.set_num_threads(1)
 def conformance_dir() -> Path:
     path = SHARED / "conformance"
     if not path.is_dir():
-        pytest.fail(f"conformance fixtures not found at {path} (the shared/ folder beside the repo)")
+        pytest.fail(
+            f"conformance fixtures not found at {path} (the shared/ folder beside the repo)"
+        )
     return path
 
 

@@ -19,13 +19,24 @@ F64 = torch.float64
 
 def small_config(big_path: bool) -> MagiConfig:
     model = ModelConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=48, num_attention_heads=8,
-        num_query_groups=2, kv_channels=8, params_dtype="torch.float32", caption_channels=12,
-        caption_max_length=20, in_channels=32 if big_path else 16,
-        out_channels=32 if big_path else 16, x_rescale_factor=0.1 if big_path else 1.0,
-        half_channel_vae=big_path, gated_linear_unit=big_path,
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=48,
+        num_attention_heads=8,
+        num_query_groups=2,
+        kv_channels=8,
+        params_dtype="torch.float32",
+        caption_channels=12,
+        caption_max_length=20,
+        in_channels=32 if big_path else 16,
+        out_channels=32 if big_path else 16,
+        x_rescale_factor=0.1 if big_path else 1.0,
+        half_channel_vae=big_path,
+        gated_linear_unit=big_path,
     )
-    runtime = RuntimeConfig(cfg_number=1 if big_path else 3, num_steps=8, video_size_h=64, video_size_w=64)
+    runtime = RuntimeConfig(
+        cfg_number=1 if big_path else 3, num_steps=8, video_size_h=64, video_size_w=64
+    )
     return MagiConfig(model, runtime, EngineConfig(distill=big_path))
 
 
@@ -48,8 +59,10 @@ def attend(q, k, v):
 
 def rope_angles(frame0, frames_total, t, hp, wp, bands):
     rho = math.sqrt(hp * wp / 256)
+
     def axis(x, f, r):
         return x if f == 1 else x / (f - 1) * (r - 1)
+
     rows = []
     for f in range(frame0, frame0 + t):
         for i in range(hp):
@@ -86,30 +99,51 @@ def reference_forward(sd, cfg: MagiConfig, chunks: list[ChunkInput]) -> list[tor
         w = sd["x_embedder.weight"][:, :, 0]  # (D, Cin, 2, 2)
         patches = x.reshape(cin, t, hp, 2, wp, 2).permute(1, 2, 4, 0, 3, 5).reshape(t * hp * wp, -1)
         tokens.append(patches @ w.reshape(d, -1).T)
+
         def temb(value):
             freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=F64) / 128)
             arg = value * freqs * 1000
             e = torch.cat([torch.cos(arg), torch.sin(arg)])
-            h1 = torch.nn.functional.silu(e @ sd["t_embedder.mlp.0.weight"].T + sd["t_embedder.mlp.0.bias"])
+            h1 = torch.nn.functional.silu(
+                e @ sd["t_embedder.mlp.0.weight"].T + sd["t_embedder.mlp.0.bias"]
+            )
             return h1 @ sd["t_embedder.mlp.2.weight"].T + sd["t_embedder.mlp.2.bias"]
+
         cond = temb(c.t)
         if cfg.engine_config.distill:
             cond = cond + temb(c.step_size)
         null = sd["y_embedder.null_caption_embedding"][-1 if c.caption_dropped else -2]
-        cond = cond + null @ sd["y_embedder.y_proj_adaln.0.weight"].T + sd["y_embedder.y_proj_adaln.0.bias"]
+        cond = (
+            cond
+            + null @ sd["y_embedder.y_proj_adaln.0.weight"].T
+            + sd["y_embedder.y_proj_adaln.0.bias"]
+        )
         conds.append(cond)
         angles.append(rope_angles(c.rope_frame, c.rope_frames_total, t, hp, wp, sd["rope.bands"]))
         y = c.caption.to(F64)
-        texts.append(torch.nn.functional.silu(y @ sd["y_embedder.y_proj_xattn.0.weight"].T + sd["y_embedder.y_proj_xattn.0.bias"]))
+        texts.append(
+            torch.nn.functional.silu(
+                y @ sd["y_embedder.y_proj_xattn.0.weight"].T + sd["y_embedder.y_proj_xattn.0.bias"]
+            )
+        )
     sizes = [tk.shape[0] for tk in tokens]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     h = torch.cat(tokens)
     for layer in range(m.num_layers):
         p = lambda name: sd[f"videodit_blocks.layers.{layer}.{name}"]  # noqa: E731
-        a = ln(h, p("self_attention.linear_qkv.layer_norm.weight"), p("self_attention.linear_qkv.layer_norm.bias"), False)
+        a = ln(
+            h,
+            p("self_attention.linear_qkv.layer_norm.weight"),
+            p("self_attention.linear_qkv.layer_norm.bias"),
+            False,
+        )
+
         def qk(wname, nname, heads):
             x = (a @ p(f"self_attention.linear_qkv.{wname}.weight").T).reshape(-1, heads, hd)
-            return ln(x, p(f"self_attention.{nname}.weight"), p(f"self_attention.{nname}.bias"), True)
+            return ln(
+                x, p(f"self_attention.{nname}.weight"), p(f"self_attention.{nname}.bias"), True
+            )
+
         ang = torch.cat(angles)
         q = rotate(qk("q", "q_layernorm", hq), ang)
         k = rotate(qk("k", "k_layernorm", g_), ang)
@@ -121,25 +155,55 @@ def reference_forward(sd, cfg: MagiConfig, chunks: list[ChunkInput]) -> list[tor
             s0, s1 = starts[ci], starts[ci] + sizes[ci]
             k0, k1 = c.k_range
             o_sa = attend(q[s0:s1], k[k0:k1], v[k0:k1]).reshape(s1 - s0, -1)
-            kx = torch.stack([texts[ci] @ w_kv[2 * hd * gi : 2 * hd * gi + hd].T for gi in range(g_)], 1)
-            vx = torch.stack([texts[ci] @ w_kv[2 * hd * gi + hd : 2 * hd * (gi + 1)].T for gi in range(g_)], 1)
-            kx = ln(kx, p("self_attention.k_layernorm_xattn.weight"), p("self_attention.k_layernorm_xattn.bias"), True)
+            kx = torch.stack(
+                [texts[ci] @ w_kv[2 * hd * gi : 2 * hd * gi + hd].T for gi in range(g_)], 1
+            )
+            vx = torch.stack(
+                [texts[ci] @ w_kv[2 * hd * gi + hd : 2 * hd * (gi + 1)].T for gi in range(g_)], 1
+            )
+            kx = ln(
+                kx,
+                p("self_attention.k_layernorm_xattn.weight"),
+                p("self_attention.k_layernorm_xattn.bias"),
+                True,
+            )
             o_xa = attend(qx[s0:s1], kx, vx).reshape(s1 - s0, -1)
             r = hq * hd // 8
-            proj_in = torch.cat([torch.cat([o_sa[:, b * r : (b + 1) * r], o_xa[:, b * r : (b + 1) * r]], 1) for b in range(8)], 1)
+            proj_in = torch.cat(
+                [
+                    torch.cat([o_sa[:, b * r : (b + 1) * r], o_xa[:, b * r : (b + 1) * r]], 1)
+                    for b in range(8)
+                ],
+                1,
+            )
             o = proj_in @ p("self_attention.linear_proj.weight").T
-            gates = torch.tanh(torch.nn.functional.silu(conds[ci]) @ p("ada_modulate_layer.proj.0.weight").T + p("ada_modulate_layer.proj.0.bias"))
+            gates = torch.tanh(
+                torch.nn.functional.silu(conds[ci]) @ p("ada_modulate_layer.proj.0.weight").T
+                + p("ada_modulate_layer.proj.0.bias")
+            )
             g_msa, g_mlp = gates[:d], gates[d:]
-            h1 = h[s0:s1] + ln(o * g_msa, p("self_attn_post_norm.weight"), p("self_attn_post_norm.bias"), True)
-            z = ln(h1, p("mlp.layer_norm.weight"), p("mlp.layer_norm.bias"), False) @ p("mlp.linear_fc1.weight").T
+            h1 = h[s0:s1] + ln(
+                o * g_msa, p("self_attn_post_norm.weight"), p("self_attn_post_norm.bias"), True
+            )
+            z = (
+                ln(h1, p("mlp.layer_norm.weight"), p("mlp.layer_norm.bias"), False)
+                @ p("mlp.linear_fc1.weight").T
+            )
             if m.gated_linear_unit:
                 z = torch.nn.functional.silu(z[:, : m.ffn_hidden_size]) * z[:, m.ffn_hidden_size :]
             else:
                 z = 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
             mlp = z @ p("mlp.linear_fc2.weight").T
-            new_h.append(h1 + ln(mlp * g_mlp, p("mlp_post_norm.weight"), p("mlp_post_norm.bias"), True))
+            new_h.append(
+                h1 + ln(mlp * g_mlp, p("mlp_post_norm.weight"), p("mlp_post_norm.bias"), True)
+            )
         h = torch.cat(new_h)
-    h = ln(h, sd["videodit_blocks.final_layernorm.weight"], sd["videodit_blocks.final_layernorm.bias"], True)
+    h = ln(
+        h,
+        sd["videodit_blocks.final_layernorm.weight"],
+        sd["videodit_blocks.final_layernorm.bias"],
+        True,
+    )
     out = h @ sd["final_linear.linear.weight"].T
     results = []
     for ci, c in enumerate(chunks):
@@ -160,10 +224,26 @@ def make_chunks(cfg: MagiConfig, gen: torch.Generator) -> list[ChunkInput]:
     np_ = 2 * 2 * 3  # tokens per chunk: T=2 frames, 2x3 patches
     step = 4.0 if cfg.engine_config.distill else None
     return [
-        ChunkInput(torch.randn(16, 2, 4, 6, generator=gen), 0.9999, torch.randn(5, c, generator=gen),
-                   True, rope_frame=2, rope_frames_total=6, k_range=(0, np_), step_size=step),
-        ChunkInput(torch.randn(16, 2, 4, 6, generator=gen), 0.37, torch.randn(3, c, generator=gen),
-                   False, rope_frame=4, rope_frames_total=6, k_range=(0, 2 * np_), step_size=step),
+        ChunkInput(
+            torch.randn(16, 2, 4, 6, generator=gen),
+            0.9999,
+            torch.randn(5, c, generator=gen),
+            True,
+            rope_frame=2,
+            rope_frames_total=6,
+            k_range=(0, np_),
+            step_size=step,
+        ),
+        ChunkInput(
+            torch.randn(16, 2, 4, 6, generator=gen),
+            0.37,
+            torch.randn(3, c, generator=gen),
+            False,
+            rope_frame=4,
+            rope_frames_total=6,
+            k_range=(0, 2 * np_),
+            step_size=step,
+        ),
     ]
 
 
@@ -176,7 +256,7 @@ def test_forward_equals_direct_computation_of_reference_formulas(big_path):
     chunks = make_chunks(cfg, torch.Generator().manual_seed(5))
     got = model([ChunkGroup(chunks)])[0]
     want = reference_forward(model.state_dict(), cfg, chunks)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         assert float((g.to(F64) - w).norm() / w.norm()) < 1e-5
 

@@ -27,8 +27,15 @@ def run_model_cli(*args: str) -> subprocess.CompletedProcess:
 
 def probe_chunk() -> ChunkInput:
     gen = torch.Generator().manual_seed(0)
-    return ChunkInput(torch.randn(16, 6, 8, 8, generator=gen), 0.5, torch.randn(9, 64, generator=gen),
-                      False, 0, 6, (0, 96))
+    return ChunkInput(
+        torch.randn(16, 6, 8, 8, generator=gen),
+        0.5,
+        torch.randn(9, 64, generator=gen),
+        False,
+        0,
+        6,
+        (0, 96),
+    )
 
 
 def test_write_random_then_load_gives_the_writers_weights(tiny_folder):
@@ -51,7 +58,8 @@ def test_dit_is_sharded_with_an_index(tiny_folder):
     paths = folder_paths(tiny_folder, read_config(tiny_folder))
     index = json.loads((paths.dit / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
     ]
 
 
@@ -97,7 +105,11 @@ def test_damaged_checkpoint_errors_name_the_key(tiny_folder, tmp_path, damage):
     with pytest.raises(CheckpointError) as err:
         load_model(folder)
     message = str(err.value)
-    expected = {"wrong_shape": "wrong shapes", "unknown_key": "unexpected keys", "missing_key": "missing keys"}
+    expected = {
+        "wrong_shape": "wrong shapes",
+        "unknown_key": "unexpected keys",
+        "missing_key": "missing keys",
+    }
     assert expected[damage] in message
     assert ("not_a_weight" if damage == "unknown_key" else key) in message
 

@@ -56,8 +56,13 @@ LAYER = {
     "mlp_post_norm.bias": ((3072,), (6144,)),
 }
 
-PER_TENSOR = ["self_attention.linear_qkv.q", "self_attention.linear_qkv.qx",
-              "self_attention.linear_qkv.k", "self_attention.linear_qkv.v", "mlp.linear_fc1"]
+PER_TENSOR = [
+    "self_attention.linear_qkv.q",
+    "self_attention.linear_qkv.qx",
+    "self_attention.linear_qkv.k",
+    "self_attention.linear_qkv.v",
+    "mlp.linear_fc1",
+]
 PER_CHANNEL = ["self_attention.linear_proj", "mlp.linear_fc2"]
 
 LAYERS = {"4.5B": 34, "24B": 48}
@@ -86,7 +91,14 @@ def expected_table(size: str, fp8: bool) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize(
     "preset",
-    ["4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant"],
+    [
+        "4.5B_base",
+        "4.5B_distill",
+        "4.5B_distill_quant",
+        "24B_base",
+        "24B_distill",
+        "24B_distill_quant",
+    ],
 )
 def test_official_presets_have_exactly_the_reference_keys_and_shapes(preset):
     size = preset.split("_")[0]

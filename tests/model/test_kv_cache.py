@@ -19,7 +19,7 @@ class DenseMaskBackend:
 
     def ranged(self, q, k, v, q_ranges, k_ranges):
         mask = torch.zeros(q.shape[0], k.shape[0], dtype=torch.bool)
-        for (q0, q1), (k0, k1) in zip(q_ranges, k_ranges):
+        for (q0, q1), (k0, k1) in zip(q_ranges, k_ranges, strict=True):
             mask[q0:q1, k0:k1] = True
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -39,22 +39,32 @@ def window_chunks(gen: torch.Generator, np_: int, offset_chunks: int) -> list[Ch
     """Chunks 1..4 in flight at stage levels 3, 2, 1, 0 (look-back 2, 3, 4, 5 chunks), behind
     clean chunk 0. k ranges are in a key sequence that starts at chunk `1 - offset_chunks`."""
     chunks = []
-    for g, lookback in zip(range(1, 5), (2, 3, 4, 5)):
+    for g, lookback in zip(range(1, 5), (2, 3, 4, 5), strict=True):
         first = max(0, g + 1 - lookback)
-        chunks.append(ChunkInput(
-            latent=torch.randn(16, CHUNK_FRAMES, 8, 8, generator=gen), t=0.1 * g,
-            caption=torch.randn(7, 64, generator=gen), caption_dropped=False,
-            rope_frame=CHUNK_FRAMES * g, rope_frames_total=CHUNK_FRAMES * 5,
-            k_range=((first - 1 + offset_chunks) * np_, (g + offset_chunks) * np_),
-        ))
+        chunks.append(
+            ChunkInput(
+                latent=torch.randn(16, CHUNK_FRAMES, 8, 8, generator=gen),
+                t=0.1 * g,
+                caption=torch.randn(7, 64, generator=gen),
+                caption_dropped=False,
+                rope_frame=CHUNK_FRAMES * g,
+                rope_frames_total=CHUNK_FRAMES * 5,
+                k_range=((first - 1 + offset_chunks) * np_, (g + offset_chunks) * np_),
+            )
+        )
     return chunks
 
 
 def clean_chunk(gen: torch.Generator, np_: int, cache_index: int | None) -> ChunkInput:
     return ChunkInput(
-        latent=torch.randn(16, CHUNK_FRAMES, 8, 8, generator=gen), t=0.9999,
-        caption=torch.randn(50, 64, generator=gen), caption_dropped=True,
-        rope_frame=0, rope_frames_total=CHUNK_FRAMES * 5, k_range=(0, np_), cache_index=cache_index,
+        latent=torch.randn(16, CHUNK_FRAMES, 8, 8, generator=gen),
+        t=0.9999,
+        caption=torch.randn(50, 64, generator=gen),
+        caption_dropped=True,
+        rope_frame=0,
+        rope_frames_total=CHUNK_FRAMES * 5,
+        k_range=(0, np_),
+        cache_index=cache_index,
     )
 
 
@@ -70,7 +80,7 @@ def test_window_forward_with_cache_equals_full_sequence_with_mask():
     model([ChunkGroup([clean_chunk(gen, np_, cache_index=0)], cache=cache)])
     windowed = window_chunks(gen, np_, offset_chunks=1)
     got = model([ChunkGroup(windowed, cache=cache, cached_chunks=[0])])[0]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert float((g - w).norm() / w.norm()) < 1e-5
 
 
@@ -97,6 +107,6 @@ def test_batched_groups_equal_separate_forwards():
     b[0].k_range = (0, np_)
     together = model([ChunkGroup(a), ChunkGroup(b)])
     alone = [model([ChunkGroup(a)])[0], model([ChunkGroup(b)])[0]]
-    for group_t, group_a in zip(together, alone):
-        for x, y in zip(group_t, group_a):
+    for group_t, group_a in zip(together, alone, strict=True):
+        for x, y in zip(group_t, group_a, strict=True):
             assert (x - y).abs().max() < 1e-5

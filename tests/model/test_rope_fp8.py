@@ -8,8 +8,8 @@ import torch
 
 from model.config import get_preset
 from model.dit import ChunkGroup, ChunkInput, RotaryEmbedding
-from model.fp8 import PerChannelFp8Linear, PerTensorFp8Linear, quantize_linear
 from model.folder import load_model, write_random
+from model.fp8 import PerChannelFp8Linear, PerTensorFp8Linear, quantize_linear
 
 
 def rope(bands: int = 16) -> RotaryEmbedding:
@@ -35,7 +35,9 @@ def test_spatial_coordinates_are_centred_and_rescaled_to_a_16x16_area():
     with torch.no_grad():
         r.bands.fill_(1.0)
     table = r.table(range(0, 1), 6, 45, 80)  # 1280x720: rho = 3.75
-    angles = torch.asin(table[:, :48].clamp(-1, 1))  # bands = 1: angle = coordinate (|x| < pi/2 only)
+    angles = torch.asin(
+        table[:, :48].clamp(-1, 1)
+    )  # bands = 1: angle = coordinate (|x| < pi/2 only)
     sin_h = table[:, 16].reshape(45, 80)[:, 0]
     rho = math.sqrt(45 * 80 / 256)
     ph = (torch.arange(45, dtype=torch.float32) - 22) / 44 * (45 / rho - 1)
@@ -106,7 +108,15 @@ def test_fp8_folder_loads_strictly_and_runs(tmp_path):
     assert layers[1].self_attention.linear_proj.smooth_scale.shape == (1, 256)
     assert (folder / "inference_weight.fp8.distill").is_dir()
     gen = torch.Generator().manual_seed(0)
-    chunk = ChunkInput(torch.randn(16, 6, 8, 8, generator=gen), 0.3, torch.randn(4, 64, generator=gen),
-                       False, 0, 6, (0, 96), step_size=4.0)
+    chunk = ChunkInput(
+        torch.randn(16, 6, 8, 8, generator=gen),
+        0.3,
+        torch.randn(4, 64, generator=gen),
+        False,
+        0,
+        6,
+        (0, 96),
+        step_size=4.0,
+    )
     out = model.dit([ChunkGroup([chunk])])[0][0]
     assert out.shape == (16, 6, 8, 8) and torch.isfinite(out).all()

@@ -12,8 +12,9 @@ from scheduler.scheduler import AdmissionRefused, SchedulerConfig
 from scheduler.session import SessionParams, SessionState
 
 
-def params(sid: str, chunks: int | None = 3, seed: int = 1, prompts=((0, "a red ball rolls"),),
-           **kw) -> SessionParams:
+def params(
+    sid: str, chunks: int | None = 3, seed: int = 1, prompts=((0, "a red ball rolls"),), **kw
+) -> SessionParams:
     return SessionParams(sid, tuple(prompts), chunks, 64, 64, seed=seed, **kw)
 
 
@@ -50,7 +51,9 @@ def test_session_is_reproducible_and_depends_on_its_seed(tiny_model):
 
 def test_batched_sessions_equal_each_session_alone(tiny_model):
     """Different seeds, prompts, lengths and modes, joining at different steps."""
-    image = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = torch.randint(
+        0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     requests = [
         params("a", chunks=3, seed=1),
         params("b", chunks=2, seed=2, prompts=((0, "a blue box slides"), (1, "it stops"))),

@@ -64,7 +64,9 @@ def test_v2v_continues_from_the_end_of_the_video_and_outputs_after_the_prefix(ti
 
 def test_v2v_prefix_kv_is_extracted_before_the_first_denoising_forward(tiny_model):
     engine = Engine(tiny_model)
-    session = engine.open(SessionParams("v", ((0, "more"),), 1, 64, 64, mode="v2v", video=frames(32, 2)))
+    session = engine.open(
+        SessionParams("v", ((0, "more"),), 1, 64, 64, mode="v2v", video=frames(32, 2))
+    )
     engine.step()  # the extraction forward
     assert session.kv_cache.chunk_indices == [0]
     assert session.forwards_served == 1 and not session.latents.get(0)

@@ -32,8 +32,14 @@ def official_loop(model, prompt: str, num_chunks: int, seed: int) -> list[torch.
     x = [chunk_noise(seed, c, (16, width, H // 8, W // 8)) for c in range(num_chunks)]
     cache = KVCache(cfg.model_config.num_layers)
     null = visible(null_caption(model.dit.y_embedder.null_caption_embedding.detach()))
-    text = [visible(chunk_caption(model.text.encode(prompt), model.special_tokens,
-                                  TextConditioning(), c, num_chunks)) for c in range(num_chunks)]
+    text = [
+        visible(
+            chunk_caption(
+                model.text.encode(prompt), model.special_tokens, TextConditioning(), c, num_chunks
+            )
+        )
+        for c in range(num_chunks)
+    ]
     steps_done = [0] * num_chunks
     for stage in range(num_chunks + win - 1):
         start, end = max(0, stage - win + 1), min(num_chunks, stage + 1)
@@ -48,32 +54,64 @@ def official_loop(model, prompt: str, num_chunks: int, seed: int) -> list[torch.
 
             def k_range(g):
                 d = n_steps if g not in ks else ks[g]
-                look = rc.clean_chunk_kvrange if d == n_steps else \
-                    rc.noise2clean_kvrange[d // (n_steps // len(rc.noise2clean_kvrange))]
+                look = (
+                    rc.clean_chunk_kvrange
+                    if d == n_steps
+                    else rc.noise2clean_kvrange[d // (n_steps // len(rc.noise2clean_kvrange))]
+                )
                 return (max(0, g + 1 - look) * np_, (g + 1) * np_)
 
             def branch(captions, dropped, write):
-                return ChunkGroup([
-                    ChunkInput(x[g], rc.clean_t if g not in ks else float(grid[ks[g]]),
-                               captions(g), dropped, width * g, total, k_range(g), step,
-                               g if (write and g not in ks) else None)
-                    for g in fwd
-                ], cache, list(range(sp)))
+                return ChunkGroup(
+                    [
+                        ChunkInput(
+                            x[g],
+                            rc.clean_t if g not in ks else float(grid[ks[g]]),
+                            captions(g),
+                            dropped,
+                            width * g,
+                            total,
+                            k_range(g),
+                            step,
+                            g if (write and g not in ks) else None,
+                        )
+                        for g in fwd
+                    ],
+                    cache,
+                    list(range(sp)),
+                )
 
             groups, noisy = [], list(range(start, end))
             if rc.cfg_number == 3:
-                groups.append(branch(lambda g: text[g] if g in ks else null, False, False))
+                groups.append(branch(lambda g, ks=ks: text[g] if g in ks else null, False, False))
                 groups.append(branch(lambda g: null, True, True))
-                groups += [ChunkGroup([ChunkInput(x[g], float(grid[ks[g]]), null, True, 0, width,
-                                                  (0, np_), step)]) for g in noisy]
+                groups += [
+                    ChunkGroup(
+                        [ChunkInput(x[g], float(grid[ks[g]]), null, True, 0, width, (0, np_), step)]
+                    )
+                    for g in noisy
+                ]
             else:
-                groups.append(branch(lambda g: text[g] if g in ks else null, False, True))
+                groups.append(branch(lambda g, ks=ks: text[g] if g in ks else null, False, True))
                 oldest = noisy[0]
                 if float(grid[ks[oldest]]) > ec.distill_nearly_clean_chunk_threshold:
                     slot = sp + len(fwd)
-                    groups.append(ChunkGroup([ChunkInput(
-                        x[oldest], float(grid[ks[oldest]]), text[oldest], False, width * slot,
-                        width * (slot + 1), (0, np_), step)]))
+                    groups.append(
+                        ChunkGroup(
+                            [
+                                ChunkInput(
+                                    x[oldest],
+                                    float(grid[ks[oldest]]),
+                                    text[oldest],
+                                    False,
+                                    width * slot,
+                                    width * (slot + 1),
+                                    (0, np_),
+                                    step,
+                                )
+                            ]
+                        )
+                    )
             out = model.dit(groups)
             off = 1 if extra else 0
             for m, g in enumerate(noisy):
@@ -81,7 +119,11 @@ def official_loop(model, prompt: str, num_chunks: int, seed: int) -> list[torch.
                 if rc.cfg_number == 3:
                     idx = int((torch.tensor(rc.cfg_t_range) - 1e-7 < grid[k]).sum()) - 1
                     sp_, st = rc.prev_chunk_scales[idx], rc.text_scales[idx]
-                    v = (1 - sp_) * out[2 + m][0] + (sp_ - st) * out[1][off + m] + st * out[0][off + m]
+                    v = (
+                        (1 - sp_) * out[2 + m][0]
+                        + (sp_ - st) * out[1][off + m]
+                        + st * out[0][off + m]
+                    )
                 else:
                     v = out[0][off + m]
                     if m == 0 and len(out) > 1:
