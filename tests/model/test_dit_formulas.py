@@ -269,3 +269,41 @@ def test_empty_caption_gives_zero_cross_attention_not_nan():
     chunk.caption = torch.zeros(0, cfg.model_config.caption_channels)
     out = model([ChunkGroup([chunk])])[0][0]
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_bf16_weights_follow_the_precision_map_and_stay_close_to_fp32(gated):
+    import dataclasses
+
+    from model.checkpoint import random_dit
+    from model.config import get_preset
+
+    base = get_preset("tiny")
+    mc = dataclasses.replace(base.model_config, gated_linear_unit=gated)
+    configs = [
+        MagiConfig(dataclasses.replace(mc, params_dtype=d), base.runtime_config, base.engine_config)
+        for d in ("torch.bfloat16", "torch.float32")
+    ]
+    bf16, fp32 = (random_dit(c, seed=0).promote_high_precision() for c in configs)
+    layer = bf16.videodit_blocks.layers[0]
+    assert layer.self_attention.linear_qkv.q.weight.dtype == torch.bfloat16
+    assert layer.self_attention.q_layernorm.weight.dtype == torch.float32  # promoted
+    assert layer.self_attention.q_layernorm_xattn.weight.dtype == torch.bfloat16  # not promoted
+    assert bf16.t_embedder.mlp[0].weight.dtype == torch.float32
+
+    def chunk():
+        gen = torch.Generator().manual_seed(1)
+        return ChunkInput(
+            torch.randn(16, 6, 8, 8, generator=gen),
+            0.5,
+            torch.randn(7, 64, generator=gen),
+            False,
+            0,
+            6,
+            (0, 96),
+        )
+
+    a = bf16([ChunkGroup([chunk()])])[0][0]
+    b = fp32([ChunkGroup([chunk()])])[0][0]
+    assert a.dtype == torch.float32
+    assert float((a - b).norm() / b.norm()) < 0.03
