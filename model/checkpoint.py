@@ -2,17 +2,18 @@
 
 The DiT is built on the meta device and the safetensors tensors are assigned to it, so loading
 never holds two copies of the weights; the key check is strict and its error names what is
-missing, unexpected or mis-shaped. Shards are read one at a time with `safe_open`.
+missing, unexpected or mis-shaped. Shards are read one at a time with plain reads into freshly
+allocated tensors (no memory map: a mapped shard's pages would count on top of the weights).
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -79,23 +80,71 @@ def shard_map(weight_dir: Path) -> dict[str, list[str]]:
         return dict(shards)
     single = weight_dir / SINGLE_FILE
     if single.exists():
-        with safe_open(single, "pt") as f:
-            return {SINGLE_FILE: list(f.keys())}
+        return {SINGLE_FILE: list(read_header(single)[0])}
     raise CheckpointError(f"{weight_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """The safetensors header (key -> dtype, shape, data_offsets) and where the data starts."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 def read_shapes(weight_dir: Path, shards: dict[str, list[str]]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for shard, keys in shards.items():
-        with safe_open(weight_dir / shard, "pt") as f:
-            present = set(f.keys())
-            for key in keys:
-                if key not in present:
-                    raise CheckpointError(
-                        f"{weight_dir / shard}: key {key} listed in the index is not in the shard"
-                    )
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        header, _ = read_header(weight_dir / shard)
+        for key in keys:
+            if key not in header:
+                raise CheckpointError(
+                    f"{weight_dir / shard}: key {key} listed in the index is not in the shard"
+                )
+            shapes[key] = tuple(header[key]["shape"])
     return shapes
+
+
+def read_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
+    """Read these tensors into new (aligned) CPU tensors with `readinto`."""
+    header, start = read_header(path)
+    out = {}
+    with open(path, "rb", buffering=0) as f:
+        for key in keys:
+            meta = header[key]
+            if meta["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: {key} has unsupported dtype {meta['dtype']}")
+            tensor = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+            begin, end = meta["data_offsets"]
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if end - begin != len(buffer):
+                raise CheckpointError(
+                    f"{path}: {key} holds {end - begin} bytes, expected {len(buffer)}"
+                )
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"{path}: file ends inside {key} (truncated shard?)")
+            out[key] = tensor
+    return out
 
 
 def load_dit(
@@ -112,20 +161,11 @@ def load_dit(
     shards = shard_map(weight_dir)
     check_state_dict(model, read_shapes(weight_dir, shards), str(weight_dir))
     for shard, keys in shards.items():
-        with safe_open(weight_dir / shard, "pt", device=str(device)) as f:
-            part = {k: _aligned(f.get_tensor(k)) for k in keys}
+        part = {k: t.to(device) for k, t in read_tensors(weight_dir / shard, keys).items()}
         model.load_state_dict(part, strict=False, assign=True)
         del part
     model.requires_grad_(False)
     return model.promote_high_precision().eval()
-
-
-def _aligned(tensor: Tensor, alignment: int = 64) -> Tensor:
-    """safetensors hands out tensors at the file's byte offsets; vector kernels pick other code
-    paths for unaligned memory (last-bit differences, slower), so re-home those."""
-    if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
-        return tensor.clone()
-    return tensor
 
 
 def init_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
