@@ -81,13 +81,13 @@ def main() -> int:
     parser.add_argument("--model", help="model folder (default: write the tiny preset)")
     parser.add_argument("--sessions", default="1,2,4,8")
     parser.add_argument("--chunks", type=int, default=3, help="chunks per session")
-    parser.add_argument("--size", type=int, default=64, help="video side, pixels")
+    parser.add_argument("--sizes", default="32,64", help="video sides to run, pixels")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--memory-chunks", type=int, default=50)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.sessions, args.chunks, args.memory_chunks = "1,4", 2, 12
+        args.sessions, args.chunks, args.memory_chunks, args.sizes = "1,4", 2, 12, "32"
     torch.set_num_threads(args.threads)
     print(f"command: {' '.join(sys.argv)}")
     print(
@@ -98,32 +98,32 @@ def main() -> int:
         folder = args.model or write_random("tiny", Path(tmp) / "tiny", seed=0)
         model = load_model(folder)
         rc = model.config.runtime_config
-        run_batched(model, 1, 1, args.size)  # warm-up: caches, allocator
-        print(
-            f"\n{args.size}x{args.size}, {args.chunks} chunks per session, "
-            f"{rc.num_steps} steps, cfg {rc.cfg_number}"
-        )
-        print(
-            "sessions | sequential chunks/s | batched chunks/s | batched/sequential | "
-            "step split dit/decode/assemble/schedule ms | slots/step"
-        )
-        for n in (int(x) for x in args.sessions.split(",")):
-            seq_s = run_sequential(model, n, args.chunks, args.size)
-            bat_s, split = run_batched(model, n, args.chunks, args.size)
-            chunks = n * args.chunks
-            per_step = [
-                1000 * split[k] / split["steps"]
-                for k in ("dit_s", "decode_s", "assemble_s", "schedule_s")
-            ]
+        for size in (int(x) for x in args.sizes.split(",")):
+            run_batched(model, 1, 1, size)  # warm-up: caches, allocator
             print(
-                f"{n:8d} | {chunks / seq_s:19.2f} | {chunks / bat_s:16.2f} | "
-                f"{seq_s / bat_s:17.2f}x | {' / '.join(f'{v:.1f}' for v in per_step):>38} | "
-                f"{split['slots_per_step']:.1f}"
+                f"\n{size}x{size}, {args.chunks} chunks per session, {rc.num_steps} steps, "
+                f"cfg {rc.cfg_number}"
             )
-        samples, reserved = unbounded_memory(model, args.memory_chunks, args.size)
+            print(
+                "sessions | sequential chunks/s | batched chunks/s | batched/sequential | "
+                "step split dit/decode/assemble/schedule ms | slots/step"
+            )
+            for n in (int(x) for x in args.sessions.split(",")):
+                seq_s = run_sequential(model, n, args.chunks, size)
+                bat_s, split = run_batched(model, n, args.chunks, size)
+                chunks = n * args.chunks
+                keys = ("dit_s", "decode_s", "assemble_s", "schedule_s")
+                per_step = [1000 * split[k] / split["steps"] for k in keys]
+                print(
+                    f"{n:8d} | {chunks / seq_s:19.2f} | {chunks / bat_s:16.2f} | "
+                    f"{seq_s / bat_s:17.2f}x | {' / '.join(f'{v:.1f}' for v in per_step):>38} | "
+                    f"{split['slots_per_step']:.1f}"
+                )
+        size = int(args.sizes.split(",")[-1])
+        samples, reserved = unbounded_memory(model, args.memory_chunks, size)
         spread = (max(samples) - min(samples)) / max(samples)
         print(
-            f"\nunbounded session over {args.memory_chunks} chunks: KV+latents "
+            f"\nunbounded session at {size}x{size} over {args.memory_chunks} chunks: KV+latents "
             f"{min(samples) / 2**10:.0f}..{max(samples) / 2**10:.0f} KiB after the window filled "
             f"(spread {100 * spread:.1f}%, admission reserved {reserved / 2**10:.0f} KiB)"
         )

@@ -381,12 +381,7 @@ class VideoDiT(nn.Module):
         # 1. x_embedder: each chunk (C, T, H, W) -> tokens (T*Hp*Wp, D), in fp32
         tokens, grids = self._embed_latents(chunks)
         # 2. RoPE table per chunk, at the chunk's own time slot
-        rope = torch.cat(
-            [
-                self.rope.table(range(c.rope_frame, c.rope_frame + t), c.rope_frames_total, hp, wp)
-                for c, (t, hp, wp) in zip(chunks, grids, strict=True)
-            ]
-        )
+        rope = self._rope_tables(chunks, grids)
         # 3 + 4. condition per chunk: t_emb (+ step-size emb) + adaLN text row, cast to params dtype
         condition = self._condition(chunks)
         gates_rows = torch.repeat_interleave(
@@ -415,17 +410,35 @@ class VideoDiT(nn.Module):
     def _embed_latents(
         self, chunks: list[ChunkInput]
     ) -> tuple[list[Tensor], list[tuple[int, int, int]]]:
+        """Patch-embed every chunk in fp32; chunks of one shape share one Conv3d call."""
         cfg = self.cfg
-        tokens, grids = [], []
-        for c in chunks:
-            x = c.latent.float().unsqueeze(0) * cfg.x_rescale_factor  # (1, C, T, H, W)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(chunks):
+            by_shape.setdefault(tuple(c.latent.shape), []).append(i)
+        tokens: list[Tensor] = [torch.empty(0)] * len(chunks)
+        grids: list[tuple[int, int, int]] = [(0, 0, 0)] * len(chunks)
+        for members in by_shape.values():
+            x = torch.stack([chunks[i].latent.float() for i in members]) * cfg.x_rescale_factor
             if cfg.half_channel_vae:  # 24B: 16 latent channels duplicated to 32
                 x = torch.cat([x, x], dim=1)
-            x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).float()  # (1, D, T, Hp, Wp)
-            _, _, t, hp, wp = x.shape
-            tokens.append(x[0].flatten(1).transpose(0, 1))  # (T*Hp*Wp, D)
-            grids.append((t, hp, wp))
+            x = self.x_embedder(x.to(self.x_embedder.weight.dtype)).float()  # (B, D, T, Hp, Wp)
+            for j, i in enumerate(members):
+                tokens[i] = x[j].flatten(1).transpose(0, 1)  # (T*Hp*Wp, D)
+                grids[i] = tuple(x.shape[2:])
         return tokens, grids
+
+    def _rope_tables(self, chunks: list[ChunkInput], grids: list[tuple[int, int, int]]) -> Tensor:
+        """RoPE rows of every chunk; placements repeat across branches and sessions (every
+        uncond chunk sits at frames 0..5), so each distinct one is computed once."""
+        tables: dict[tuple[int, int, int, int, int], Tensor] = {}
+        rows = []
+        for c, (t, hp, wp) in zip(chunks, grids, strict=True):
+            key = (c.rope_frame, t, c.rope_frames_total, hp, wp)
+            if key not in tables:
+                frames = range(c.rope_frame, c.rope_frame + t)
+                tables[key] = self.rope.table(frames, c.rope_frames_total, hp, wp)
+            rows.append(tables[key])
+        return torch.cat(rows)
 
     def _condition(self, chunks: list[ChunkInput]) -> Tensor:
         t = torch.tensor([c.t for c in chunks], dtype=torch.float32)

@@ -19,7 +19,7 @@ from model.dit import ChunkGroup, ChunkInput
 from model.folder import MagiModel
 from model.kv_cache import KVCache
 from model.text import PromptEmbedding, TextConditioning, chunk_caption, null_caption
-from model.vae import decode_chunk_to_uint8, encode_frames
+from model.vae import encode_frames, pipeline_tile_frames, to_uint8_frames
 from scheduler.plan import SessionForward, StepOutput, StepPlan
 from scheduler.session import Session, SessionParams
 from scheduler.timegrid import (
@@ -103,10 +103,7 @@ class ModelRunner:
                 if c in a.forward.plan.finished:
                     finished.append((a.session, c, latent))
         t3 = time.perf_counter()
-        for session, c, latent in finished:
-            d0 = time.perf_counter()
-            frames = self._decode(session, c, latent)
-            out.decoded[(session.session_id, c)] = (frames, time.perf_counter() - d0)
+        out.decoded = self._decode_all(finished)
         out.dit_s, out.decode_s = t2 - t1, time.perf_counter() - t3
         out.assemble_s = (t1 - t0) + (t3 - t2)
         return out
@@ -286,15 +283,30 @@ class ModelRunner:
         )
         return _visible(caption)
 
-    def _decode(self, session: Session, c: int, latent: Tensor) -> Tensor:
-        """uint8 frames of a clean chunk; prefix latents are not output, except the i2v image
-        frame, which is (§4.6 `real_start`)."""
+    def _decode_all(
+        self, finished: list[tuple[Session, int, Tensor]]
+    ) -> dict[tuple[str, int], tuple[Tensor, float]]:
+        """uint8 frames of the chunks that became clean; chunks of one latent shape (most
+        sessions' chunks) are decoded as one batch. Prefix latents are not output, except the
+        i2v image frame (§4.6 `real_start`)."""
         width = self.rc.chunk_width
-        start = width * c
-        if session.params.mode == "v2v":
-            start = max(start, session.prefix_latent_frames)
-        z = latent[:, start - width * c :][None]
-        return decode_chunk_to_uint8(self.model.vae, z, self.rc.scale_factor, self.rc.fps)
+        by_shape: dict[tuple[int, ...], list[tuple[str, int, Tensor]]] = {}
+        for session, c, latent in finished:
+            start = width * c
+            if session.params.mode == "v2v":
+                start = max(start, session.prefix_latent_frames)
+            z = latent[:, start - width * c :]
+            by_shape.setdefault(tuple(z.shape), []).append((session.session_id, c, z))
+        decoded = {}
+        for members in by_shape.values():
+            t0 = time.perf_counter()
+            z = torch.stack([m[2] for m in members]).float() / self.rc.scale_factor
+            video = self.model.vae.tiled_decode(z, tile_frames=pipeline_tile_frames(self.rc.fps))
+            frames = to_uint8_frames(video).unflatten(0, (len(members), -1))
+            seconds = (time.perf_counter() - t0) / len(members)
+            for (sid, c, _), f in zip(members, frames, strict=True):
+                decoded[(sid, c)] = (f, seconds)
+        return decoded
 
 
 def _visible(caption: PromptEmbedding) -> Tensor:
