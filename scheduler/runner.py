@@ -31,6 +31,7 @@ from scheduler.timegrid import (
     step_size_value,
     time_grid,
 )
+from scheduler.window import ForwardPlan
 
 V2V_PREFIX_FRAMES = 32  # video frames of a v2v prefix (official prefix_frame): 8 latents
 
@@ -44,6 +45,57 @@ class _Assembled:
     inputs: dict[int, Tensor]  # chunk -> latent fed to the forward (prefix pasted)
     first_group: int  # index of its first group in the packed list
     roles: dict[str, list[int]]  # "ctx_text" / "ctx_null" / "uncond" / "copy" -> group offsets
+
+
+@dataclass
+class _Layout:
+    """One session forward's key layout: `cache[lo .. slice_point) ++ forward_chunks`, chunk g
+    at token (g - lo) * tokens; key ranges and RoPE slots as the official forward has them."""
+
+    plan: ForwardPlan
+    noisy: list[int]  # the chunks being denoised, oldest first
+    forward_chunks: list[int]  # the clean re-forward chunk (if any), then `noisy`
+    inputs: dict[int, Tensor]  # chunk -> latent fed to the forward (prefix pasted)
+    t_of: dict[int, float]  # chunk -> flow time of this forward
+    kv_first: dict[int, int]  # chunk -> first chunk it attends to
+    lo: int  # first chunk of the key sequence
+    cached: list[int]  # chunks read from the KV cache, in order
+    tokens: int  # tokens per chunk
+    width: int  # latent frames per chunk
+    step_size: float  # distill step-size conditioning value
+    cache: KVCache | None
+
+    def is_clean(self, c: int) -> bool:
+        return self.plan.prefix_extraction or c == self.plan.clean_chunk
+
+    def chunk(self, c: int, caption: Tensor, dropped: bool, writes: bool) -> ChunkInput:
+        return ChunkInput(
+            latent=self.inputs[c],
+            t=self.t_of[c],
+            caption=caption,
+            caption_dropped=dropped,
+            rope_frame=self.width * c,
+            rope_frames_total=self.width * (self.forward_chunks[-1] + 1),
+            k_range=((self.kv_first[c] - self.lo) * self.tokens, (c + 1 - self.lo) * self.tokens),
+            step_size=self.step_size,
+            cache_index=c if writes else None,
+        )
+
+    def alone(self, c: int, caption: Tensor, dropped: bool, slot: int) -> ChunkInput:
+        """Chunk c attending only to itself, placed at RoPE time slot `slot` of slot + 1."""
+        return ChunkInput(
+            latent=self.inputs[c],
+            t=self.t_of[c],
+            caption=caption,
+            caption_dropped=dropped,
+            rope_frame=self.width * slot,
+            rope_frames_total=self.width * (slot + 1),
+            k_range=(0, self.tokens),
+            step_size=self.step_size,
+        )
+
+    def group(self, chunks: list[ChunkInput]) -> ChunkGroup:
+        return ChunkGroup(chunks, self.cache, self.cached)
 
 
 class ModelRunner:
@@ -111,118 +163,87 @@ class ModelRunner:
     def _assemble(
         self, forward: SessionForward, session: Session, groups: list[ChunkGroup]
     ) -> _Assembled:
-        plan, params = forward.plan, session.params
-        h8, w8 = params.height // 8, params.width // 8
-        np_ = self.rc.chunk_width * (h8 // 2) * (w8 // 2)  # tokens per chunk
-        grid = self.grid(*self._sampling(params))
-        num_steps = len(grid) - 1
-        step_size = step_size_value(
-            num_steps, step_intervals(num_steps, self._sampling(params)[1])[plan.sub_step]
-        )
+        """Append this session's branches to `groups` (reference §4.4, §4.7)."""
+        lay = self._layout(forward.plan, session)
+        branches = self._cfg3(lay, session) if self.rc.cfg_number == 3 else self._cfg1(lay, session)
+        first, roles = len(groups), {}
+        for role, group in branches:
+            roles.setdefault(role, []).append(len(groups) - first)
+            groups.append(group)
+        return _Assembled(forward, session, lay.inputs, first, roles)
+
+    def _layout(self, plan: ForwardPlan, session: Session) -> _Layout:
+        params = session.params
+        num_steps, shortcut_mode = self._sampling(params)
+        grid = self.grid(num_steps, shortcut_mode)
         noisy = [c.chunk_index for c in plan.chunks]
-        forward_chunks = ([plan.clean_chunk] if plan.clean_chunk is not None else []) + noisy
-        inputs = {c: self._input_latent(session, c, plan.prefix_extraction) for c in forward_chunks}
+        clean = [plan.clean_chunk] if plan.clean_chunk is not None else []
         t_of = {c.chunk_index: float(grid[c.grid_index]) for c in plan.chunks}
+        kv_first = {c.chunk_index: c.kv_first_chunk for c in plan.chunks}
         if plan.prefix_extraction:
             t_of = dict.fromkeys(noisy, self.rc.clean_t)
-        if plan.clean_chunk is not None:
+        if clean:
             t_of[plan.clean_chunk] = self.rc.clean_t
-        kv_first = {c.chunk_index: c.kv_first_chunk for c in plan.chunks}
-        if plan.clean_chunk is not None:
             kv_first[plan.clean_chunk] = plan.clean_kv_first_chunk
-        # keys: cache[lo .. slice_point) ++ this forward's chunks; chunk g sits at (g - lo) * Np
+        forward_chunks = clean + noisy
         slice_point = forward_chunks[0]
         lo = min(min(kv_first.values()), slice_point)
-        cached = list(range(lo, slice_point))
-        frames_total = self.rc.chunk_width * (forward_chunks[-1] + 1)
+        interval = step_intervals(num_steps, shortcut_mode)[plan.sub_step]
+        return _Layout(
+            plan=plan,
+            noisy=noisy,
+            forward_chunks=forward_chunks,
+            inputs={
+                c: self._input_latent(session, c, plan.prefix_extraction) for c in forward_chunks
+            },
+            t_of=t_of,
+            kv_first=kv_first,
+            lo=lo,
+            cached=list(range(lo, slice_point)),
+            tokens=self.rc.chunk_width * (params.height // 16) * (params.width // 16),
+            width=self.rc.chunk_width,
+            step_size=step_size_value(num_steps, interval),
+            cache=session.kv_cache,
+        )
 
-        def chunk(c: int, caption: Tensor, dropped: bool, writes: bool) -> ChunkInput:
-            return ChunkInput(
-                latent=inputs[c],
-                t=t_of[c],
-                caption=caption,
-                caption_dropped=dropped,
-                rope_frame=self.rc.chunk_width * c,
-                rope_frames_total=frames_total,
-                k_range=((kv_first[c] - lo) * np_, (c + 1 - lo) * np_),
-                step_size=step_size,
-                cache_index=c if writes else None,
+    def _cfg3(self, lay: _Layout, session: Session) -> list[tuple[str, ChunkGroup]]:
+        """Text+context (row -2, no write), null+context (row -1, writes the clean chunk's
+        KV), and each noisy chunk alone without context or text at time positions 0..5."""
+        text = [
+            lay.chunk(
+                c, self._null_tokens if lay.is_clean(c) else self._prompt(session, c), False, False
             )
+            for c in lay.forward_chunks
+        ]
+        null = [lay.chunk(c, self._null_tokens, True, lay.is_clean(c)) for c in lay.forward_chunks]
+        if lay.plan.prefix_extraction:  # only the cache write matters there
+            return [("ctx_null", lay.group(null))]
+        uncond = [
+            ("uncond", ChunkGroup([lay.alone(c, self._null_tokens, True, slot=0)]))
+            for c in lay.noisy
+        ]
+        return [("ctx_text", lay.group(text)), ("ctx_null", lay.group(null)), *uncond]
 
-        def is_clean(c: int) -> bool:
-            return plan.prefix_extraction or c == plan.clean_chunk
-
-        first, roles = len(groups), {}
-        cache = session.kv_cache
-        if self.rc.cfg_number == 3:  # the clean chunk's KV is written by the null branch
-            text_branch = [
-                chunk(
-                    c, self._null_tokens if is_clean(c) else self._prompt(session, c), False, False
-                )
-                for c in forward_chunks
-            ]
-            null_branch = [chunk(c, self._null_tokens, True, is_clean(c)) for c in forward_chunks]
-            if not plan.prefix_extraction:  # the text branch's outputs are discarded there
-                roles["ctx_text"] = [len(groups) - first]
-                groups.append(ChunkGroup(text_branch, cache, cached))
-            roles["ctx_null"] = [len(groups) - first]
-            groups.append(ChunkGroup(null_branch, cache, cached))
-            if not plan.prefix_extraction:
-                roles["uncond"] = []
-                for c in noisy:  # each chunk alone: no context, time positions 0..5 (§4.7)
-                    roles["uncond"].append(len(groups) - first)
-                    groups.append(
-                        ChunkGroup(
-                            [
-                                ChunkInput(
-                                    latent=inputs[c],
-                                    t=t_of[c],
-                                    caption=self._null_tokens,
-                                    caption_dropped=True,
-                                    rope_frame=0,
-                                    rope_frames_total=self.rc.chunk_width,
-                                    k_range=(0, np_),
-                                    step_size=step_size,
-                                )
-                            ]
-                        )
-                    )
-        else:
-            branch = [
-                chunk(
-                    c,
-                    self._null_tokens if is_clean(c) else self._prompt(session, c),
-                    False,
-                    is_clean(c),
-                )
-                for c in forward_chunks
-            ]
-            roles["ctx_text"] = [len(groups) - first]
-            groups.append(ChunkGroup(branch, cache, cached))
-            oldest = noisy[0]
-            if not plan.prefix_extraction and nearly_clean(
-                t_of[oldest], self.ec.distill_nearly_clean_chunk_threshold
-            ):
-                # a self-only copy of the oldest chunk, one slot after the newest (§4.7)
-                slot = len(forward_chunks) + slice_point
-                roles["copy"] = [len(groups) - first]
-                groups.append(
-                    ChunkGroup(
-                        [
-                            ChunkInput(
-                                latent=inputs[oldest],
-                                t=t_of[oldest],
-                                caption=self._prompt(session, oldest),
-                                caption_dropped=False,
-                                rope_frame=self.rc.chunk_width * slot,
-                                rope_frames_total=self.rc.chunk_width * (slot + 1),
-                                k_range=(0, np_),
-                                step_size=step_size,
-                            )
-                        ]
-                    )
-                )
-        return _Assembled(forward, session, inputs, first, roles)
+    def _cfg1(self, lay: _Layout, session: Session) -> list[tuple[str, ChunkGroup]]:
+        """One branch that writes the cache; while the oldest chunk is nearly clean, a self-only
+        copy of it one slot after the newest (blended 0.7 / 0.3 in `_update`)."""
+        branch = [
+            lay.chunk(
+                c,
+                self._null_tokens if lay.is_clean(c) else self._prompt(session, c),
+                False,
+                lay.is_clean(c),
+            )
+            for c in lay.forward_chunks
+        ]
+        out = [("ctx_text", lay.group(branch))]
+        oldest = lay.noisy[0]
+        threshold = self.ec.distill_nearly_clean_chunk_threshold
+        if not lay.plan.prefix_extraction and nearly_clean(lay.t_of[oldest], threshold):
+            slot = lay.forward_chunks[0] + len(lay.forward_chunks)
+            copy = lay.alone(oldest, self._prompt(session, oldest), False, slot=slot)
+            out.append(("copy", ChunkGroup([copy])))
+        return out
 
     def _update(self, a: _Assembled, velocities: list[list[Tensor]]) -> dict[int, Tensor]:
         """Mix the branches per chunk and take its Euler step: x + v * (t[k+1] - t[k])."""
