@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,37 @@ def test_other_window_sizes_equal_the_official_loop(tiny_model, window):
     got = engine_latents(model, "a red ball rolls", 3, seed=5)
     for c in range(3):
         assert (got[c] - want[c]).abs().max() < 1e-5, (window, c)
+
+
+def test_generate_command_writes_the_frames_of_one_session(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    out = tmp_path / "v.npy"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "generate",
+            "--model",
+            str(tiny_folder),
+            "--prompt",
+            "a red ball",
+            "--prompt-at",
+            "1:a blue box",
+            "--chunks",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    frames = np.load(out)
+    assert frames.shape == (48, 64, 64, 3) and frames.dtype == np.uint8
+    assert "chunk 1: frames 24..47 prompt v2 'a blue box'" in result.stdout
