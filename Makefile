@@ -29,12 +29,18 @@ system-deps:
 proto:
 	PYTHON=$(PY) bash proto/generate.sh
 
-# The main job on the embedded default model. Until the gRPC service lands this writes the
-# tiny model, checks it, and runs one DiT forward over a full window.
+# The main job on the embedded default model: start magi-server (tiny until the trained `toy`
+# model lands), stream a 4-chunk video with a prompt change through magi-client, stop the server.
+RUN_PORT ?= 50051
 run:
-	$(PY) -m model write-random --preset tiny --out $(RUN_DIR)/tiny --seed 0
-	$(PY) -m model check $(RUN_DIR)/tiny
-	$(PY) bench/model_forward.py --quick
+	@mkdir -p $(RUN_DIR)
+	@$(PY) -m server --model tiny --host 127.0.0.1 --port $(RUN_PORT) --metrics-port 0 \
+		--cache $(RUN_DIR)/models > $(RUN_DIR)/server.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
+	for i in $$(seq 120); do grep -q "listening on" $(RUN_DIR)/server.log && break; sleep 1; done; \
+	$(PY) -m client generate --server 127.0.0.1:$(RUN_PORT) --retries 20 \
+		--prompt "a red ball rolls to the left" --prompt-at "2:the ball turns blue and falls" \
+		--chunks 4 --out $(RUN_DIR)/demo.mp4 && echo "demo video: $(RUN_DIR)/demo.mp4"
 
 test:
 	$(PY) -m pytest -q
@@ -49,6 +55,7 @@ fmt:
 
 bench:
 	$(PY) bench/model_forward.py
+	$(PY) bench/batching.py
 
 clean:
 	rm -rf .cache .pytest_cache

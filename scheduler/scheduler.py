@@ -33,6 +33,7 @@ class SchedulerConfig:
     max_queued: int = 16  # sessions waiting for memory; one more is refused
     max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts), chunks
     output_queue_chunks: int = 2  # decoded chunks a session may hold before it pauses
+    max_running: int | None = None  # sessions generating at once (None: memory decides alone)
 
     def __post_init__(self) -> None:
         if (
@@ -43,12 +44,18 @@ class SchedulerConfig:
             raise ValueError(
                 "memory_budget_bytes, max_chunk_slots, output_queue_chunks must be > 0"
             )
+        if self.max_running is not None and self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1 or None, got {self.max_running}")
         if self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
 
 
 class AdmissionRefused(Exception):
     """No memory now and the queue is full; the message says how full."""
+
+
+class RequestTooLarge(AdmissionRefused):
+    """The request needs more memory than the whole budget: it can never be admitted."""
 
 
 class ChunkScheduler:
@@ -67,7 +74,7 @@ class ChunkScheduler:
             raise ValueError(f"session id {sid!r} is already in use")
         budget = self.config.memory_budget_bytes
         if session.estimated_bytes > budget:
-            raise AdmissionRefused(
+            raise RequestTooLarge(
                 f"this request needs {session.estimated_bytes / 2**20:.0f} MiB of KV cache and "
                 f"latents, more than the whole budget ({budget / 2**20:.0f} MiB): ask for a "
                 "smaller size"
@@ -228,6 +235,9 @@ class ChunkScheduler:
     # ---- internals -------------------------------------------------------------------------
 
     def _fits(self, session: Session) -> bool:
+        cap = self.config.max_running
+        if cap is not None and self.running_count() >= cap:
+            return False
         return self.reserved_bytes() + session.estimated_bytes <= self.config.memory_budget_bytes
 
     def _start(self, session: Session) -> None:

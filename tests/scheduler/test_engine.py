@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from scheduler.engine import Engine
-from scheduler.scheduler import AdmissionRefused, SchedulerConfig
+from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
 from scheduler.session import SessionParams, SessionState
 
 
@@ -161,8 +161,17 @@ def test_admission_refuses_past_the_queue_and_the_queue_drains(tiny_model):
 
 def test_a_request_larger_than_the_whole_budget_is_refused_at_once(tiny_model):
     engine = Engine(tiny_model, SchedulerConfig(memory_budget_bytes=1024))
-    with pytest.raises(AdmissionRefused, match="more than the whole budget"):
+    with pytest.raises(RequestTooLarge, match="more than the whole budget"):
         engine.open(params("big", chunks=1))
+
+
+def test_max_running_caps_sessions_generating_at_once(tiny_model):
+    engine = Engine(tiny_model, SchedulerConfig(max_running=1, max_queued=2))
+    engine.open(params("a", chunks=1))
+    engine.open(params("b", chunks=1))
+    assert engine.scheduler.get("b").state is SessionState.QUEUED
+    engine.run_until_idle()
+    assert engine.scheduler.get("b").state is SessionState.FINISHED
 
 
 def test_fair_under_load_every_session_advances_at_the_same_rate(tiny_model):

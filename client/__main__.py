@@ -1,0 +1,5 @@
+"""`python -m client ...` is `magi-client ...`."""
+
+from client.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The asyncio client: `AsyncClient`, the same calls as `client.sync.Client`, awaited.
+
+    async with AsyncClient("localhost:50051") as client:
+        async for chunk in client.generate("a red ball rolls", chunks=4):
+            out.write(chunk.payload)
+
+Requests, retries and event folding are shared with the sync face (client.requests,
+client.retry, client.events); only the waiting differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from client.events import (
+    STATE_NAMES,
+    Ack,
+    Assembler,
+    ChunkEvent,
+    Finished,
+    MagiError,
+    Started,
+    ack_of,
+    started_of,
+)
+from client.options import ConnectOptions, GenerateOptions, connect_options, generate_options
+from client.requests import (
+    call_metadata,
+    cancel_event,
+    channel_credentials,
+    channel_options,
+    generate_request,
+    prompt_event,
+    prompt_update,
+    session_id_from,
+    start_event,
+)
+from client.retry import NO_RETRY, Retrier
+from proto import video_generation_pb2 as pb
+from proto import video_generation_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """One grpc.aio channel; create it inside the event loop that uses it."""
+
+    def __init__(self, target: ConnectOptions | str) -> None:
+        self.options = connect_options(target)
+        opts = channel_options(self.options)
+        if self.options.tls is None:
+            self._channel = grpc.aio.insecure_channel(self.options.target, options=opts)
+        else:
+            creds = channel_credentials(self.options.tls)
+            self._channel = grpc.aio.secure_channel(self.options.target, creds, options=opts)
+        self.stub = pb_grpc.VideoGenerationStub(self._channel)
+        self.metadata = call_metadata(self.options)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- unary calls ------------------------------------------------------------------------
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        return await self._unary("ListModels", pb.ListModelsRequest(), retry=True)
+
+    async def get_session(self, session_id: str) -> pb.SessionInfo:
+        return await self._unary(
+            "GetSession",
+            pb.GetSessionRequest(session_id=session_id),
+            retry=True,
+            session_id=session_id,
+        )
+
+    async def cancel(self, session_id: str) -> str:
+        """Cancels a session; returns its state after the call (CANCELLED, or how it ended)."""
+        reply = await self._unary(
+            "CancelSession",
+            pb.CancelSessionRequest(session_id=session_id),
+            retry=True,
+            session_id=session_id,
+        )
+        return STATE_NAMES.get(reply.state, str(reply.state))
+
+    async def update_prompt(
+        self, session_id: str, text: str, from_chunk: int | None = None, replace_later: bool = False
+    ) -> Ack:
+        request = prompt_update(session_id, text, from_chunk, replace_later)
+        # not retried: UpdatePrompt is not idempotent (a second delivery adds a version)
+        reply = await self._unary("UpdatePrompt", request, retry=False, session_id=session_id)
+        return ack_of(reply, text)
+
+    async def _unary(self, name: str, request, retry: bool, session_id: str | None = None):
+        method = getattr(self.stub, name)
+        policy = self.options.retry if retry else NO_RETRY
+        retrier = Retrier(policy, self.options.unary_timeout_s, name)
+        while True:
+            try:
+                return await method(request, timeout=retrier.timeout_s(), metadata=self.metadata)
+            except grpc.RpcError as e:
+                delay = retrier.delay_s(e)
+                if delay is None:
+                    raise MagiError.from_rpc(e, session_id) from None
+                await asyncio.sleep(delay)
+
+    # ---- streams ------------------------------------------------------------------------------
+
+    def generate(self, options: GenerateOptions | str, **fields) -> AsyncGenerateStream:
+        """A session on StreamGenerate. Pass GenerateOptions, or a prompt and its fields."""
+        request = generate_request(generate_options(options, fields))
+
+        async def start(timeout: float | None) -> grpc.aio.Call:
+            return self.stub.StreamGenerate(request, timeout=timeout, metadata=self.metadata)
+
+        return AsyncGenerateStream(self, start)
+
+    def interact(self, options: GenerateOptions | str, **fields) -> AsyncInteractStream:
+        """A session on Interact: push prompts and cancel on the same stream."""
+        return AsyncInteractStream(self, start_event(generate_options(options, fields)))
+
+    async def open_stream(
+        self, start: Callable[[float | None], Awaitable[grpc.aio.Call]], what: str
+    ) -> tuple[grpc.aio.Call, Started]:
+        """Starts a stream call, retrying UNAVAILABLE until its first event (`started`)."""
+        retrier = Retrier(self.options.retry, self.options.stream_timeout_s, what)
+        while True:
+            call = None
+            try:
+                call = await start(retrier.timeout_s())
+                first = await call.read()
+            except grpc.RpcError as e:
+                delay = retrier.delay_s(e)
+                if delay is None:
+                    raise MagiError.from_rpc(e, await _header_id(call)) from None
+                await asyncio.sleep(delay)
+                continue
+            if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
+                call.cancel()
+                raise MagiError(
+                    grpc.StatusCode.INTERNAL,
+                    "protocol error: the stream did not begin with `started`",
+                )
+            return call, started_of(first)
+
+
+async def _header_id(call: grpc.aio.Call | None) -> str | None:
+    if call is None:
+        return None
+    try:
+        return session_id_from(await call.initial_metadata())
+    except grpc.RpcError:
+        return None
+
+
+class _AsyncStreamBase:
+    """What both stream kinds share: start, iterate, status, close."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.started: Started | None = None
+        self._call: grpc.aio.Call | None = None
+        self._assembler: Assembler | None = None
+
+    @property
+    def session_id(self) -> str | None:
+        return self.started.session_id if self.started else None
+
+    @property
+    def finished(self) -> Finished | None:
+        """How the session ended; set once the stream is read to its end."""
+        return self._assembler.finished if self._assembler else None
+
+    async def start(self) -> Started:
+        """Opens the call (retrying UNAVAILABLE) and waits for `started`. Iterating does this
+        too; await it to know the session id before the first chunk."""
+        if self.started is None:
+            self._call, self.started = await self._open()
+            raw = self.started.params.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
+            self._assembler = Assembler(raw=raw, session_id=self.started.session_id)
+        return self.started
+
+    async def _open(self) -> tuple[grpc.aio.Call, Started]:
+        raise NotImplementedError
+
+    async def _messages(self) -> AsyncIterator[ChunkEvent | pb.PromptAck]:
+        await self.start()
+        try:
+            while (message := await self._call.read()) is not grpc.aio.EOF:
+                item = self._assembler.feed(message)
+                if item is not None:
+                    yield item
+        except grpc.RpcError as e:
+            raise MagiError.from_rpc(e, self.session_id) from None
+
+    async def status(self) -> pb.SessionInfo:
+        return await self.client.get_session(await self._require_id())
+
+    def close(self) -> None:
+        """Breaks the call if it is still open; the server then cancels the session."""
+        if self._call is not None:
+            self._call.cancel()
+
+    async def _require_id(self) -> str:
+        return (await self.start()).session_id
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncGenerateStream(_AsyncStreamBase):
+    """`async for` gives ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls."""
+
+    def __init__(
+        self, client: AsyncClient, start: Callable[[float | None], Awaitable[grpc.aio.Call]]
+    ) -> None:
+        super().__init__(client)
+        self._start_call = start
+
+    async def _open(self) -> tuple[grpc.aio.Call, Started]:
+        return await self.client.open_stream(self._start_call, "StreamGenerate")
+
+    async def __aiter__(self) -> AsyncIterator[ChunkEvent]:
+        async for item in self._messages():
+            if isinstance(item, ChunkEvent):
+                yield item
+
+    async def push_prompt(
+        self, text: str, from_chunk: int | None = None, replace_later: bool = False
+    ) -> Ack:
+        return await self.client.update_prompt(
+            await self._require_id(), text, from_chunk, replace_later
+        )
+
+    async def cancel(self) -> str:
+        """Cancels the session; the stream then ends with a CANCELLED `finished`."""
+        return await self.client.cancel(await self._require_id())
+
+
+class AsyncInteractStream(_AsyncStreamBase):
+    """`async for` gives ChunkEvents and Acks (one per pushed prompt, in push order)."""
+
+    def __init__(self, client: AsyncClient, start: pb.ClientEvent) -> None:
+        super().__init__(client)
+        self._start_event = start
+        self._texts: deque[str] = deque()  # pushed texts awaiting their ack
+
+    async def _open(self) -> tuple[grpc.aio.Call, Started]:
+        async def start(timeout: float | None) -> grpc.aio.Call:
+            call = self.client.stub.Interact(timeout=timeout, metadata=self.client.metadata)
+            await call.write(self._start_event)
+            return call
+
+        return await self.client.open_stream(start, "Interact")
+
+    async def __aiter__(self) -> AsyncIterator[ChunkEvent | Ack]:
+        async for item in self._messages():
+            if isinstance(item, pb.PromptAck):
+                yield ack_of(item, self._texts.popleft() if self._texts else "")
+            else:
+                yield item
+
+    async def push_prompt(
+        self, text: str, from_chunk: int | None = None, replace_later: bool = False
+    ) -> None:
+        """Sends a prompt; its Ack comes out of the iteration."""
+        event = prompt_event(text, from_chunk, replace_later)
+        await self.start()
+        self._texts.append(text)  # before the write: the ack may come back before it returns
+        await self._write(event)
+
+    async def cancel(self) -> None:
+        """Ends the session; the stream then ends with a CANCELLED `finished`."""
+        await self.start()
+        await self._write(cancel_event())
+
+    async def done_writing(self) -> None:
+        """Half-closes: no more prompts. The session still runs to its num_chunks."""
+        await self.start()
+        await self._call.done_writing()
+
+    async def _write(self, event: pb.ClientEvent) -> None:
+        try:
+            await self._call.write(event)
+        except grpc.RpcError as e:
+            raise MagiError.from_rpc(e, self.session_id) from None
+        except asyncio.InvalidStateError:  # the call ended, or done_writing() was called
+            raise MagiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the stream is closed for writing",
+                self.session_id,
+            ) from None

@@ -1,0 +1,356 @@
+"""magi-client: generate, live, models, status and cancel from the command line.
+
+Exit codes: 0 done; 2 bad arguments (found before any call); 3 the server refused (its status
+code and message are printed as it gave them); 4 connection or stream failure; 1 a local
+failure while writing; 130 interrupted (Ctrl-C; the session is cancelled on the server and the
+output holds every chunk that arrived).
+
+Arguments are checked and inputs read before a channel is opened, so a usage error never
+reaches the server. Environment variables are read here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from client.events import MagiError
+from client.options import ConnectOptions, GenerateOptions, RetryPolicy, TlsOptions
+
+EXIT_OK, EXIT_LOCAL, EXIT_USAGE, EXIT_REFUSED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# The server answered and said no: what to change is in the message. Everything else
+# (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL, ...) means the call itself failed.
+REFUSED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+DEFAULT_SERVER = "localhost:50051"
+
+
+class UsageError(ValueError):
+    """A bad argument found before any call; exit 2."""
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    return EXIT_REFUSED if code in REFUSED else EXIT_FAILED
+
+
+def report(error: MagiError) -> int:
+    """Prints the status code and the server's message; returns the exit code."""
+    print(f"magi-client: {error.code.name}: {error.message}", file=sys.stderr)
+    return exit_code(error.code)
+
+
+# ---- arguments -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magi-client", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    conn = _connection_parser()
+    gen = commands.add_parser("generate", parents=[conn], help="generate a video into a file")
+    _generation_args(gen, live=False)
+    live = commands.add_parser(
+        "live",
+        parents=[conn],
+        help="generate while reading prompts from standard input",
+        description="Each input line is pushed as a prompt as soon as it is typed; '@N text' "
+        "steers from chunk N. Without --prompt the first line starts the video.",
+    )
+    _generation_args(live, live=True)
+    models = commands.add_parser("models", parents=[conn], help="list the served models")
+    models.add_argument("--json", action="store_true", help="print the reply as JSON")
+    status = commands.add_parser("status", parents=[conn], help="show a session")
+    status.add_argument("session", metavar="SESSION")
+    status.add_argument("--json", action="store_true", help="print the reply as JSON")
+    cancel = commands.add_parser("cancel", parents=[conn], help="cancel a session")
+    cancel.add_argument("session", metavar="SESSION")
+    return parser
+
+
+def _connection_parser() -> argparse.ArgumentParser:
+    conn = argparse.ArgumentParser(add_help=False)
+    g = conn.add_argument_group("connection")
+    g.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help=f"server address (env MAGISTREAM_SERVER; default {DEFAULT_SERVER})",
+    )
+    g.add_argument("--tls", action="store_true", help="use TLS (implied by --ca/--cert)")
+    g.add_argument("--ca", type=Path, metavar="PEM", help="CA certificates to trust")
+    g.add_argument("--cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
+    g.add_argument("--key", type=Path, metavar="PEM", help="client certificate's private key")
+    g.add_argument("--server-name", metavar="NAME", help="name to check the certificate for")
+    g.add_argument("--token", help="bearer token (env MAGISTREAM_TOKEN keeps it out of ps)")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="deadline of each unary call, seconds (default 30)",
+    )
+    g.add_argument(
+        "--deadline",
+        type=float,
+        metavar="S",
+        help="deadline of the whole stream, seconds (default none)",
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=4,
+        metavar="N",
+        help="retries of UNAVAILABLE before the first event (default 4)",
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="log each call's retries")
+    return conn
+
+
+def _generation_args(p: argparse.ArgumentParser, live: bool) -> None:
+    chunk0 = "" if live else " (or give chunk 0 in --prompt-at / --prompts)"
+    p.add_argument("--prompt", metavar="TEXT", help="the prompt from chunk 0" + chunk0)
+    p.add_argument(
+        "--prompt-at",
+        action="append",
+        default=[],
+        metavar="CHUNK:TEXT",
+        help="a prompt from chunk CHUNK on (repeatable)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE.json",
+        help='{"0": "text", "3": "text"} or [{"chunk": 0, "text": "..."}, ...]',
+    )
+    _request_args(p, live)
+    _output_args(p)
+
+
+def _request_args(p: argparse.ArgumentParser, live: bool) -> None:
+    media = p.add_mutually_exclusive_group()
+    media.add_argument("--image", type=Path, metavar="FILE", help="I2V: start from this image")
+    media.add_argument("--video", type=Path, metavar="FILE", help="V2V: continue this MP4")
+    until = " (0 = until Ctrl-C or end of input)" if live else ""
+    p.add_argument(
+        "--chunks",
+        type=int,
+        required=not live,
+        default=0,
+        metavar="N",
+        help="chunks of 24 frames" + until,
+    )
+    p.add_argument("--width", type=int, default=0, metavar="W", help="pixels (model default)")
+    p.add_argument("--height", type=int, default=0, metavar="H", help="pixels (model default)")
+    p.add_argument("--seed", type=int, metavar="S", help="noise seed (server picks one)")
+    p.add_argument("--steps", type=int, default=0, metavar="N", help="Euler steps per chunk")
+    p.add_argument("--model", default="", help="a `models` name (the server's default)")
+    p.add_argument("--session-id", default="", metavar="ID", help="choose the session id")
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE.mp4",
+        help="the video; it grows chunk by chunk and plays at every point",
+    )
+    p.add_argument(
+        "--raw",
+        type=Path,
+        metavar="DIR",
+        help="ask for raw frames, write them to DIR and encode --out here",
+    )
+    p.add_argument(
+        "--raw-format",
+        choices=("png", "npy"),
+        default="png",
+        help="DIR/frame_NNNNNN.png per frame or DIR/chunk_NNNN.npy per chunk",
+    )
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A checked generate / live command: what to ask for and where to write it."""
+
+    options: GenerateOptions | None  # None: live waits for its first prompt on stdin
+    out: Path
+    raw_dir: Path | None
+    raw_format: str
+    chunks: int
+    fields: dict  # GenerateOptions fields other than prompts (live builds it later)
+
+
+def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
+    """Every local check of generate / live; raises UsageError."""
+    if not live and args.chunks < 1:
+        raise UsageError(f"--chunks must be >= 1, got {args.chunks}")
+    _check_out(args.out)
+    fields = dict(
+        chunks=args.chunks,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        steps=args.steps,
+        model=args.model,
+        raw=args.raw is not None,
+        session_id=args.session_id,
+        image=_read_input(args.image, "--image"),
+        video=_read_input(args.video, "--video"),
+    )
+    prompts = collect_prompts(args.prompt, args.prompt_at, args.prompts)
+    options = None
+    try:
+        if prompts or not live:
+            options = GenerateOptions(prompts=prompts, **fields)
+        else:
+            GenerateOptions(prompts=((0, "placeholder"),), **fields)  # check the rest now
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return StreamPlan(options, args.out, args.raw, args.raw_format, args.chunks, fields)
+
+
+def collect_prompts(
+    prompt: str | None, prompt_at: list[str], prompts_file: Path | None
+) -> tuple[tuple[int, str], ...]:
+    """--prompt, --prompt-at and --prompts merged into one timeline sorted by chunk."""
+    entries: list[tuple[int, str, str]] = []  # (chunk, text, where it came from)
+    if prompt is not None:
+        entries.append((0, prompt, "--prompt"))
+    for spec in prompt_at:
+        chunk, sep, text = spec.partition(":")
+        if not sep or not chunk.strip().isdigit():
+            raise UsageError(f"--prompt-at {spec!r}: use CHUNK:TEXT, e.g. 3:the ball falls")
+        entries.append((int(chunk), text, f"--prompt-at {spec!r}"))
+    if prompts_file is not None:
+        entries += [(c, t, str(prompts_file)) for c, t in read_prompts_file(prompts_file)]
+    seen: dict[int, str] = {}
+    for chunk, _, where in entries:
+        if chunk in seen:
+            raise UsageError(f"two prompts for chunk {chunk}: {seen[chunk]} and {where}")
+        seen[chunk] = where
+    return tuple((c, t) for c, t, _ in sorted(entries, key=lambda e: e[0]))
+
+
+def read_prompts_file(path: Path) -> list[tuple[int, str]]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--prompts {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"--prompts {path}: not JSON ({e})") from None
+    if isinstance(data, dict):
+        pairs = list(data.items())
+    elif isinstance(data, list) and all(isinstance(item, dict) for item in data):
+        pairs = [(item.get("chunk", item.get("from_chunk")), item.get("text")) for item in data]
+    else:
+        raise UsageError(
+            f'--prompts {path}: give {{"CHUNK": "text", ...}} or '
+            '[{"chunk": CHUNK, "text": "..."}, ...]'
+        )
+    out = []
+    for chunk, text in pairs:
+        if not str(chunk).isdigit() or not isinstance(text, str):
+            raise UsageError(
+                f"--prompts {path}: each entry needs a chunk number and a text, "
+                f"got {chunk!r}: {text!r}"
+            )
+        out.append((int(chunk), text))
+    return out
+
+
+def _read_input(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as out.mp4")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def connect_from(args: argparse.Namespace) -> ConnectOptions:
+    tls = None
+    if args.tls or args.ca or args.cert or args.key or args.server_name:
+        tls = TlsOptions(
+            ca_file=args.ca, cert_file=args.cert, key_file=args.key, server_name=args.server_name
+        )
+    if args.retries < 0:
+        raise UsageError(f"--retries must be >= 0, got {args.retries}")
+    return ConnectOptions(
+        target=args.server or os.environ.get("MAGISTREAM_SERVER") or DEFAULT_SERVER,
+        tls=tls,
+        token=args.token or os.environ.get("MAGISTREAM_TOKEN") or None,
+        unary_timeout_s=args.timeout,
+        stream_timeout_s=args.deadline,
+        retry=RetryPolicy(max_attempts=args.retries + 1),
+    )
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
+        return int(e.code or 0)
+    _logging(args.verbose)
+    try:
+        for path in (args.ca, args.cert, args.key):
+            if path is not None and not path.is_file():
+                raise UsageError(f"{path}: no such file")
+        connect = connect_from(args)
+        plan = None
+        if args.command in ("generate", "live"):
+            plan = prepare_stream(args, live=args.command == "live")
+    except (UsageError, ValueError) as e:
+        print(f"magi-client: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_run(args, connect, plan))
+
+
+async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPlan | None) -> int:
+    from client import commands  # the async runners; imported after the checks pass
+
+    if args.command == "generate":
+        return await commands.generate(connect, plan)
+    if args.command == "live":
+        return await commands.live(connect, plan)
+    if args.command == "models":
+        return await commands.models(connect, args.json)
+    if args.command == "status":
+        return await commands.status(connect, args.session, args.json)
+    return await commands.cancel(connect, args.session)
+
+
+def _logging(verbose: bool) -> None:
+    log = logging.getLogger("client")
+    if not log.handlers:  # main() may run more than once in a process (tests, embedding)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("magi-client: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)

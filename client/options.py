@@ -1,0 +1,154 @@
+"""What a caller sets: how to connect, how to retry, and what to generate.
+
+Plain frozen dataclasses so the sync and asyncio clients, the CLI and the tests build requests
+from the same values (client.requests turns them into proto messages).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The server's rule for client-chosen ids (proto: GenerateRequest.session_id).
+SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE before a call's first response; never after it.
+
+    A stream that already streamed is not restarted: that would silently start a second session
+    with fresh noise, and the caller would get a video spliced from two runs.
+    """
+
+    max_attempts: int = 5  # tries in all, the first included; 1 = no retry
+    initial_backoff_s: float = 0.5  # wait before the second try, seconds
+    max_backoff_s: float = 8.0  # cap on one wait, seconds
+    multiplier: float = 2.0  # each wait is this times the previous one
+    # +- this fraction of each wait is drawn at random, so clients that lost the same server
+    # do not come back in lockstep
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+        if self.multiplier < 1 or not 0 <= self.jitter < 1:
+            raise ValueError("need multiplier >= 1 and 0 <= jitter < 1")
+
+    def delays_s(self, rand: Callable[[], float] = random.random) -> Iterator[float]:
+        """The wait before each retry, seconds: max_attempts - 1 values, then exhausted."""
+        base = self.initial_backoff_s
+        for _ in range(self.max_attempts - 1):
+            yield base * (1 + self.jitter * (2 * rand() - 1))
+            base = min(base * self.multiplier, self.max_backoff_s)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel; every file is PEM. No TlsOptions at all = plaintext."""
+
+    ca_file: Path | None = None  # roots to trust; None = the system's roots
+    cert_file: Path | None = None  # client certificate for mutual TLS (needs key_file)
+    key_file: Path | None = None  # the client certificate's private key
+    server_name: str | None = None  # name to check the server's certificate against
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """Where the server is and how every call to it is made."""
+
+    target: str  # HOST:PORT, or any gRPC target string
+    tls: TlsOptions | None = None  # None = plaintext
+    token: str | None = None  # sent as `authorization: Bearer <token>` on every call
+    unary_timeout_s: float = 30.0  # deadline of each unary call, seconds
+    # deadline of a whole stream, seconds, retries included; None = none, since a long
+    # (or unbounded) video may stream for hours
+    stream_timeout_s: float | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # receive limit, bytes: an fMP4 chunk of a large, noisy video can pass gRPC's 4 MiB default
+    max_receive_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("target is empty; give HOST:PORT")
+        if self.unary_timeout_s <= 0 or (self.stream_timeout_s or 1) <= 0:
+            raise ValueError("timeouts must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One session's request. Zero / None / empty means "the server's default" as in the proto.
+
+    Checks here are the ones that need no server (shape of the timeline, exclusive inputs); the
+    server checks the rest (sizes, step counts) and its INVALID_ARGUMENT says what to change.
+    """
+
+    # (from_chunk, text): the first at chunk 0, from_chunk strictly increasing
+    prompts: tuple[tuple[int, str], ...]
+    chunks: int = 1  # num_chunks; 0 = unbounded, runs until cancelled
+    width: int = 0  # pixels; 0 = model default
+    height: int = 0  # pixels; 0 = model default
+    seed: int | None = None  # None = the server picks one (reported in Started.params)
+    steps: int = 0  # Euler steps per chunk; 0 = model default
+    model: str = ""  # a ListModels name; empty = the server's default
+    image: bytes | None = None  # I2V: a JPEG or PNG
+    video: bytes | None = None  # V2V: an MP4 to continue
+    raw: bool = False  # RAW_RGB24 frames instead of server-encoded fragmented MP4
+    session_id: str = ""  # client-chosen id; empty = the server assigns one
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple((int(c), str(t)) for c, t in self.prompts))
+        check_timeline(self.prompts, self.chunks)
+        for name in ("chunks", "width", "height", "steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"seed must be in 0..2**64-1, got {self.seed}")
+        if self.image is not None and self.video is not None:
+            raise ValueError("give an image (I2V) or a video (V2V), not both")
+        if self.session_id and not SESSION_ID.fullmatch(self.session_id):
+            raise ValueError("session_id must be 1-64 characters of [A-Za-z0-9._-]")
+
+    @classmethod
+    def of(cls, prompt: str, **fields) -> GenerateOptions:
+        """One prompt for the whole video: `GenerateOptions.of("a red ball rolls", chunks=4)`."""
+        return cls(prompts=((0, prompt),), **fields)
+
+
+def check_timeline(prompts: tuple[tuple[int, str], ...], chunks: int) -> None:
+    if not prompts:
+        raise ValueError("give a prompt (it steers the video from chunk 0)")
+    if prompts[0][0] != 0:
+        raise ValueError(f"the first prompt must start at chunk 0, not {prompts[0][0]}")
+    previous = -1
+    for chunk, text in prompts:
+        if chunk <= previous:
+            raise ValueError(f"prompt chunks must increase: {chunk} comes after {previous}")
+        if chunks and chunk >= chunks:
+            raise ValueError(f"a prompt at chunk {chunk} is past the last chunk ({chunks - 1})")
+        if not text.strip():
+            raise ValueError(f"the prompt at chunk {chunk} is empty")
+        previous = chunk
+
+
+def connect_options(target: ConnectOptions | str) -> ConnectOptions:
+    """A bare target string means plaintext with every other default."""
+    return target if isinstance(target, ConnectOptions) else ConnectOptions(target=target)
+
+
+def generate_options(options: GenerateOptions | str, fields: dict) -> GenerateOptions:
+    """What `generate(...)` / `interact(...)` accept: GenerateOptions, or a prompt and fields."""
+    if isinstance(options, GenerateOptions):
+        if fields:
+            raise TypeError("pass either GenerateOptions or a prompt with keyword fields")
+        return options
+    return GenerateOptions.of(options, **fields)

@@ -1,0 +1,153 @@
+"""`magi-server` (`python -m server`): the gRPC video-generation server.
+
+Every flag also reads an environment variable, MAGISTREAM_<FLAG> (for example
+MAGISTREAM_MAX_SESSIONS for --max-sessions); a flag on the command line wins. This is the only
+module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.config import ServerConfig
+    from server.encode import VideoEncoding
+    from server.validation import ServedModel
+
+_FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
+    ("--model", str, "tiny", "a model folder, or a preset with embedded weights (tiny*)"),
+    ("--host", str, "0.0.0.0", "gRPC bind address"),
+    ("--port", int, 50051, "gRPC port; 0 = pick a free one (printed as 'listening on H:P')"),
+    ("--metrics-host", str, "0.0.0.0", "Prometheus bind address"),
+    ("--metrics-port", int, 9400, "Prometheus port; 0 = pick one (printed as 'metrics on H:P')"),
+    ("--world-size", int, 1, "worker ranks (only 1 until sharding, issue 6)"),
+    ("--max-sessions", int, 8, "sessions generating at once"),
+    ("--queue-size", int, 16, "sessions waiting for admission; one more is refused"),
+    ("--memory-budget-mb", int, 8192, "KV cache + latent memory of all sessions, MiB"),
+    ("--max-chunk-slots", int, 512, "chunk slots per forward (CFG branches count)"),
+    ("--max-width", int, 1280, "largest output width, pixels"),
+    ("--max-height", int, 1280, "largest output height, pixels"),
+    ("--max-chunks", int, 0, "most chunks per session; 0 = no cap, unbounded sessions allowed"),
+    ("--max-prompt-chars", int, 2000, "longest prompt, characters"),
+    ("--max-image-bytes", int, 16 << 20, "largest i2v image, bytes"),
+    ("--max-video-bytes", int, 64 << 20, "largest v2v prefix video, bytes"),
+    (
+        "--max-pixels",
+        int,
+        7680 * 4320,
+        "largest input image / video frame, pixels (checked from the header before decoding)",
+    ),
+    ("--grace-period-s", float, 30.0, "on SIGTERM, how long running sessions may finish"),
+    ("--session-ttl-s", float, 300.0, "how long GetSession shows an ended session"),
+    ("--heartbeat-timeout-s", float, 30.0, "worker silence after which it is replaced"),
+    ("--torch-threads", int, 1, "torch intra-op threads in the worker; 0 = torch's default"),
+    ("--encode-threads", int, 2, "threads decoding inputs and encoding outputs"),
+    ("--x264-preset", str, "veryfast", "libx264 preset for FMP4_H264 output"),
+    ("--x264-crf", int, 23, "libx264 constant rate factor (0-51)"),
+    ("--cache", str, "~/.cache/magistream", "where embedded models are written"),
+    ("--log-level", str, "info", "debug, info, warning or error"),
+)
+
+
+def env_name(flag: str) -> str:
+    return "MAGISTREAM_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magi-server", description=__doc__.split("\n")[0])
+    for flag, kind, default, help_text in _FLAGS:
+        name = env_name(flag)
+        # argparse converts a string default with `type`, so a bad env value is reported
+        # like a bad flag ("argument --port: invalid int value").
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=env.get(name, default),
+            help=f"{help_text} [env {name}; default {default}]",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    args = build_parser(env).parse_args(argv)
+    # Models are local folders; never let transformers reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+    import uvloop
+
+    from server import logs
+    from server.app import serve
+
+    try:
+        config, model, encoding = _configure(args)
+    except ValueError as e:
+        print(f"magi-server: {e}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level)
+    return uvloop.run(serve(config, model, encoding, sys.stdout))
+
+
+def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, VideoEncoding]:
+    from model.config import get_preset
+    from model.folder import read_config
+    from server.config import Limits, ServerConfig, WorkerConfig, resolve_model
+    from server.encode import VideoEncoding
+    from server.validation import ServedModel
+
+    name, folder, write_preset = resolve_model(args.model, Path(args.cache).expanduser())
+    try:
+        magi = get_preset(write_preset) if write_preset else read_config(folder)
+    except Exception as e:  # CheckpointError or a malformed config.json
+        raise ValueError(f"--model {args.model}: {e}") from e
+    rc = magi.runtime_config
+    if rc.video_size_w > args.max_width or rc.video_size_h > args.max_height:
+        raise ValueError(
+            f"the model's default size {rc.video_size_w}x{rc.video_size_h} exceeds "
+            f"--max-width/--max-height {args.max_width}x{args.max_height}"
+        )
+    limits = Limits(
+        max_width_px=args.max_width,
+        max_height_px=args.max_height,
+        max_chunks=args.max_chunks,
+        max_prompt_chars=args.max_prompt_chars,
+        max_image_bytes=args.max_image_bytes,
+        max_video_bytes=args.max_video_bytes,
+        max_input_pixels=args.max_pixels,
+    )
+    worker = WorkerConfig(
+        model_folder=folder,
+        write_preset=write_preset,
+        memory_budget_bytes=args.memory_budget_mb << 20,
+        max_sessions=args.max_sessions,
+        queue_size=args.queue_size,
+        max_chunk_slots=args.max_chunk_slots,
+        torch_threads=args.torch_threads,
+        log_level=args.log_level,
+    )
+    config = ServerConfig(
+        worker=worker,
+        model_name=name,
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        world_size=args.world_size,
+        limits=limits,
+        grace_period_s=args.grace_period_s,
+        session_ttl_s=args.session_ttl_s,
+        heartbeat_timeout_s=args.heartbeat_timeout_s,
+        encode_threads=args.encode_threads,
+    )
+    return config, ServedModel(name, magi), VideoEncoding(args.x264_preset, args.x264_crf)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

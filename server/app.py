@@ -1,0 +1,188 @@
+"""Serve and stop: wire the parts together, start the worker, drain on SIGTERM.
+
+Start order: the gRPC port opens first with health NOT_SERVING (so probes get an answer while
+the model loads), then the worker starts; health turns SERVING once it is ready and answering.
+On SIGTERM or SIGINT: health NOT_SERVING, new sessions refused with UNAVAILABLE, running ones
+get `grace_period_s` to finish, the rest fail with UNAVAILABLE, then everything stops (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from proto import video_generation_pb2 as pb
+from proto import video_generation_pb2_grpc as pb_grpc
+from server.config import MAX_SEND_BYTES, ServerConfig
+from server.encode import VideoEncoding
+from server.interceptors import StatusInterceptor
+from server.logs import event
+from server.metrics import Metrics
+from server.service import VideoGenerationService
+from server.sessions import FAILED, SessionManager
+from server.supervisor import Supervisor
+from server.validation import ServedModel
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoGeneration"].full_name
+WATCH_INTERVAL_S = 0.25
+
+
+class App:
+    """Everything one server process runs."""
+
+    def __init__(self, config: ServerConfig, model: ServedModel, encoding: VideoEncoding) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.supervisor = Supervisor(
+            config.worker,
+            self.metrics,
+            config.heartbeat_timeout_s,
+            on_event=lambda message: self.sessions.on_event(message),
+            on_lost=self._worker_lost,
+        )
+        self.sessions = SessionManager(
+            self.supervisor, self.metrics, config.session_ttl_s, config.startup_timeout_s
+        )
+        self.pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="encode")
+        self.model, self.encoding = model, encoding
+        self.serving: bool | None = None  # what health says now; None before the first set
+
+    def _build_server(self) -> None:
+        """gRPC objects bind to the running loop, so they are made inside it."""
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics)],
+            options=[
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.max_receive_message_length", _max_request_bytes(self.config)),
+            ],
+        )
+        service = VideoGenerationService(
+            self.sessions, self.model, self.config.limits, self.encoding, self.pool, self.metrics
+        )
+        pb_grpc.add_VideoGenerationServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    async def run(self, out: TextIO) -> int:
+        c = self.config
+        self._build_server()
+        await self._set_health(False)
+        port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        await self.server.start()
+        metrics_http, _ = start_http_server(c.metrics_port, c.metrics_host, self.registry)
+        print(f"listening on {c.host}:{port}", file=out, flush=True)
+        print(f"metrics on {c.metrics_host}:{metrics_http.server_port}", file=out, flush=True)
+        event(logger, "server.started", port=port, metrics_port=metrics_http.server_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if not await self._start_worker(stop):
+            await self._shutdown(metrics_http)
+            return 0 if stop.is_set() else 1
+        watchdog = asyncio.create_task(self._watch())
+        await stop.wait()
+        event(
+            logger,
+            "server.draining",
+            grace_period_s=c.grace_period_s,
+            live_sessions=len(self.sessions.live()),
+        )
+        await self._drain()
+        watchdog.cancel()
+        await self._shutdown(metrics_http)
+        event(logger, "server.stopped")
+        return 0
+
+    async def _start_worker(self, stop: asyncio.Event) -> bool:
+        """Whether the worker is up; False if it failed to load or a SIGTERM came first (a
+        large model may take minutes to load, and a stop should not wait for it)."""
+        starting = asyncio.create_task(self.supervisor.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            return False
+        if starting.exception() is not None:
+            error = str(starting.exception())
+            event(logger, "server.worker_start_failed", level=logging.ERROR, error=error)
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        """Health follows the worker; hung workers are replaced; old sessions forgotten."""
+        while True:
+            self.supervisor.check()
+            self.sessions.sweep()
+            await self._set_health(self.supervisor.healthy() and not self.sessions.draining)
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def _worker_lost(self, reason: str) -> None:
+        # Health first: the task is queued before the failed streams' tasks run, so a client
+        # that sees UNAVAILABLE and then probes health finds NOT_SERVING.
+        self._health_update = asyncio.get_running_loop().create_task(self._set_health(False))
+        self.sessions.on_worker_lost(reason)
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _drain(self) -> None:
+        self.sessions.draining = True
+        await self._set_health(False)
+        deadline = time.monotonic() + self.config.grace_period_s
+        while self.sessions.live() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in self.sessions.live():
+            self.sessions.cancel(
+                session.id,
+                f"the server is shutting down and the {self.config.grace_period_s:g}"
+                " s grace period ran out; retry on another replica",
+                state=FAILED,
+                code=grpc.StatusCode.UNAVAILABLE,
+            )
+        # Streams still open get to send their `finished` event before the port closes.
+        await self.server.stop(grace=5.0)
+
+    async def _shutdown(self, metrics_http) -> None:
+        await self.server.stop(grace=None)
+        await self.supervisor.stop()
+        metrics_http.shutdown()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve(
+    config: ServerConfig, model: ServedModel, encoding: VideoEncoding, out: TextIO
+) -> int:
+    """Run a server until SIGTERM/SIGINT; the process exit code."""
+    return await App(config, model, encoding).run(out)
+
+
+def _max_request_bytes(config: ServerConfig) -> int:
+    """Room for the largest media a request may carry, plus its other fields."""
+    limits = config.limits
+    return max(limits.max_image_bytes, limits.max_video_bytes) + (1 << 20)

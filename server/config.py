@@ -1,0 +1,112 @@
+"""Server configuration: frozen dataclasses built once by the entry point from flags and env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# gRPC's default receive limit on clients; a RAW_RGB24 frame must fit in one message.
+GRPC_MESSAGE_BYTES = 4 << 20
+# What the server may send: an fMP4 chunk of noisy 720p content can pass 4 MiB, and a Chunk
+# event cannot be split, so clients streaming large sizes raise their receive limit to this.
+MAX_SEND_BYTES = 64 << 20
+RAW_FRAME_OVERHEAD_BYTES = 1024  # the RawFrame fields around the pixels, generously
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; checked at the edge before anything is decoded."""
+
+    max_width_px: int = 1280  # output width, pixels
+    max_height_px: int = 1280  # output height, pixels
+    max_chunks: int = 0  # chunks per session; 0 = no cap (unbounded sessions allowed)
+    max_prompt_chars: int = 2000  # characters per prompt text
+    max_timeline_entries: int = 256  # entries in a request's prompt timeline
+    max_image_bytes: int = 16 << 20  # encoded i2v image, bytes
+    max_video_bytes: int = 64 << 20  # encoded v2v prefix video, bytes
+    max_input_pixels: int = 7680 * 4320  # width x height of an input image / video frame
+    max_num_steps: int = 256  # Euler steps per chunk a request may ask for
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if value < 0 or (value == 0 and name != "max_chunks"):
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.max_width_px % 16 or self.max_height_px % 16:
+            raise ValueError("max width and height must be multiples of 16")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the engine process is started with (passed to it when it is spawned)."""
+
+    model_folder: Path  # a model folder (config.json + weights)
+    write_preset: str | None = None  # write this random-weight preset there first if missing
+    memory_budget_bytes: int = 8 << 30  # KV cache + latents of all running sessions
+    max_sessions: int = 8  # sessions generating at once; more wait in the queue
+    queue_size: int = 16  # sessions waiting for a slot or memory; one more is refused
+    max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts)
+    torch_threads: int = 1  # intra-op threads of the worker; 0 = torch's default
+    heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
+    log_level: str = "info"  # the worker logs like the server, to the same stderr
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes <= 0 or self.max_sessions < 1 or self.queue_size < 0:
+            raise ValueError("memory budget and max_sessions must be > 0, queue_size >= 0")
+        if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:
+            raise ValueError("torch_threads must be >= 0 and heartbeat_interval_s > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole server process."""
+
+    worker: WorkerConfig
+    model_name: str  # the name clients pass as GenerateRequest.model
+    host: str = "0.0.0.0"  # gRPC bind address
+    port: int = 50051  # gRPC port; 0 = pick a free one
+    metrics_host: str = "0.0.0.0"  # Prometheus bind address
+    metrics_port: int = 9400  # Prometheus port; 0 = pick a free one
+    world_size: int = 1  # worker ranks; only 1 until sharding lands (issue 6)
+    limits: Limits = field(default_factory=Limits)
+    grace_period_s: float = 30.0  # on SIGTERM, how long running sessions may go on
+    session_ttl_s: float = 300.0  # how long an ended session stays visible to GetSession
+    heartbeat_timeout_s: float = 30.0  # silence after which the worker counts as hung
+    startup_timeout_s: float = 300.0  # how long a request waits for a (re)starting worker
+    encode_threads: int = 2  # thread pool for decoding inputs and encoding outputs
+
+    def __post_init__(self) -> None:
+        if self.world_size != 1:
+            raise ValueError(
+                f"--world-size {self.world_size}: only 1 worker rank is supported for now; "
+                "sharding a model across ranks arrives with issue 6"
+            )
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ports must be in 0..65535")
+        if self.grace_period_s < 0 or self.session_ttl_s < 0 or self.encode_threads < 1:
+            raise ValueError("grace period and session ttl must be >= 0, encode_threads >= 1")
+        if self.heartbeat_timeout_s <= self.worker.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must exceed the heartbeat interval")
+
+
+def resolve_model(value: str, cache_dir: Path) -> tuple[str, Path, str | None]:
+    """(name, folder, preset to write there first) for --model: a model folder, or a preset
+    with embedded random weights (`tiny*`), kept under cache_dir/models/<preset>."""
+    from model.config import PRESETS
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {value}: the folder has no config.json (not a model folder)")
+        return path.resolve().name, path.resolve(), None
+    if value in PRESETS:
+        if not value.startswith("tiny"):
+            raise ValueError(
+                f"--model {value}: this preset has no embedded weights; download the official "
+                "checkpoint and pass its folder"
+            )
+        folder = cache_dir / "models" / value
+        return value, folder, None if (folder / "config.json").is_file() else value
+    raise ValueError(
+        f"--model {value!r} is neither a model folder nor a preset; presets with embedded "
+        f"weights: {', '.join(p for p in PRESETS if p.startswith('tiny'))}"
+    )

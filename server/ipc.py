@@ -1,0 +1,172 @@
+"""What the server and the worker process say to each other over their Pipe.
+
+Commands go down, events come up; both are small frozen dataclasses pickled by the Pipe.
+Chunk indices here are OUTPUT indices (a v2v prefix is not counted): the worker translates, so
+the server never sees the engine's global indices. Frames travel as raw uint8 bytes, not as
+torch tensors, whose pickling would route through shared-memory file descriptors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# ---- commands: server -> worker -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    session_id: str
+    prompts: tuple[tuple[int, str], ...]  # (from_chunk, text), output indices, first at 0
+    num_chunks: int | None  # None = until cancelled
+    height: int  # pixels
+    width: int  # pixels
+    seed: int
+    mode: str  # t2v / i2v / v2v
+    image: np.ndarray | None = None  # i2v: uint8 (H, W, 3), already scaled
+    video: np.ndarray | None = None  # v2v: uint8 (T, H, W, 3) at the model fps, scaled
+    num_steps: int | None = None  # None = the model's default
+    shortcut_mode: str | None = None  # None = the model's default
+
+
+@dataclass(frozen=True)
+class UpdatePrompt:
+    request_id: int  # echoed in the reply so the server can match it
+    session_id: str
+    text: str
+    from_chunk: int | None  # output index; None = the first chunk not yet in the window
+    replace_later: bool
+
+
+@dataclass(frozen=True)
+class CancelSession:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """The stream has sent one more chunk of this session: the engine may make another."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Command = OpenSession | UpdatePrompt | CancelSession | Consumed | Shutdown
+
+# ---- events: worker -> server ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    pid: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start (for example the model folder does not load)."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: str
+    queue_position: int  # 1-based place among waiting sessions; 0 = generating at once
+
+
+@dataclass(frozen=True)
+class OpenRefused:
+    session_id: str
+    reason: str  # "full": no room now, retry later; "invalid": can never be served;
+    #              "internal": the engine failed while opening it
+    message: str
+
+
+@dataclass(frozen=True)
+class SessionProgress:
+    """Sent when a session's state, queue place or next steerable chunk changes."""
+
+    session_id: str
+    state: str  # scheduler SessionState value: queued / running
+    queue_position: int  # 1-based while queued, else 0
+    next_steerable_chunk: int | None  # output index a prompt pushed now would first steer
+
+
+@dataclass(frozen=True)
+class ChunkReady:
+    session_id: str
+    chunk_index: int  # output index
+    first_frame: int  # output frame index of its first frame
+    frame_count: int
+    height: int
+    width: int
+    frames: bytes  # frame_count x height x width x 3, uint8 RGB
+    prompt_text: str
+    prompt_version: int
+    queue_s: float  # waiting before its first forward (admission, pauses)
+    denoise_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    session_id: str
+    state: str  # finished / cancelled / failed
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptApplied:
+    request_id: int
+    session_id: str
+    from_chunk: int  # output index it landed on
+    version: int
+    timeline: tuple[tuple[int, str, int], ...]  # (from_chunk, text, version), output indices
+
+
+@dataclass(frozen=True)
+class PromptRejected:
+    request_id: int
+    session_id: str
+    message: str
+    unknown_session: bool = False  # the worker has no such session (it already ended)
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """One engine step's statistics (scheduler.engine.StepStats plus the wall time)."""
+
+    sessions: int
+    chunk_slots: int
+    step_s: float
+    dit_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    running: int  # sessions generating
+    waiting: int  # sessions queued (for a slot or for memory)
+    reserved_bytes: int  # memory admission has reserved
+    kv_cache_bytes: int  # KV cache held now
+    chunks_in_flight: int  # chunks inside denoising windows
+
+
+Event = (
+    WorkerReady
+    | WorkerFailed
+    | SessionOpened
+    | OpenRefused
+    | SessionProgress
+    | ChunkReady
+    | SessionEnded
+    | PromptApplied
+    | PromptRejected
+    | StepDone
+    | Heartbeat
+)

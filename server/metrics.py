@@ -1,0 +1,100 @@
+"""Every Prometheus metric of the server, declared once on a registry passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Chunk latencies span a tiny CPU model (tens of ms) to the 24B model (tens of seconds).
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+_STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.sessions_active = Gauge(
+            "magistream_sessions_active", "Sessions generating now.", registry=r
+        )
+        self.sessions_queued = Gauge(
+            "magistream_sessions_queued", "Sessions accepted and waiting for admission.", registry=r
+        )
+        self.sessions_finished = Counter(
+            "magistream_sessions_finished",
+            "Sessions ended, by final state and gRPC status code.",
+            ["state", "code"],
+            registry=r,
+        )
+        self.time_to_first_chunk = Histogram(
+            "magistream_time_to_first_chunk_seconds",
+            "From a request's acceptance to its first chunk event.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inter_chunk_latency = Histogram(
+            "magistream_inter_chunk_latency_seconds",
+            "Between consecutive chunk events of one session.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.chunks_generated = Counter(
+            "magistream_chunks_generated", "Chunks the engine decoded.", registry=r
+        )
+        self.frames_generated = Counter(
+            "magistream_frames_generated", "Frames the engine decoded.", registry=r
+        )
+        self.engine_step = Histogram(
+            "magistream_engine_step_seconds",
+            "Wall time of one engine step (DiT forward, Euler updates, VAE decodes).",
+            buckets=_STEP_BUCKETS_S,
+            registry=r,
+        )
+        self.engine_batch_chunks = Histogram(
+            "magistream_engine_batch_chunks",
+            "Chunk slots packed into one forward (CFG branches count).",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.engine_batch_sessions = Histogram(
+            "magistream_engine_batch_sessions",
+            "Sessions sharing one forward.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.chunks_in_flight = Gauge(
+            "magistream_chunks_in_flight", "Chunks inside denoising windows.", registry=r
+        )
+        self.kv_cache = Gauge(
+            "magistream_kv_cache_bytes", "KV cache held by running sessions.", registry=r
+        )
+        self.memory_reserved = Gauge(
+            "magistream_memory_reserved_bytes",
+            "KV cache and latent memory admission has reserved.",
+            registry=r,
+        )
+        self.prompt_updates = Counter(
+            "magistream_prompt_updates",
+            "Prompts pushed to running sessions, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.encode = Histogram(
+            "magistream_encode_seconds",
+            "Encoding one chunk for the wire, by output encoding.",
+            ["encoding"],
+            buckets=_STEP_BUCKETS_S,
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "magistream_worker_restarts", "Worker processes restarted after dying.", registry=r
+        )
+        self.worker_up = Gauge(
+            "magistream_worker_up", "1 when the worker is loaded and answering.", registry=r
+        )
+        self.grpc_calls = Counter(
+            "magistream_grpc_calls",
+            "Finished gRPC calls, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )

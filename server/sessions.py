@@ -1,0 +1,355 @@
+"""Sessions as the server tracks them: open, steer, cancel, stream bookkeeping, retention.
+
+The worker owns generation; this side owns everything a client can see: state, stats, the
+prompt timeline, and each session's event queue, which the stream reads in order (chunks,
+then the end). Ended sessions stay visible to GetSession for `ttl_s`, then are forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from server import ipc
+from server.errors import (
+    InvalidRequest,
+    NotSteerable,
+    ServerFull,
+    SessionExists,
+    SessionNotFound,
+    Unavailable,
+)
+from server.logs import event
+from server.metrics import Metrics
+from server.supervisor import Supervisor
+from server.validation import GenerateSpec, PromptSpec
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, FINISHED, CANCELLED, FAILED = (
+    "queued",
+    "running",
+    "finished",
+    "cancelled",
+    "failed",
+)
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """The last item of a session's event queue."""
+
+    state: str  # finished / cancelled / failed
+    code: grpc.StatusCode
+    message: str
+
+
+class LiveSession:
+    """One session's client-visible record and its event queue."""
+
+    def __init__(self, session_id: str, spec: GenerateSpec, seed: int) -> None:
+        self.id = session_id
+        self.spec = spec
+        self.seed = seed
+        self.state = QUEUED
+        self.queue_position = 0
+        self.next_steerable_chunk: int | None = 0
+        self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(spec.prompts))
+        self.prompt_version = len(spec.prompts)
+        self.accepted_at = time.monotonic()
+        self.time_to_first_chunk_s: float | None = None
+        self.last_chunk_at: float | None = None
+        self.ended_at: float | None = None
+        self.chunks_done = 0  # chunks streamed
+        self.frames_done = 0  # frames streamed
+        self.end: SessionEnd | None = None
+        self._events: asyncio.Queue[ipc.ChunkReady | SessionEnd | object] = asyncio.Queue()
+
+    @property
+    def ended(self) -> bool:
+        return self.end is not None
+
+    @property
+    def wall_time_s(self) -> float:
+        return (self.ended_at or time.monotonic()) - self.accepted_at
+
+    async def next_event(self) -> ipc.ChunkReady | SessionEnd | object:
+        return await self._events.get()
+
+    def push(self, item: ipc.ChunkReady | SessionEnd | object) -> None:
+        self._events.put_nowait(item)
+
+
+class SessionManager:
+    def __init__(
+        self, supervisor: Supervisor, metrics: Metrics, ttl_s: float, startup_timeout_s: float
+    ) -> None:
+        self.supervisor = supervisor
+        self.metrics = metrics
+        self.ttl_s = ttl_s
+        self.startup_timeout_s = startup_timeout_s
+        self.sessions: dict[str, LiveSession] = {}
+        self.draining = False
+        self._opening: dict[str, asyncio.Future] = {}
+        self._prompts: dict[int, asyncio.Future] = {}
+        self._request_ids = itertools.count(1)
+        self._chunk_interval_s: float | None = None  # smoothed, for the retry hint
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def open(
+        self, spec: GenerateSpec, image: np.ndarray | None, video: np.ndarray | None
+    ) -> LiveSession:
+        """Hand a validated request to the worker; returns once it is running or queued."""
+        session = await self._reserve(spec)
+        try:
+            answer = await self._ask(
+                self._opening, session.id, _open_command(session, image, video)
+            )
+        except asyncio.CancelledError:  # the client left while we waited for the worker
+            self.cancel(session.id, "client went away while the session opened")
+            raise
+        except Unavailable:
+            del self.sessions[session.id]
+            raise
+        if isinstance(answer, ipc.OpenRefused):
+            del self.sessions[session.id]
+            if answer.reason == "full":
+                raise ServerFull(answer.message, self.retry_after_ms())
+            if answer.reason == "internal":
+                raise RuntimeError(f"the engine could not open the session: {answer.message}")
+            raise InvalidRequest("request", answer.message)
+        session.queue_position = answer.queue_position
+        session.state = QUEUED if answer.queue_position else RUNNING
+        self._refresh_gauges()
+        event(
+            logger,
+            "session.opened",
+            session.id,
+            mode=spec.mode,
+            chunks=spec.num_chunks,
+            size=f"{spec.width}x{spec.height}",
+            queue_position=answer.queue_position,
+        )
+        return session
+
+    async def _reserve(self, spec: GenerateSpec) -> LiveSession:
+        """Claim the session id once the worker is up (or refuse)."""
+        self._refuse_if_draining()
+        session_id = spec.session_id or uuid.uuid4().hex
+        if session_id in self.sessions:
+            raise SessionExists(session_id)
+        await self.supervisor.wait_ready(self.startup_timeout_s)
+        self._refuse_if_draining()
+        if session_id in self.sessions:  # taken while we waited
+            raise SessionExists(session_id)
+        seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+        session = self.sessions[session_id] = LiveSession(session_id, spec, seed)
+        return session
+
+    async def _ask(self, pending: dict, key: object, command: ipc.Command) -> ipc.Event:
+        """Send a command and wait for the event that answers it (matched by key)."""
+        reply = asyncio.get_running_loop().create_future()
+        pending[key] = reply
+        try:
+            self.supervisor.send(command)
+            return await reply
+        finally:
+            pending.pop(key, None)
+
+    async def update_prompt(self, prompt: PromptSpec) -> ipc.PromptApplied:
+        session = self.get(prompt.session_id)
+        if session.ended:
+            raise NotSteerable(
+                f"session {session.id!r} has ended ({session.state}); "
+                "there is no chunk left to steer"
+            )
+        n = session.spec.num_chunks
+        if prompt.from_chunk is not None and n is not None and prompt.from_chunk >= n:
+            raise InvalidRequest(
+                "from_chunk", f"{prompt.from_chunk} is past the session's last chunk ({n - 1})"
+            )
+        request_id = next(self._request_ids)
+        command = ipc.UpdatePrompt(
+            request_id, session.id, prompt.text, prompt.from_chunk, prompt.replace_later
+        )
+        answer = await self._ask(self._prompts, request_id, command)
+        if isinstance(answer, ipc.PromptRejected):
+            self.metrics.prompt_updates.labels("rejected").inc()
+            raise NotSteerable(f"session {session.id!r}: {answer.message}")
+        session.timeline, session.prompt_version = answer.timeline, answer.version
+        self.metrics.prompt_updates.labels("accepted").inc()
+        event(
+            logger,
+            "session.prompt",
+            session.id,
+            version=answer.version,
+            from_chunk=answer.from_chunk,
+        )
+        return answer
+
+    def cancel(
+        self,
+        session_id: str,
+        reason: str,
+        state: str = CANCELLED,
+        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+    ) -> str:
+        """End a session now (the worker frees it within one step); its state afterwards."""
+        session = self.get(session_id)
+        if session.ended:
+            return session.state
+        if self.supervisor.ready.is_set():
+            self.supervisor.send(ipc.CancelSession(session_id))
+        self._end(session, state, code, reason)
+        return session.state
+
+    def get(self, session_id: str) -> LiveSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def live(self) -> list[LiveSession]:
+        return [s for s in self.sessions.values() if not s.ended]
+
+    # ---- stream bookkeeping ---------------------------------------------------------------
+
+    def chunk_streamed(self, session: LiveSession, chunk: ipc.ChunkReady) -> None:
+        """The stream has sent this chunk: count it, and let the engine make another."""
+        now = time.monotonic()
+        if session.time_to_first_chunk_s is None:
+            session.time_to_first_chunk_s = now - session.accepted_at
+            self.metrics.time_to_first_chunk.observe(session.time_to_first_chunk_s)
+        else:
+            interval = now - session.last_chunk_at
+            self.metrics.inter_chunk_latency.observe(interval)
+            old = self._chunk_interval_s
+            self._chunk_interval_s = interval if old is None else 0.8 * old + 0.2 * interval
+        session.last_chunk_at = now
+        session.chunks_done += 1
+        session.frames_done += chunk.frame_count
+        if not session.ended and self.supervisor.ready.is_set():
+            self.supervisor.send(ipc.Consumed(session.id))
+
+    def release(
+        self, session: LiveSession, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED
+    ) -> None:
+        """The stream is over; a session still going has lost its client."""
+        if not session.ended:
+            self.cancel(session.id, reason, code=code)
+
+    def retry_after_ms(self) -> int:
+        """About when a slot may free up: a chunk's time (a session may finish by then)."""
+        interval = self._chunk_interval_s or 1.0
+        return int(min(60.0, max(0.25, 2 * interval)) * 1000)
+
+    def sweep(self) -> None:
+        """Forget sessions that ended more than ttl_s ago."""
+        horizon = time.monotonic() - self.ttl_s
+        for sid in [s.id for s in self.sessions.values() if s.ended and s.ended_at < horizon]:
+            del self.sessions[sid]
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Unavailable(
+                "the server is shutting down and takes no new sessions; retry on another replica"
+            )
+
+    # ---- from the worker ------------------------------------------------------------------
+
+    def on_event(self, message: ipc.Event) -> None:
+        if isinstance(message, ipc.SessionOpened | ipc.OpenRefused):
+            self._answer(self._opening.get(message.session_id), message)
+        elif isinstance(message, ipc.PromptApplied | ipc.PromptRejected):
+            self._answer(self._prompts.get(message.request_id), message)
+        else:
+            session = self.sessions.get(message.session_id)
+            # a session that ended here first (cancel, disconnect): the worker is catching up
+            if session is not None and not session.ended:
+                self._session_event(session, message)
+
+    def _session_event(self, session: LiveSession, message: ipc.Event) -> None:
+        if isinstance(message, ipc.SessionProgress):
+            self._progress(session, message)
+        elif isinstance(message, ipc.ChunkReady):
+            self.metrics.chunks_generated.inc()
+            self.metrics.frames_generated.inc(message.frame_count)
+            session.push(message)
+        elif isinstance(message, ipc.SessionEnded):
+            code = {FINISHED: grpc.StatusCode.OK, CANCELLED: grpc.StatusCode.CANCELLED}.get(
+                message.state, grpc.StatusCode.INTERNAL
+            )
+            self._end(session, message.state, code, message.error or "")
+
+    @staticmethod
+    def _answer(reply: asyncio.Future | None, message: ipc.Event) -> None:
+        if reply is not None and not reply.done():
+            reply.set_result(message)
+
+    def _progress(self, session: LiveSession, progress: ipc.SessionProgress) -> None:
+        admitted = session.state == QUEUED and progress.state == RUNNING
+        session.state = progress.state
+        session.queue_position = progress.queue_position
+        session.next_steerable_chunk = progress.next_steerable_chunk
+        if admitted:
+            event(logger, "session.admitted", session.id, waited_s=session.wall_time_s)
+            self._refresh_gauges()
+
+    def on_worker_lost(self, message: str) -> None:
+        """The worker died: every request waiting on it and every live session fails."""
+        for reply in [*self._opening.values(), *self._prompts.values()]:
+            if not reply.done():
+                reply.set_exception(Unavailable(message))
+        for session in self.live():
+            self._end(session, FAILED, grpc.StatusCode.UNAVAILABLE, message)
+
+    def _end(self, session: LiveSession, state: str, code: grpc.StatusCode, message: str) -> None:
+        session.end = SessionEnd(state, code, message)
+        session.state = state
+        session.ended_at = time.monotonic()
+        session.push(session.end)
+        self.metrics.sessions_finished.labels(state, code.name).inc()
+        self._refresh_gauges()
+        event(
+            logger,
+            "session.ended",
+            session.id,
+            state=state,
+            code=code.name,
+            streamed=session.chunks_done,
+            wall_s=session.wall_time_s,
+            reason=message or None,
+        )
+
+    def _refresh_gauges(self) -> None:
+        live = self.live()
+        self.metrics.sessions_active.set(sum(s.state == RUNNING for s in live))
+        self.metrics.sessions_queued.set(sum(s.state == QUEUED for s in live))
+
+
+def _open_command(
+    session: LiveSession, image: np.ndarray | None, video: np.ndarray | None
+) -> ipc.OpenSession:
+    spec = session.spec
+    return ipc.OpenSession(
+        session_id=session.id,
+        prompts=spec.prompts,
+        num_chunks=spec.num_chunks,
+        height=spec.height,
+        width=spec.width,
+        seed=session.seed,
+        mode=spec.mode,
+        image=image,
+        video=video,
+        num_steps=spec.num_steps,
+        shortcut_mode=spec.shortcut_mode,
+    )

@@ -1,0 +1,365 @@
+"""Every request field checked at the edge, one function per request kind.
+
+Each check raises InvalidRequest naming the field and what is allowed. Media headers are probed
+here (cheap); decoding pixels happens later in the thread pool (`decode_inputs`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.config import MagiConfig, preset_name
+from proto import video_generation_pb2 as pb
+from server import media
+from server.config import GRPC_MESSAGE_BYTES, RAW_FRAME_OVERHEAD_BYTES, Limits
+from server.errors import InvalidRequest
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SIZE_MULTIPLE_PX = 16  # VAE stride 8 x DiT patch 2
+MIN_SIZE_PX = 16
+V2V_PREFIX_FRAMES = 32  # frames of the prefix video the model continues from
+MODES = {
+    pb.GENERATION_MODE_T2V: "t2v",
+    pb.GENERATION_MODE_I2V: "i2v",
+    pb.GENERATION_MODE_V2V: "v2v",
+}
+SHORTCUT_MODES = {pb.SHORTCUT_MODE_8_16_16: "8,16,16", pb.SHORTCUT_MODE_16_16_8: "16,16,8"}
+SHORTCUT_STEPS = 12  # distilled models use shortcut sampling at exactly this many steps
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the edge needs to know about the model it serves (no weights)."""
+
+    name: str
+    config: MagiConfig
+
+    @property
+    def preset(self) -> str:
+        return preset_name(self.config) or ""
+
+    @property
+    def fps(self) -> int:
+        return self.config.runtime_config.fps
+
+    @property
+    def frames_per_chunk(self) -> int:
+        rc = self.config.runtime_config
+        return rc.chunk_width * rc.temporal_downsample_factor
+
+    @property
+    def distill(self) -> bool:
+        return self.config.engine_config.distill
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """A validated GenerateRequest, every default resolved except the seed."""
+
+    session_id: str | None  # None = the server assigns one
+    mode: str  # t2v / i2v / v2v
+    prompts: tuple[tuple[int, str], ...]  # (from_chunk, text), output chunk indices
+    num_chunks: int | None  # None = until cancelled
+    width: int  # pixels
+    height: int  # pixels
+    seed: int | None  # None = the server picks one
+    num_steps: int
+    shortcut_mode: str  # engine form, e.g. "8,16,16"
+    output_encoding: int  # pb.OutputEncoding, UNSPECIFIED resolved
+    image: bytes | None = None  # I2V, header already checked
+    video: bytes | None = None  # V2V, header already checked
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    session_id: str  # may be empty on Interact (the stream's session)
+    text: str
+    from_chunk: int | None
+    replace_later: bool
+
+
+# ---- GenerateRequest -------------------------------------------------------------------------
+
+
+def parse_generate(request: pb.GenerateRequest, model: ServedModel, limits: Limits) -> GenerateSpec:
+    if request.model not in ("", model.name):
+        raise InvalidRequest(
+            "model",
+            f"unknown model {request.model!r}; this server serves "
+            f"{model.name!r} (or leave it empty)",
+        )
+    if request.session_id and not SESSION_ID.fullmatch(request.session_id):
+        raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-], or empty")
+    mode = _mode(request)
+    num_chunks = _num_chunks(request.num_chunks, limits)
+    width, height = _size(request, model, limits)
+    num_steps, shortcut = _sampling(request.sampling, model, limits)
+    image = video = None
+    if mode == "i2v":
+        image = _media(request.image, "image", limits.max_image_bytes, limits, media.probe_image)
+    if mode == "v2v":
+        video = _media(
+            request.prefix_video, "prefix_video", limits.max_video_bytes, limits, media.probe_mp4
+        )
+    return GenerateSpec(
+        session_id=request.session_id or None,
+        mode=mode,
+        prompts=_timeline(request.timeline, num_chunks, limits),
+        num_chunks=num_chunks,
+        width=width,
+        height=height,
+        seed=request.seed if request.HasField("seed") else None,
+        num_steps=num_steps,
+        shortcut_mode=shortcut,
+        output_encoding=_encoding(request.output_encoding, width, height),
+        image=image,
+        video=video,
+    )
+
+
+def _mode(request: pb.GenerateRequest) -> str:
+    given = request.WhichOneof("prefix")
+    inferred = {"image": "i2v", "prefix_video": "v2v", None: "t2v"}[given]
+    if request.mode == pb.GENERATION_MODE_UNSPECIFIED:
+        return inferred
+    if request.mode not in MODES:
+        raise InvalidRequest("mode", f"unknown mode {request.mode}; use T2V, I2V or V2V")
+    mode = MODES[request.mode]
+    if mode != inferred:
+        need = {"t2v": "neither image nor prefix_video", "i2v": "image", "v2v": "prefix_video"}
+        raise InvalidRequest(
+            "mode",
+            f"{mode.upper()} needs {need[mode]}, but the request has "
+            f"{given or 'neither'}; set the matching input or leave mode unset",
+        )
+    return mode
+
+
+def _num_chunks(value: int, limits: Limits) -> int | None:
+    if limits.max_chunks and value == 0:
+        raise InvalidRequest(
+            "num_chunks",
+            f"unbounded sessions (0) are disabled on this server; ask for 1..{limits.max_chunks}",
+        )
+    if limits.max_chunks and value > limits.max_chunks:
+        raise InvalidRequest("num_chunks", f"{value} is more than {limits.max_chunks}")
+    return value or None
+
+
+def _size(request: pb.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[int, int]:
+    rc = model.config.runtime_config
+    width = request.width_px or rc.video_size_w
+    height = request.height_px or rc.video_size_h
+    for name, value, most in (
+        ("width_px", width, limits.max_width_px),
+        ("height_px", height, limits.max_height_px),
+    ):
+        if value % SIZE_MULTIPLE_PX or not MIN_SIZE_PX <= value <= most:
+            raise InvalidRequest(
+                name,
+                f"{value} is not allowed; use a multiple of "
+                f"{SIZE_MULTIPLE_PX} in {MIN_SIZE_PX}..{most} (0 = {rc.video_size_w}"
+                f"x{rc.video_size_h}, the model default)",
+            )
+    return width, height
+
+
+def _sampling(sampling: pb.Sampling, model: ServedModel, limits: Limits) -> tuple[int, str]:
+    rc, ec = model.config.runtime_config, model.config.engine_config
+    steps = sampling.num_steps or rc.num_steps
+    quantum = math.lcm(rc.window_size, len(rc.noise2clean_kvrange))
+    if steps % quantum or not quantum <= steps <= limits.max_num_steps:
+        raise InvalidRequest(
+            "sampling.num_steps",
+            f"{steps} is not allowed; use a multiple of "
+            f"{quantum} in {quantum}..{limits.max_num_steps} (0 = {rc.num_steps})",
+        )
+    for field, default in (
+        ("text_guidance_scales", rc.text_scales),
+        ("prev_chunk_guidance_scales", rc.prev_chunk_scales),
+    ):
+        _guidance(f"sampling.{field}", list(getattr(sampling, field)), default, rc.cfg_number)
+    if sampling.shortcut_mode == pb.SHORTCUT_MODE_UNSPECIFIED:
+        return steps, ec.shortcut_mode
+    if sampling.shortcut_mode not in SHORTCUT_MODES:
+        raise InvalidRequest("sampling.shortcut_mode", f"unknown value {sampling.shortcut_mode}")
+    if not ec.distill or steps != SHORTCUT_STEPS:
+        raise InvalidRequest(
+            "sampling.shortcut_mode",
+            f"applies only to distilled models at num_steps {SHORTCUT_STEPS}; leave it UNSPECIFIED",
+        )
+    return steps, SHORTCUT_MODES[sampling.shortcut_mode]
+
+
+def _guidance(field: str, values: list[float], default: tuple[float, ...], cfg_number: int) -> None:
+    if not values:
+        return
+    if cfg_number != 3:
+        raise InvalidRequest(
+            field, "this model is distilled (one forward, no guidance); leave it empty"
+        )
+    if len(values) != len(default) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise InvalidRequest(
+            field,
+            f"give {len(default)} finite values >= 0, one per cfg_t_range entry, or leave it empty",
+        )
+    if any(abs(v - d) > 1e-6 for v, d in zip(values, default, strict=True)):
+        # The engine takes the model's scales only, for now; refuse rather than ignore.
+        raise InvalidRequest(
+            field,
+            f"per-request guidance scales are not supported yet; "
+            f"leave it empty for the model's {list(default)}",
+        )
+
+
+def _encoding(value: int, width: int, height: int) -> int:
+    if value == pb.OUTPUT_ENCODING_UNSPECIFIED:
+        return pb.OUTPUT_ENCODING_FMP4_H264
+    if value not in (pb.OUTPUT_ENCODING_FMP4_H264, pb.OUTPUT_ENCODING_RAW_RGB24):
+        raise InvalidRequest(
+            "output_encoding", f"unknown value {value}; use FMP4_H264 or RAW_RGB24"
+        )
+    if value == pb.OUTPUT_ENCODING_RAW_RGB24:
+        if width * height * 3 + RAW_FRAME_OVERHEAD_BYTES > GRPC_MESSAGE_BYTES:
+            raise InvalidRequest(
+                "output_encoding",
+                f"a RAW_RGB24 frame of {width}x{height} "
+                "exceeds gRPC's 4 MiB message limit; use FMP4_H264 or a "
+                "smaller size",
+            )
+    return value
+
+
+def _timeline(entries, num_chunks: int | None, limits: Limits) -> tuple[tuple[int, str], ...]:
+    if not entries:
+        raise InvalidRequest("timeline", "give at least one entry (from_chunk 0, the prompt)")
+    if len(entries) > limits.max_timeline_entries:
+        raise InvalidRequest(
+            "timeline", f"{len(entries)} entries; at most {limits.max_timeline_entries}"
+        )
+    prompts, previous = [], -1
+    for i, entry in enumerate(entries):
+        where = f"timeline[{i}]"
+        if i == 0 and entry.from_chunk != 0:
+            raise InvalidRequest(f"{where}.from_chunk", "the first entry must start at chunk 0")
+        if entry.from_chunk <= previous:
+            raise InvalidRequest(
+                f"{where}.from_chunk",
+                f"{entry.from_chunk} must be greater than the previous entry's {previous}",
+            )
+        if num_chunks is not None and entry.from_chunk >= num_chunks:
+            raise InvalidRequest(
+                f"{where}.from_chunk",
+                f"{entry.from_chunk} is past the last chunk ({num_chunks - 1})",
+            )
+        prompts.append((entry.from_chunk, _text(f"{where}.text", entry.text, limits)))
+        previous = entry.from_chunk
+    return tuple(prompts)
+
+
+def _text(field: str, text: str, limits: Limits) -> str:
+    if not text.strip():
+        raise InvalidRequest(field, "the prompt is empty")
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidRequest(field, f"{len(text)} characters; at most {limits.max_prompt_chars}")
+    return text
+
+
+def _media(data: bytes, field: str, max_bytes: int, limits: Limits, probe) -> bytes:
+    if not data:
+        raise InvalidRequest(field, "is empty")
+    if len(data) > max_bytes:
+        raise InvalidRequest(field, f"{len(data)} bytes; at most {max_bytes}")
+    try:
+        size = probe(data)
+    except media.MediaError as e:
+        raise InvalidRequest(field, str(e)) from e
+    width, height = size[-2:]
+    if width * height > limits.max_input_pixels or not width or not height:
+        raise InvalidRequest(
+            field,
+            f"{width}x{height} is not allowed; at most {limits.max_input_pixels} pixels per frame",
+        )
+    return data
+
+
+def decode_inputs(
+    spec: GenerateSpec, model: ServedModel, limits: Limits
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(image, video) pixels scaled to the request's size; runs in the thread pool."""
+    try:
+        if spec.image is not None:
+            return media.decode_image(
+                spec.image, spec.width, spec.height, limits.max_input_pixels
+            ), None
+        if spec.video is not None:
+            return None, media.decode_video_tail(
+                spec.video,
+                spec.width,
+                spec.height,
+                limits.max_input_pixels,
+                model.fps,
+                V2V_PREFIX_FRAMES,
+            )
+    except media.MediaError as e:
+        raise InvalidRequest("image" if spec.image is not None else "prefix_video", str(e)) from e
+    return None, None
+
+
+# ---- the other requests ----------------------------------------------------------------------
+
+
+def parse_prompt_update(
+    request: pb.PromptUpdate, limits: Limits, stream_session: str | None = None
+) -> PromptSpec:
+    """UpdatePrompt (stream_session None: session_id required) or an Interact prompt event."""
+    session_id = _session_id(request.session_id, stream_session)
+    return PromptSpec(
+        session_id=session_id,
+        text=_text("text", request.text, limits),
+        from_chunk=request.from_chunk if request.HasField("from_chunk") else None,
+        replace_later=request.replace_later,
+    )
+
+
+def parse_cancel(request: pb.CancelSessionRequest, stream_session: str | None = None) -> str:
+    return _session_id(request.session_id, stream_session)
+
+
+def parse_get_session(request: pb.GetSessionRequest) -> str:
+    return _session_id(request.session_id, None)
+
+
+def parse_client_event(event: pb.ClientEvent, first: bool) -> str:
+    """The kind of an Interact event; `start` exactly once, first."""
+    kind = event.WhichOneof("event")
+    if kind is None:
+        raise InvalidRequest("event", "a ClientEvent must set start, prompt or cancel")
+    if first and kind != "start":
+        raise InvalidRequest("event", f"the first ClientEvent must be start, got {kind}")
+    if not first and kind == "start":
+        raise InvalidRequest(
+            "start",
+            "a session is already running on this stream; send "
+            "prompt or cancel, or open a new Interact call",
+        )
+    return kind
+
+
+def _session_id(value: str, stream_session: str | None) -> str:
+    if stream_session is not None:
+        if value and value != stream_session:
+            raise InvalidRequest(
+                "session_id",
+                f"{value!r} is not this stream's session {stream_session!r}; leave it empty",
+            )
+        return stream_session
+    if not value:
+        raise InvalidRequest("session_id", "is required")
+    if not SESSION_ID.fullmatch(value):
+        raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-]")
+    return value

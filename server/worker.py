@@ -1,0 +1,309 @@
+"""The engine process: owns the model and the chunk scheduler, speaks only over its Pipe.
+
+Its loop: apply every pending command, step the engine if it has work, report what changed;
+when nothing can run (no sessions, or all paused by backpressure) block on the Pipe instead of
+spinning. It never decides policy the server could decide: it only refuses what the engine
+refuses (memory, queue bound) and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from scheduler.engine import Engine
+from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
+from scheduler.session import ChunkDone, SessionParams, SessionState
+from server import ipc, logs
+from server.config import WorkerConfig
+from server.logs import event
+
+logger = logging.getLogger(__name__)
+
+
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of the spawned worker process."""
+    # The server decides when the worker stops (Shutdown, or the Pipe closing): a Ctrl-C or a
+    # SIGTERM sent to the whole process group must not kill sessions behind its back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.configure(config.log_level)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    started = time.perf_counter()
+    try:
+        engine = _load_engine(config)
+    except Exception as e:  # any load failure is reported, not raised into the void
+        conn.send(ipc.WorkerFailed(f"{type(e).__name__}: {e}"))
+        return
+    event(
+        logger,
+        "worker.loaded",
+        folder=config.model_folder,
+        load_s=time.perf_counter() - started,
+        torch_threads=torch.get_num_threads(),
+    )
+    conn.send(ipc.WorkerReady(os.getpid()))
+    try:
+        WorkerLoop(conn, engine, config).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the server went away: nothing left to serve
+
+
+def _load_engine(config: WorkerConfig) -> Engine:
+    from model.folder import load_model, write_random
+
+    folder = config.model_folder
+    if config.write_preset is not None and not (folder / "config.json").is_file():
+        # Written next to its final place, then renamed: a concurrent or killed writer never
+        # leaves a half-written folder behind under the real name.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        write_random(config.write_preset, tmp, seed=0)
+        try:
+            tmp.rename(folder)
+        except OSError:  # someone else finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = load_model(folder)
+    sched_config = SchedulerConfig(
+        memory_budget_bytes=config.memory_budget_bytes,
+        max_queued=config.queue_size,
+        max_chunk_slots=config.max_chunk_slots,
+        output_queue_chunks=2,
+        max_running=config.max_sessions,
+    )
+    return Engine(model, sched_config)
+
+
+@dataclass
+class _Track:
+    """Worker-side bookkeeping of one session, for the chunk timings and change reports."""
+
+    checked: float  # when waiting was last accounted
+    served: int = 0  # forwards_served at that time
+    waited_s: float = 0.0  # time not served since the last chunk entered
+    last_entered: int = -1  # newest chunk (global) seen entering
+    queue_s: dict[int, float] = field(default_factory=dict)  # global chunk -> its wait
+    reported: ipc.SessionProgress | None = None
+
+
+class WorkerLoop:
+    def __init__(self, conn: Connection, engine: Engine, config: WorkerConfig) -> None:
+        self.conn = conn
+        self.engine = engine
+        self.sched = engine.scheduler
+        self.config = config
+        self.tracks: dict[str, _Track] = {}
+        self.stalled = False  # the last step planned nothing: wait for a command
+        self.last_heartbeat = 0.0
+
+    def run(self) -> None:
+        while True:
+            idle = self.stalled or not self.sched.has_work()
+            for command in self._receive(block=idle):
+                if isinstance(command, ipc.Shutdown):
+                    return
+                self.stalled = False
+                self._apply(command)
+            if not self.stalled and self.sched.has_work():
+                self._step()
+            self._account_waits()
+            self._report()
+            self._heartbeat()
+
+    def _receive(self, block: bool) -> list[ipc.Command]:
+        timeout = self.config.heartbeat_interval_s if block else 0.0
+        commands = []
+        if self.conn.poll(timeout):
+            commands.append(self.conn.recv())
+            while self.conn.poll(0):
+                commands.append(self.conn.recv())
+        return commands
+
+    # ---- commands -------------------------------------------------------------------------
+
+    def _apply(self, command: ipc.Command) -> None:
+        if isinstance(command, ipc.OpenSession):
+            self._open(command)
+        elif isinstance(command, ipc.UpdatePrompt):
+            self._update_prompt(command)
+        elif isinstance(command, ipc.CancelSession):
+            if command.session_id in self.sched.sessions:
+                self.sched.cancel(command.session_id)
+        elif isinstance(command, ipc.Consumed):
+            if command.session_id in self.sched.sessions:
+                self.sched.pop_output(command.session_id)
+
+    def _open(self, cmd: ipc.OpenSession) -> None:
+        try:
+            params = SessionParams(
+                session_id=cmd.session_id,
+                prompts=cmd.prompts,
+                num_chunks=cmd.num_chunks,
+                height=cmd.height,
+                width=cmd.width,
+                seed=cmd.seed,
+                mode=cmd.mode,
+                image=None if cmd.image is None else torch.from_numpy(cmd.image),
+                video=None if cmd.video is None else torch.from_numpy(cmd.video),
+                num_steps=cmd.num_steps,
+                shortcut_mode=cmd.shortcut_mode,
+            )
+            self.engine.open(params)
+        except RequestTooLarge as e:  # can never fit the budget: retrying will not help
+            self.conn.send(ipc.OpenRefused(cmd.session_id, "invalid", str(e)))
+            return
+        except AdmissionRefused as e:
+            self.conn.send(ipc.OpenRefused(cmd.session_id, "full", str(e)))
+            return
+        except ValueError as e:
+            self.conn.send(ipc.OpenRefused(cmd.session_id, "invalid", str(e)))
+            return
+        except Exception as e:  # e.g. out of memory encoding a prefix: refuse this one only
+            logger.exception("opening session %s failed", cmd.session_id)
+            self.conn.send(ipc.OpenRefused(cmd.session_id, "internal", f"{type(e).__name__}: {e}"))
+            return
+        self.tracks[cmd.session_id] = _Track(checked=time.monotonic())
+        position = self.sched.queue_position(cmd.session_id)
+        self.conn.send(ipc.SessionOpened(cmd.session_id, 0 if position is None else position + 1))
+
+    def _update_prompt(self, cmd: ipc.UpdatePrompt) -> None:
+        session = self.sched.sessions.get(cmd.session_id)
+        if session is None:
+            self.conn.send(
+                ipc.PromptRejected(
+                    cmd.request_id, cmd.session_id, "the session has ended", unknown_session=True
+                )
+            )
+            return
+        offset = session.prefix_chunks
+        start = None if cmd.from_chunk is None else cmd.from_chunk + offset
+        try:
+            entry = self.sched.update_prompt(cmd.session_id, cmd.text, start, cmd.replace_later)
+        except ValueError as e:
+            self.conn.send(ipc.PromptRejected(cmd.request_id, cmd.session_id, str(e)))
+            return
+        timeline = tuple(
+            (e.from_chunk - offset, e.text, e.version) for e in session.timeline.entries
+        )
+        self.conn.send(
+            ipc.PromptApplied(
+                cmd.request_id, cmd.session_id, entry.from_chunk - offset, entry.version, timeline
+            )
+        )
+
+    # ---- one engine step ------------------------------------------------------------------
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            done = self.engine.step()
+        except Exception as e:  # a failed forward fails its sessions, not the worker
+            logger.exception("engine step failed")
+            for sid, session in list(self.sched.sessions.items()):
+                if session.state is SessionState.RUNNING:
+                    self.sched.cancel(sid, SessionState.FAILED, f"engine step failed: {e}")
+            return
+        stats = self.engine.last_step
+        if stats is None:  # everyone is paused or waiting: block until a command arrives
+            self.stalled = True
+            return
+        self.conn.send(
+            ipc.StepDone(
+                sessions=stats.sessions,
+                chunk_slots=stats.chunk_slots,
+                step_s=time.perf_counter() - t0,
+                dit_s=stats.dit_s,
+                decode_s=stats.decode_s,
+            )
+        )
+        self._note_entries()
+        for chunk in done:
+            self._send_chunk(chunk)
+
+    def _note_entries(self) -> None:
+        """A chunk that entered this step takes the session's accumulated wait as its queue
+        time (admission wait for the first chunk, backpressure pauses for later ones)."""
+        for sid, track in self.tracks.items():
+            session = self.sched.sessions[sid]
+            for c in sorted(k for k in session.entered_at if k > track.last_entered):
+                track.queue_s[c] = track.waited_s
+                track.waited_s = 0.0
+                track.last_entered = c
+
+    def _send_chunk(self, chunk: ChunkDone) -> None:
+        frames = chunk.frames.contiguous().numpy()
+        queue_s = self.tracks[chunk.session_id].queue_s.pop(chunk.chunk_index, 0.0)
+        self.conn.send(
+            ipc.ChunkReady(
+                session_id=chunk.session_id,
+                chunk_index=chunk.output_index,
+                first_frame=chunk.first_frame,
+                frame_count=frames.shape[0],
+                height=frames.shape[1],
+                width=frames.shape[2],
+                frames=frames.tobytes(),
+                prompt_text=chunk.prompt.text,
+                prompt_version=chunk.prompt.version,
+                queue_s=queue_s,
+                denoise_s=chunk.denoise_s,
+                decode_s=chunk.decode_s,
+            )
+        )
+
+    # ---- reports --------------------------------------------------------------------------
+
+    def _account_waits(self) -> None:
+        now = time.monotonic()
+        for sid, track in self.tracks.items():
+            served = self.sched.sessions[sid].forwards_served
+            if served == track.served:
+                track.waited_s += now - track.checked
+            track.served, track.checked = served, now
+
+    def _report(self) -> None:
+        """Send what changed: progress of live sessions, the end of finished ones."""
+        for sid in list(self.tracks):
+            session = self.sched.sessions[sid]
+            if session.finished:
+                self.conn.send(ipc.SessionEnded(sid, session.state.value, session.error))
+                self.sched.forget(sid)
+                del self.tracks[sid]
+                self.last_heartbeat = 0.0  # memory was freed: say so now
+                continue
+            position = self.sched.queue_position(sid)
+            nxt = session.window.next_entering_chunk()
+            progress = ipc.SessionProgress(
+                sid,
+                session.state.value,
+                0 if position is None else position + 1,
+                None if nxt is None else nxt - session.prefix_chunks,
+            )
+            if progress != self.tracks[sid].reported:
+                self.conn.send(progress)
+                self.tracks[sid].reported = progress
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat < self.config.heartbeat_interval_s:
+            return
+        self.last_heartbeat = now
+        running = [s for s in self.sched.sessions.values() if s.state is SessionState.RUNNING]
+        self.conn.send(
+            ipc.Heartbeat(
+                running=len(running),
+                waiting=self.sched.queued_count(),
+                reserved_bytes=self.sched.reserved_bytes(),
+                kv_cache_bytes=sum(s.kv_cache.nbytes for s in running if s.kv_cache is not None),
+                chunks_in_flight=sum(len(s.latents) for s in running),
+            )
+        )
