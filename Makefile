@@ -18,13 +18,15 @@ install: system-deps
 	$(PY) -c "import torch, transformers, safetensors, av, grpc, sentencepiece, ftfy, bs4"
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
 
-# Debian tools the tests and demos use (ffprobe from ffmpeg, promtool from prometheus).
+# Debian tools the tests and demos use (ffprobe from ffmpeg, promtool from prometheus,
+# nginx for the session-routing test).
 system-deps:
-	@if command -v ffprobe >/dev/null && command -v promtool >/dev/null; then exit 0; fi; \
+	@if command -v ffprobe >/dev/null && command -v promtool >/dev/null && \
+		{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends ffmpeg prometheus >/dev/null; \
-	else echo "system-deps: install ffmpeg and prometheus (promtool) with your package manager"; fi
+			--no-install-recommends ffmpeg prometheus nginx >/dev/null; \
+	else echo "system-deps: install ffmpeg, prometheus (promtool) and nginx with your package manager"; fi
 
 proto:
 	PYTHON=$(PY) bash proto/generate.sh

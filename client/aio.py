@@ -38,6 +38,7 @@ from client.requests import (
     prompt_update,
     session_id_from,
     start_event,
+    with_session,
 )
 from client.retry import NO_RETRY, Retrier
 from proto import video_generation_pb2 as pb
@@ -104,7 +105,11 @@ class AsyncClient:
         retrier = Retrier(policy, self.options.unary_timeout_s, name)
         while True:
             try:
-                return await method(request, timeout=retrier.timeout_s(), metadata=self.metadata)
+                return await method(
+                    request,
+                    timeout=retrier.timeout_s(),
+                    metadata=with_session(self.metadata, session_id),
+                )
             except grpc.RpcError as e:
                 delay = retrier.delay_s(e)
                 if delay is None:
@@ -118,7 +123,9 @@ class AsyncClient:
         request = generate_request(generate_options(options, fields))
 
         async def start(timeout: float | None) -> grpc.aio.Call:
-            return self.stub.StreamGenerate(request, timeout=timeout, metadata=self.metadata)
+            return self.stub.StreamGenerate(
+                request, timeout=timeout, metadata=with_session(self.metadata, request.session_id)
+            )
 
         return AsyncGenerateStream(self, start)
 
@@ -257,7 +264,10 @@ class AsyncInteractStream(_AsyncStreamBase):
 
     async def _open(self) -> tuple[grpc.aio.Call, Started]:
         async def start(timeout: float | None) -> grpc.aio.Call:
-            call = self.client.stub.Interact(timeout=timeout, metadata=self.client.metadata)
+            call = self.client.stub.Interact(
+                timeout=timeout,
+                metadata=with_session(self.client.metadata, self._start_event.start.session_id),
+            )
             await call.write(self._start_event)
             return call
 

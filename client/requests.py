@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 
 from client.options import ConnectOptions, GenerateOptions, TlsOptions
@@ -24,7 +26,9 @@ def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
         output_encoding=(
             pb.OUTPUT_ENCODING_RAW_RGB24 if options.raw else pb.OUTPUT_ENCODING_FMP4_H264
         ),
-        session_id=options.session_id,
+        # chosen here when the user gives none, so every call of the session (this one
+        # included) can carry it in x-session-id for a session-routing proxy
+        session_id=options.session_id or uuid.uuid4().hex,
     )
     if options.seed is not None:
         request.seed = options.seed
@@ -68,6 +72,14 @@ def call_metadata(options: ConnectOptions) -> tuple[tuple[str, str], ...]:
     if options.token:
         return (("authorization", f"Bearer {options.token}"),)
     return ()
+
+
+def with_session(
+    metadata: tuple[tuple[str, str], ...], session_id: str | None
+) -> tuple[tuple[str, str], ...]:
+    """The call metadata plus x-session-id, which a proxy in front of several replicas hashes
+    to reach the replica that holds the session (deploy/nginx)."""
+    return (*metadata, (SESSION_ID_HEADER, session_id)) if session_id else metadata
 
 
 def channel_options(options: ConnectOptions) -> list[tuple[str, object]]:

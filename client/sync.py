@@ -46,6 +46,7 @@ from client.requests import (
     prompt_update,
     session_id_from,
     start_event,
+    with_session,
 )
 from client.retry import NO_RETRY, Retrier
 from proto import video_generation_pb2 as pb
@@ -112,7 +113,11 @@ class Client:
         retrier = Retrier(policy, self.options.unary_timeout_s, name)
         while True:
             try:
-                return method(request, timeout=retrier.timeout_s(), metadata=self.metadata)
+                return method(
+                    request,
+                    timeout=retrier.timeout_s(),
+                    metadata=with_session(self.metadata, session_id),
+                )
             except grpc.RpcError as e:
                 delay = retrier.delay_s(e)
                 if delay is None:
@@ -127,7 +132,7 @@ class Client:
         return GenerateStream(
             self,
             lambda timeout: self.stub.StreamGenerate(
-                request, timeout=timeout, metadata=self.metadata
+                request, timeout=timeout, metadata=with_session(self.metadata, request.session_id)
             ),
         )
 
@@ -276,7 +281,9 @@ class InteractStream(_StreamBase):
             self._outbox = queue.Queue()  # a retry starts over with a fresh request stream
             self._outbox.put(self._start_event)
             return self.client.stub.Interact(
-                _drain(self._outbox), timeout=timeout, metadata=self.client.metadata
+                _drain(self._outbox),
+                timeout=timeout,
+                metadata=with_session(self.client.metadata, self._start_event.start.session_id),
             )
 
         return self.client.open_stream(start, "Interact")

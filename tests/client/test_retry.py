@@ -112,6 +112,16 @@ def test_bearer_token_is_sent_on_every_call():
     assert script.metadata[0]["authorization"] == "Bearer s3cret"
 
 
+def test_session_id_is_chosen_by_the_client_and_sent_in_x_session_id_for_routing():
+    script = Script()
+    with FakeServer(script) as target, Client(ConnectOptions(target=target, retry=FAST)) as c:
+        list(c.generate("a red ball", chunks=1))
+        list(c.generate("a red ball", chunks=1, session_id="mine-1"))
+    generated = script.metadata[0]["x-session-id"]
+    assert len(generated) == 32 and int(generated, 16) >= 0  # a uuid4, hex
+    assert script.metadata[1]["x-session-id"] == "mine-1"
+
+
 def test_backoff_grows_to_its_cap_and_retries_share_one_deadline():
     policy = RetryPolicy(max_attempts=5, initial_backoff_s=1, max_backoff_s=3, jitter=0.5)
     assert list(policy.delays_s(rand=lambda: 0.5)) == [1, 2, 3, 3]

@@ -1,0 +1,501 @@
+"""deploy/nginx/magistream.conf with Debian's nginx: `nginx -t` accepts it, and two real
+`magi-server` replicas behind it on loopback keep every call of a session on the replica that
+holds it, including while one replica drains after SIGTERM.
+
+Clients send the session id as `x-session-id` on every call (docs/deploy.md, "Session
+routing"); here plain grpc stubs do that by hand. Which replica owns an id depends on the
+replicas' ports (nginx hashes them into its ring), so the test asks nginx: a GetSession for a
+not-yet-existing id is answered NOT_FOUND by the owner, and nginx's access log names it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from proto import video_generation_pb2 as pb
+from proto import video_generation_pb2_grpc as pb_grpc
+from tests.deploy.conftest import DEPLOY, REPO, run, tool
+
+SHIPPED = DEPLOY / "nginx" / "magistream.conf"
+HEADER = "x-session-id"
+# The replicas' --grace-period-s: short, so the drain test is quick, yet long enough for the
+# test to act on a draining replica on a busy machine.
+GRACE_S = 4.0
+START_TIMEOUT_S = 120.0  # writing the tiny model and starting a worker, on 2 busy cores
+PROMPT = "a red ball rolls"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- nginx config: the shipped file, moved onto loopback ----------------------------------
+
+
+def render(conf: str, backends: list[str], listen: str, access_log: Path) -> str:
+    """The shipped config with its example replicas, listen address and log path replaced.
+    Each pattern must match as often as the shipped file says, so a reshaped file fails here
+    rather than silently testing something else."""
+    servers = re.findall(r"^\s*server\s+[\d.]+:\d+(.*);$", conf, re.M)
+    assert len(servers) == 2, "the shipped upstream lists two example replicas"
+    lines = "".join(f"    server {b}{servers[0]};\n" for b in backends)
+    conf, n_upstream = re.subn(r"(?:^\s*server\s+[\d.]+:\d+.*;\n)+", lines, conf, flags=re.M)
+    conf, n_listen = re.subn(r"listen 50050 http2;", f"listen {listen} http2;", conf)
+    conf, n_log = re.subn(
+        r"access_log \S+ magistream_grpc;", f"access_log {access_log} magistream_grpc;", conf
+    )
+    assert (n_upstream, n_listen, n_log) == (1, 1, 1)
+    return conf
+
+
+def main_config(tmp: Path, site: Path) -> Path:
+    """A main nginx.conf that keeps pid, logs and temp files under tmp (never /var, /run)."""
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / "temp" / sub).mkdir(parents=True, exist_ok=True)
+    # pytest's tmp dirs are private to this user; workers must be able to write them.
+    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+    path = tmp / "nginx.conf"
+    path.write_text(
+        f"{user}worker_processes 1;\ndaemon off;\npid {tmp}/nginx.pid;\n"
+        f"error_log {tmp}/error.log info;\nevents {{ worker_connections 512; }}\n"
+        "http {\n"
+        + "".join(
+            f"    {kind}_temp_path {tmp}/temp/{sub};\n"
+            for kind, sub in (
+                ("client_body", "body"),
+                ("proxy", "proxy"),
+                ("fastcgi", "fastcgi"),
+                ("uwsgi", "uwsgi"),
+                ("scgi", "scgi"),
+            )
+        )
+        + f"    include {site};\n}}\n"
+    )
+    return path
+
+
+def nginx_test(conf: Path) -> None:
+    run(tool("nginx"), "-t", "-q", "-c", str(conf), "-p", str(conf.parent), "-e", "stderr")
+
+
+def test_the_shipped_config_passes_nginx_t(tmp_path):
+    site = tmp_path / "magistream.conf"
+    # Only the access log moves (nginx -t opens it); everything else exactly as shipped.
+    site.write_text(SHIPPED.read_text().replace("/var/log/nginx/", f"{tmp_path}/"))
+    nginx_test(main_config(tmp_path, site))
+
+
+def test_the_config_on_loopback_ports_passes_nginx_t(tmp_path):
+    site = tmp_path / "magistream.conf"
+    site.write_text(
+        render(
+            SHIPPED.read_text(),
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+            "127.0.0.1:4",
+            tmp_path / "access.log",
+        )
+    )
+    nginx_test(main_config(tmp_path, site))
+
+
+# ---- two replicas behind nginx ------------------------------------------------------------
+
+
+class Replica:
+    """A `python -m server --model tiny` process on loopback port 0."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.log_path = tmp / "server.log"
+        env = {
+            **os.environ,
+            "MAGISTREAM_CACHE": str(tmp / "cache"),
+            "PYTHONPATH": str(REPO),
+            "PYTHONUNBUFFERED": "1",
+        }
+        flags = (
+            "--model tiny --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 "
+            f"--grace-period-s {GRACE_S} --torch-threads 1 --encode-threads 1 "
+            "--x264-preset ultrafast"
+        )
+        command = [sys.executable, "-m", "server", *flags.split()]
+        with self.log_path.open("wb") as sink:  # a file, not a pipe nobody would drain
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
+        self.address = self.metrics_address = ""
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            log = self.log_path.read_text(errors="replace")
+            found = dict(re.findall(r"^(listening|metrics) on (\S+)$", log, re.M))
+            if len(found) == 2:
+                self.address, self.metrics_address = found["listening"], found["metrics"]
+                break
+            assert self.proc.poll() is None, f"the server exited:\n{log[-3000:]}"
+            time.sleep(0.1)
+        while time.monotonic() < deadline:
+            if health(self.address) == SERVING:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"no SERVING in {START_TIMEOUT_S} s:\n{self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, sample: str) -> float:
+        """One sample's value, e.g. 'magistream_prompt_updates_total{result="accepted"}'."""
+        url = f"http://{self.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(GRACE_S + 20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Cluster:
+    replicas: list[Replica]
+    address: str  # nginx
+    access_log: Path
+    channel: grpc.Channel
+    owners: dict[str, int] = field(default_factory=dict)  # session id -> replica index
+
+    @property
+    def api(self) -> pb_grpc.VideoGenerationStub:
+        return pb_grpc.VideoGenerationStub(self.channel)
+
+    def upstreams(self, session_id: str) -> list[str]:
+        """The replica (upstream address) of every call of this session in nginx's log; a
+        call that failed over lists each address it tried, as "A, B"."""
+        pattern = rf"session={re.escape(session_id)} upstream=(.+?) http="
+        return re.findall(pattern, self.access_log.read_text())
+
+    def owner(self, session_id: str) -> int:
+        """Which replica nginx sends this id to, learned with one NOT_FOUND GetSession."""
+        if session_id not in self.owners:
+            with pytest.raises(grpc.RpcError) as error:
+                self.api.GetSession(
+                    pb.GetSessionRequest(session_id=session_id),
+                    metadata=((HEADER, session_id),),
+                    timeout=5,
+                )
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            wait_for(lambda: self.upstreams(session_id), "nginx to log the probe")
+            (upstream,) = self.upstreams(session_id)
+            addresses = [r.address for r in self.replicas]
+            self.owners[session_id] = addresses.index(upstream)
+        return self.owners[session_id]
+
+    def ids_owned_by(self, replica: int, count: int, prefix: str) -> list[str]:
+        found = []
+        for i in range(64):  # each replica owns about half the ring: a few probes suffice
+            if self.owner(f"{prefix}-{i}") == replica:
+                found.append(f"{prefix}-{i}")
+                if len(found) == count:
+                    return found
+        raise AssertionError(f"replica {replica} owns none of 64 ids: is nginx hashing?")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    nginx = tool("nginx")
+    replicas = [Replica(tmp_path_factory.mktemp(f"replica{i}")) for i in range(2)]
+    proxy = None
+    try:
+        for replica in replicas:  # both started at once: the model loads overlap
+            replica.wait_started()
+        tmp = tmp_path_factory.mktemp("nginx")
+        port = free_port()
+        site = tmp / "magistream.conf"
+        site.write_text(
+            render(
+                SHIPPED.read_text(),
+                [r.address for r in replicas],
+                f"127.0.0.1:{port}",
+                tmp / "access.log",
+            )
+        )
+        conf = main_config(tmp, site)
+        proxy = subprocess.Popen(
+            [nginx, "-c", str(conf), "-p", str(tmp), "-e", "stderr"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for(lambda: can_connect(port) or proxy.poll() is not None, "nginx to listen")
+        assert proxy.poll() is None, proxy.stderr.read().decode()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield Cluster(replicas, f"127.0.0.1:{port}", tmp / "access.log", channel)
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        for replica in replicas:
+            replica.stop()
+
+
+def test_sessions_spread_and_every_control_call_reaches_the_replica_holding_it(cluster):
+    ids = cluster.ids_owned_by(0, 2, "route") + cluster.ids_owned_by(1, 2, "route")
+    accepted = 'magistream_prompt_updates_total{result="accepted"}'
+    before = [replica.metric(accepted) for replica in cluster.replicas]
+    with ThreadPoolExecutor(len(ids)) as pool:
+        runs = pool.map(lambda sid: steered_session(cluster, sid), ids)
+        results = dict(zip(ids, runs, strict=True))
+    for sid, r in results.items():
+        assert r.echoed == sid  # the server names the session in the stream's metadata
+        assert r.ack.session_id == sid and r.ack.prompt_version == 2
+        # The prompt steered exactly the chunks from the one the ack named.
+        for chunk in r.chunks:
+            steered = chunk.chunk_index >= r.ack.from_chunk
+            assert chunk.prompt_version == (2 if steered else 1), (sid, chunk.chunk_index)
+            assert chunk.prompt_text == (f"steer {sid}" if steered else PROMPT)
+        assert r.chunks[-1].chunk_index >= r.ack.from_chunk
+        assert r.info.state == pb.SESSION_STATE_RUNNING and r.info.prompt_version == 2
+        assert r.cancelled == pb.SESSION_STATE_CANCELLED == r.finished
+        # The session lives on the replica nginx hashed its id to, and only there.
+        owner = cluster.owners[sid]
+        for i, replica in enumerate(cluster.replicas):
+            with grpc.insecure_channel(replica.address) as direct:
+                api = pb_grpc.VideoGenerationStub(direct)
+                try:
+                    info = api.GetSession(pb.GetSessionRequest(session_id=sid), timeout=5)
+                except grpc.RpcError as e:
+                    assert i != owner and e.code() == grpc.StatusCode.NOT_FOUND
+                else:
+                    assert i == owner and info.state == pb.SESSION_STATE_CANCELLED
+                    assert [e.text for e in info.timeline] == [PROMPT, f"steer {sid}"]
+        # probe, StreamGenerate, UpdatePrompt, GetSession, CancelSession: all to the owner
+        calls = cluster.upstreams(sid)
+        assert calls == [cluster.replicas[owner].address] * 5, calls
+    # Each replica accepted exactly its own sessions' prompts.
+    for replica, count in zip(cluster.replicas, before, strict=True):
+        assert replica.metric(accepted) - count == 2
+
+
+def test_interact_streams_through_nginx(cluster):
+    (sid,) = cluster.ids_owned_by(1, 1, "interact")
+    outbox: queue.Queue = queue.Queue()
+    outbox.put(pb.ClientEvent(start=request(sid)))
+    events = cluster.api.Interact(iter(outbox.get, None), metadata=((HEADER, sid),), timeout=60)
+    acks, chunks, finished = [], [], None
+    try:
+        for event in events:
+            kind = event.WhichOneof("event")
+            if kind == "started":
+                outbox.put(pb.ClientEvent(prompt=pb.PromptUpdate(text="steer on the stream")))
+            elif kind == "prompt_ack":
+                acks.append(event.prompt_ack)
+            elif kind == "chunk":
+                chunks.append(event.chunk)
+                if acks and event.chunk.chunk_index == acks[0].from_chunk:
+                    outbox.put(pb.ClientEvent(cancel=pb.CancelSessionRequest()))
+            elif kind == "finished":
+                finished = event.finished
+    finally:
+        outbox.put(None)  # ends the request iterator, whatever happened
+    assert [a.prompt_version for a in acks] == [2]
+    assert chunks[-1].prompt_text == "steer on the stream"
+    assert finished.state == pb.SESSION_STATE_CANCELLED
+    assert set(cluster.upstreams(sid)) == {cluster.replicas[1].address}
+
+
+def test_one_replica_drains_on_sigterm_while_the_other_keeps_serving(cluster):
+    draining, serving = cluster.replicas
+    a_id, a_late = cluster.ids_owned_by(0, 2, "drain")
+    (b_id,) = cluster.ids_owned_by(1, 1, "drain")
+    a_stream, b_stream = Stream(cluster, a_id), Stream(cluster, b_id)
+    wait_for(lambda: a_stream.chunks and b_stream.chunks, "both sessions to stream")
+
+    draining.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: health(draining.address) != SERVING, "the drained replica's health")
+    # While it drains, the replica refuses new sessions (the client retries elsewhere later)...
+    # (one chunk: were it served by mistake, the call would end instead of running on)
+    with pytest.raises(grpc.RpcError) as refused:
+        one_chunk = request(a_late, chunks=1)
+        list(cluster.api.StreamGenerate(one_chunk, metadata=((HEADER, a_late),), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # ...and the other replica goes on: its session streams and is steered through nginx.
+    during_drain = len(b_stream.chunks)
+    ack = cluster.api.UpdatePrompt(
+        pb.PromptUpdate(session_id=b_id, text="still here"), metadata=((HEADER, b_id),), timeout=10
+    )
+    assert ack.prompt_version == 2
+    assert health(serving.address) == SERVING
+
+    # The grace period runs out: the drained replica's unbounded session fails UNAVAILABLE
+    # (with its `finished` event), and the process exits 0.
+    a_stream.thread.join(GRACE_S + 15)
+    assert a_stream.finished is not None and a_stream.finished.state == pb.SESSION_STATE_FAILED
+    assert a_stream.code == grpc.StatusCode.UNAVAILABLE
+    assert draining.proc.wait(15) == 0
+    assert len(b_stream.chunks) > during_drain
+    wait_for(
+        lambda: any(c.prompt_text == "still here" for c in b_stream.chunks),
+        "the steered chunk on the serving replica",
+    )
+
+    # With the drained replica gone, nginx sends its ids to the next replica on the ring,
+    # the same one for every call, so a new session there is whole again.
+    late = Stream(cluster, a_late)
+    wait_for(lambda: late.chunks, "the re-routed session to stream")
+    ack = cluster.api.UpdatePrompt(
+        pb.PromptUpdate(session_id=a_late, text="moved"), metadata=((HEADER, a_late),), timeout=10
+    )
+    assert ack.prompt_version == 2
+    for stream in (late, b_stream):
+        state = cluster.api.CancelSession(
+            pb.CancelSessionRequest(session_id=stream.sid),
+            metadata=((HEADER, stream.sid),),
+            timeout=10,
+        ).state
+        assert state == pb.SESSION_STATE_CANCELLED
+        stream.thread.join(10)
+        assert stream.finished.state == pb.SESSION_STATE_CANCELLED
+    a, b = draining.address, serving.address
+    late_calls = cluster.upstreams(a_late)
+    # probe and refused start on the draining replica; after it exited, each call tried it
+    # first (or skipped it once nginx marked it failed) and ended on the serving one
+    assert late_calls[:2] == [a, a]
+    assert all(call in (b, f"{a}, {b}") for call in late_calls[2:]), late_calls
+    assert set(cluster.upstreams(b_id)) == {b}
+
+
+def test_the_container_health_check_follows_grpc_health(cluster):
+    """deploy/healthcheck.py, the Dockerfile's HEALTHCHECK: 0 for a SERVING replica, 1 where
+    nothing serves."""
+    serving = cluster.replicas[1]  # the one the drain test left running
+    for port, expected in ((serving.address.rsplit(":", 1)[1], 0), (str(free_port()), 1)):
+        result = run(
+            sys.executable,
+            str(DEPLOY / "healthcheck.py"),
+            check=False,
+            env={**os.environ, "MAGISTREAM_PORT": port},
+        )
+        assert result.returncode == expected, result.stderr
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def request(session_id: str, chunks: int = 0) -> pb.GenerateRequest:
+    """A 64x64 session, by default unbounded: it runs until cancelled, so a test never races
+    its end."""
+    return pb.GenerateRequest(
+        session_id=session_id,
+        timeline=[pb.TimelineEntry(from_chunk=0, text=PROMPT)],
+        num_chunks=chunks,
+        width_px=64,
+        height_px=64,
+        seed=1,
+    )
+
+
+@dataclass
+class SteerResult:
+    echoed: str
+    ack: pb.PromptAck
+    info: pb.SessionInfo
+    cancelled: int
+    chunks: list[pb.Chunk]
+    finished: int
+
+
+def steered_session(cluster: Cluster, sid: str) -> SteerResult:
+    """Start a session through nginx, steer it, read it back, cancel it once the steered
+    chunk arrived: every call carries the session's id header."""
+    api, md = cluster.api, ((HEADER, sid),)
+    call = api.StreamGenerate(request(sid), metadata=md, timeout=60)
+    echoed = dict(call.initial_metadata()).get(HEADER, "")
+    ack = info = cancelled = finished = None
+    chunks = []
+    for event in call:
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            ack = api.UpdatePrompt(
+                pb.PromptUpdate(session_id=sid, text=f"steer {sid}"), metadata=md, timeout=10
+            )
+        elif kind == "chunk":
+            chunks.append(event.chunk)
+            if event.chunk.chunk_index == ack.from_chunk:
+                info = api.GetSession(pb.GetSessionRequest(session_id=sid), metadata=md, timeout=10)
+                cancelled = api.CancelSession(
+                    pb.CancelSessionRequest(session_id=sid), metadata=md, timeout=10
+                ).state
+        elif kind == "finished":
+            finished = event.finished.state
+    return SteerResult(echoed, ack, info, cancelled, chunks, finished)
+
+
+class Stream:
+    """A StreamGenerate through nginx read on a thread, for tests that act while it runs."""
+
+    def __init__(self, cluster: Cluster, sid: str) -> None:
+        self.sid = sid
+        self.chunks: list[pb.Chunk] = []
+        self.finished: pb.SessionFinished | None = None
+        self.code = grpc.StatusCode.OK
+        self.call = cluster.api.StreamGenerate(request(sid), metadata=((HEADER, sid),), timeout=60)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                if event.HasField("chunk"):
+                    self.chunks.append(event.chunk)
+                elif event.HasField("finished"):
+                    self.finished = event.finished
+        except grpc.RpcError as e:
+            self.code = e.code()
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                .status
+            )
+        except grpc.RpcError:
+            return -1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def can_connect(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
