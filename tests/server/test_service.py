@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from proto import video_generation_pb2 as pb
+from server import media
 from tests.server.conftest import wait_for
 from tests.server.helpers import (
     PROMPT,
@@ -170,15 +171,33 @@ async def test_interact_refuses_a_malformed_sequence(api):
     assert "must be start" in info.value.details()
 
 
+PNG_BOMB = (
+    media.PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR" + (50_000).to_bytes(4, "big") * 2 + bytes(100)
+)
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
         ({"width_px": 100}, "width_px"),
+        ({"height_px": 512}, "height_px"),
         ({"num_chunks": 2, "timeline": [pb.TimelineEntry(text="")]}, "timeline[0].text"),
+        ({"timeline": [pb.TimelineEntry(text="x" * 201)]}, "timeline[0].text"),
         ({"image": b"not an image"}, "image"),
+        ({"image": PNG_BOMB}, "image"),  # 50000 x 50000 px claimed in the header
+        ({"prefix_video": b"not an mp4 at all"}, "prefix_video"),
         ({"model": "nope"}, "model"),
         ({"mode": pb.GENERATION_MODE_V2V}, "mode"),
+        ({"mode": 9}, "mode"),
+        ({"output_encoding": 7}, "output_encoding"),
+        ({"session_id": "bad id!"}, "session_id"),
         ({"sampling": pb.Sampling(num_steps=6)}, "sampling.num_steps"),
+        ({"sampling": pb.Sampling(num_steps=1000)}, "sampling.num_steps"),
+        ({"sampling": pb.Sampling(text_guidance_scales=[1.0])}, "sampling.text_guidance_scales"),
+        (
+            {"sampling": pb.Sampling(shortcut_mode=pb.SHORTCUT_MODE_16_16_8)},
+            "sampling.shortcut_mode",
+        ),
     ],
 )
 async def test_invalid_requests_name_the_field_and_leave_running_sessions_alone(
