@@ -261,14 +261,32 @@ class TransformerLayer(nn.Module):
     def forward(
         self, h: Tensor, gates: Tensor, p: _Packed, layer: int, backend: AttentionBackend
     ) -> Tensor:
+        """One layer over the packed sequence (S, D). The three steps are separate methods so
+        model/parallel.py can run the same layer with its all-to-alls around self-attention."""
+        a, q, k, v = self.attention_inputs(h, p.rope)
+        o_sa = self.self_attend(q, k, v, p, layer, backend)
+        rows = gates[p.token_gates_row]
+        return self.finish(h, a, o_sa, rows, p.chunk_spans, p.text, p.text_spans, backend)
+
+    def attention_inputs(self, h: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Shared pre-LayerNorm `a` (S, D) and the self-attention q (S, Hq, hd), k and v
+        (S, G, hd); q and k QK-normed and rotated in fp32."""
         sa = self.self_attention
-        a = sa.linear_qkv.layer_norm(h)  # (S, D), shared by self- and cross-attention
-        # self-attention: queries and this forward's keys, then each group's cache in front
-        q = sa.qk(sa.linear_qkv.q, sa.q_layernorm, a, p.rope)
-        k = sa.qk(sa.linear_qkv.k, sa.k_layernorm, a, p.rope)
+        a = sa.linear_qkv.layer_norm(h)
+        q = sa.qk(sa.linear_qkv.q, sa.q_layernorm, a, rope)
+        k = sa.qk(sa.linear_qkv.k, sa.k_layernorm, a, rope)
         v = sa.linear_qkv.v(a).reshape(a.shape[0], -1, sa.hd)
-        # all groups' key sequences packed one after another, each chunk's key range shifted to
-        # its group's place, so one backend call covers every chunk of every session
+        return a, q, k, v
+
+    def self_attend(
+        self, q: Tensor, k: Tensor, v: Tensor, p: _Packed, layer: int, backend: AttentionBackend
+    ) -> Tensor:
+        """Block-causal attention of every chunk over its group's `cache ++ forward` keys.
+
+        All groups' key sequences are packed one after another, each chunk's key range shifted
+        to its group's place, so one backend call covers every chunk of every session. The
+        chunks that ask for it have their K|V written to their group's cache first."""
+        hd = self.self_attention.hd
         kv_parts, k_ranges, offset = [], [], 0
         for g, group in enumerate(p.groups):
             s0, s1 = p.group_spans[g]
@@ -281,22 +299,36 @@ class TransformerLayer(nn.Module):
             kv_parts.append(kv)
             k_ranges += [(offset + c.k_range[0], offset + c.k_range[1]) for c in group.chunks]
             offset += kv.shape[0]
-        keys, values = torch.cat(kv_parts).split(sa.hd, dim=-1)
-        o_sa = backend.ranged(q, keys, values, p.chunk_spans, k_ranges)
-        # cross-attention: each chunk's queries over its own caption tokens
-        qx = sa.linear_qkv.qx(a).reshape(a.shape[0], -1, sa.hd)
-        qx = sa.q_layernorm_xattn(qx)
-        kx, vx = sa.cross_kv(p.text)
-        o_xa = backend.ranged(qx, kx, vx, p.chunk_spans, p.text_spans)
-        # output projection over the [SA_0, XA_0, ..., SA_7, XA_7] interleave (§3.9)
+        keys, values = torch.cat(kv_parts).split(hd, dim=-1)
+        return backend.ranged(q, keys, values, p.chunk_spans, k_ranges)
+
+    def finish(
+        self,
+        h: Tensor,
+        a: Tensor,
+        o_sa: Tensor,
+        gate_rows: Tensor,
+        chunk_spans: list[tuple[int, int]],
+        text: Tensor,
+        text_spans: list[tuple[int, int]],
+        backend: AttentionBackend,
+    ) -> Tensor:
+        """Cross-attention, the projection, the gated residuals and the MLP, token-wise:
+        `chunk_spans` are the query tokens of each chunk within `h`, `gate_rows` (S, 2D)."""
+        sa = self.self_attention
         s = h.shape[0]
+        # cross-attention: each chunk's queries over its own caption tokens
+        qx = sa.q_layernorm_xattn(sa.linear_qkv.qx(a).reshape(s, -1, sa.hd))
+        kx, vx = sa.cross_kv(text)
+        o_xa = backend.ranged(qx, kx, vx, chunk_spans, text_spans)
+        # output projection over the [SA_0, XA_0, ..., SA_7, XA_7] interleave (§3.9)
         o = torch.cat([o_sa.reshape(s, -1), o_xa.reshape(s, -1)], dim=-1)
         o = o.reshape(s, 2, LINEAR_PROJ_BLOCKS, -1).transpose(1, 2).reshape(s, -1)
         if isinstance(sa.linear_proj, nn.Linear):
             o = F.linear(o.float(), sa.linear_proj.weight.float())  # fp32 autocast officially
         else:
             o = sa.linear_proj(o)
-        gate_msa, gate_mlp = gates[p.token_gates_row].chunk(2, dim=-1)
+        gate_msa, gate_mlp = gate_rows.chunk(2, dim=-1)
         h = _gate_add(o, h, gate_msa, self.self_attn_post_norm)
         return _gate_add(self.mlp(h), h, gate_mlp, self.mlp_post_norm)
 

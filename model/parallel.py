@@ -1,0 +1,303 @@
+"""Ulysses context parallelism for the packed DiT forward (reference §7.1, `cp_ulysses`).
+
+The model stays single-device: this module drives `VideoDiT`'s own submodules and weights from
+outside, and is the plain `model(groups)` when the world size is 1 (no process group needed).
+
+With `N` ranks, every rank holds all weights and runs the same `ulysses_forward(model, groups,
+process_group)` on the same chunk groups. After embedding, the packed token sequence (all groups,
+all chunks, length S) is split contiguously: rank r owns tokens `shard_bounds(S, N)[r]`, the first
+`S mod N` ranks one extra. Per layer each rank runs every per-token op (pre-LN, Q/K/V/Qx
+projections, QK-norm, RoPE, cross-attention, output projection, gates, MLP) on its slice only.
+Self-attention is the only place tokens meet: one all-to-all turns Q|K|V from
+`(own tokens, all heads)` into `(all tokens, own heads)`, the rank runs the ranged attention of
+every chunk over the full key sequences for its `Hq/N` query heads and `G/N` KV groups (KV heads
+repeated first when `N > G`), and a second all-to-all brings the outputs back to the token split.
+The KV cache is written and read after the first all-to-all, so each rank's cache holds its own
+KV heads for the full sequence (`(Np, max(G, N)/N, 2hd)` per chunk and layer). After the final
+linear the outputs are all-gathered along the sequence, so every rank returns all velocities.
+
+Head split: rank r owns query heads `[r Hq/N, (r+1) Hq/N)`; with GQA (head h reads group
+`h // (Hq/G)`) these read groups `[r G/N, (r+1) G/N)` when `N <= G`, or the single group
+`r // (N/G)` when `N > G`, which is repeated head `r` of `repeat_interleave(N/G)`. Needs `Hq % N ==
+0` and `G % N == 0` or `N % G == 0`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.dit import ChunkGroup, TransformerLayer, VideoDiT
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent to other ranks (its own share of an all-to-all is not counted)."""
+
+    qkv_all_to_all: int = 0  # per forward, all layers: Q|K|V, token split -> head split
+    out_all_to_all: int = 0  # per forward, all layers: attention output, head split -> token
+    output_all_gather: int = 0  # per forward: the final-linear output of this rank's tokens
+    layers: int = 0
+    per_layer: list[int] = field(default_factory=list)  # QKV + out bytes of each layer
+
+    @property
+    def total(self) -> int:
+        return self.qkv_all_to_all + self.out_all_to_all + self.output_all_gather
+
+
+def shard_bounds(length: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous split of `length` tokens; the first `length % world_size` ranks get one more."""
+    base, extra = divmod(length, world_size)
+    bounds, start = [], 0
+    for r in range(world_size):
+        size = base + (1 if r < extra else 0)
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def check_head_split(num_heads: int, num_groups: int, world_size: int) -> None:
+    if num_heads % world_size:
+        raise ValueError(f"{num_heads} query heads do not split over {world_size} ranks")
+    if num_groups % world_size and world_size % num_groups:
+        raise ValueError(
+            f"{num_groups} KV groups and {world_size} ranks: one must divide the other"
+        )
+
+
+def local_kv_heads(kv: Tensor, world_size: int) -> Tensor:
+    """(s, G, hd) -> (s, max(G, N), hd): KV heads repeated (contiguously) when N > G, so that an
+    even split over N ranks gives each rank the group(s) its query heads read."""
+    groups = kv.shape[1]
+    if world_size > groups:
+        return kv.repeat_interleave(world_size // groups, dim=1)
+    return kv
+
+
+def seq_to_heads(x: Tensor, sizes: list[int], group: dist.ProcessGroup) -> Tensor:
+    """All-to-all `(s_r, N*h, hd) -> (S, h, hd)`: from this rank's tokens with all heads to all
+    tokens with this rank's heads. `sizes` are every rank's token counts."""
+    n = len(sizes)
+    s, heads, hd = x.shape
+    send = x.reshape(s, n, heads // n, hd).transpose(0, 1).contiguous()  # (N, s_r, h, hd)
+    recv = x.new_empty(sum(sizes), heads // n, hd)
+    dist.all_to_all_single(recv, send.reshape(n * s, heads // n, hd), sizes, [s] * n, group=group)
+    return recv
+
+
+def heads_to_seq(x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGroup) -> Tensor:
+    """The inverse of `seq_to_heads`: `(S, h, hd) -> (s_r, N*h, hd)`, heads in rank order."""
+    n = len(sizes)
+    _, h, hd = x.shape
+    s = sizes[rank]
+    recv = x.new_empty(n * s, h, hd)
+    dist.all_to_all_single(recv, x.contiguous(), [s] * n, sizes, group=group)
+    return recv.reshape(n, s, h, hd).transpose(0, 1).reshape(s, n * h, hd)
+
+
+def _local_spans(
+    spans: list[tuple[int, int]], lo: int, hi: int
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The parts of packed spans inside `[lo, hi)`, shifted to the slice; and which spans."""
+    out, which = [], []
+    for i, (a, b) in enumerate(spans):
+        a, b = max(a, lo), min(b, hi)
+        if b > a:
+            out.append((a - lo, b - lo))
+            which.append(i)
+    return out, which
+
+
+@dataclass
+class _ShardContext:
+    group: dist.ProcessGroup | None
+    world: int
+    rank: int
+    sizes: list[int]
+    lo: int
+    hi: int
+    chunk_spans: list[tuple[int, int]]  # local pieces of chunks, in slice coordinates
+    text_spans: list[tuple[int, int]]  # their caption rows
+    stats: CommStats | None
+
+    def count(self, kind: str, x: Tensor, rows: int, exclude_own: bool = True) -> None:
+        """Add the bytes of `rows` rows of `x` sent to other ranks (`exclude_own`: `x` goes to
+        all N ranks evenly, own share excluded; else `rows` are exactly the rows sent away)."""
+        if self.stats is None:
+            return
+        row = x[0].numel() * x.element_size() if x.shape[0] else 0
+        sent = rows * row * (self.world - 1) // self.world if exclude_own else rows * row
+        setattr(self.stats, kind, getattr(self.stats, kind) + sent)
+        if kind == "qkv_all_to_all":
+            self.stats.per_layer.append(sent)
+        else:
+            self.stats.per_layer[-1] += sent
+
+
+def _layer_forward(
+    layer: TransformerLayer,
+    h: Tensor,
+    gates: Tensor,
+    p,  # model.dit._Packed of the whole forward
+    index: int,
+    model: VideoDiT,
+    ctx: _ShardContext,
+) -> Tensor:
+    """`TransformerLayer.forward` on this rank's token slice `h` (s_r, D); self-attention runs
+    on the full sequence for this rank's heads between two all-to-alls."""
+    sa = layer.self_attention
+    n, rank, lo, hi = ctx.world, ctx.rank, ctx.lo, ctx.hi
+    a, q, k, v = layer.attention_inputs(h, p.rope[lo:hi])  # q (s_r, Hq, hd)
+    k, v = local_kv_heads(k, n), local_kv_heads(v, n)
+    # one fused all-to-all: per destination rank, [its query heads | its K heads | its V heads]
+    s, hq, gk = q.shape[0], q.shape[1], k.shape[1]
+    qkv = torch.cat(
+        [
+            q.reshape(s, n, hq // n, sa.hd),
+            k.reshape(s, n, gk // n, sa.hd),
+            v.reshape(s, n, gk // n, sa.hd),
+        ],
+        dim=2,
+    ).reshape(s, -1, sa.hd)
+    full = seq_to_heads(qkv, ctx.sizes, ctx.group)  # (S, Hq/N + 2 G'/N, hd)
+    ctx.count("qkv_all_to_all", qkv, s)
+    q_full, k_full, v_full = full.split([hq // n, gk // n, gk // n], dim=1)
+    # exactly the single-rank self-attention, with this rank's heads over the full sequence
+    o_full = layer.self_attend(q_full.contiguous(), k_full, v_full, p, index, model.backend)
+    o_sa = heads_to_seq(o_full, ctx.sizes, rank, ctx.group)  # (s_r, Hq, hd)
+    ctx.count("out_all_to_all", o_full, o_full.shape[0] - s, exclude_own=False)
+    rows = gates[p.token_gates_row[lo:hi]]
+    return layer.finish(h, a, o_sa, rows, ctx.chunk_spans, p.text, ctx.text_spans, model.backend)
+
+
+@torch.inference_mode()
+def ulysses_forward(
+    model: VideoDiT,
+    groups: list[ChunkGroup],
+    process_group: dist.ProcessGroup | None = None,
+    stats: CommStats | None = None,
+) -> list[list[Tensor]]:
+    """`model(groups)` computed by all ranks of `process_group` together (every rank calls it
+    with the same groups; each rank's caches receive only its KV heads). Returns the velocities
+    on every rank. World size 1 (or no process group) is exactly `model(groups)`."""
+    world = 1 if process_group is None else dist.get_world_size(process_group)
+    if world == 1:
+        return model(groups)
+    cfg = model.cfg
+    check_head_split(cfg.num_attention_heads, cfg.num_query_groups, world)
+    rank = dist.get_rank(process_group)
+    chunks = [c for g in groups for c in g.chunks]
+    # embeddings, RoPE, condition, captions: cheap, computed in full on every rank (replicated)
+    tokens, grids = model._embed_latents(chunks)
+    rope = model._rope_tables(chunks, grids)
+    condition = model._condition(chunks)
+    gates_rows = torch.repeat_interleave(
+        torch.arange(len(chunks)), torch.tensor([t.shape[0] for t in tokens])
+    )
+    text, text_spans = model._caption_tokens(chunks)
+    packed = model._pack(groups, tokens, rope, gates_rows, text, text_spans)
+    bounds = shard_bounds(rope.shape[0], world)
+    lo, hi = bounds[rank]
+    local_chunks, which = _local_spans(packed.chunk_spans, lo, hi)
+    ctx = _ShardContext(
+        group=process_group,
+        world=world,
+        rank=rank,
+        sizes=[b - a for a, b in bounds],
+        lo=lo,
+        hi=hi,
+        chunk_spans=local_chunks,
+        text_spans=[text_spans[i] for i in which],
+        stats=stats,
+    )
+    h = torch.cat(tokens)[lo:hi].to(cfg.dtype)
+    for i, layer in enumerate(model.videodit_blocks.layers):
+        gates = layer.ada_modulate_layer(condition)
+        h = _layer_forward(layer, h, gates, packed, i, model, ctx)
+        if stats is not None:
+            stats.layers += 1
+    h = model.videodit_blocks.final_layernorm(h.float())
+    out = F.linear(h.float(), model.final_linear.linear.weight.float())  # (s_r, out)
+    # all-gather along the sequence (uneven shards: pad to the largest)
+    width, biggest = out.shape[1], max(ctx.sizes)
+    padded = out.new_zeros(biggest, width)
+    padded[: out.shape[0]] = out
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=process_group)
+    if stats is not None:
+        stats.output_all_gather += out.numel() * out.element_size() * (world - 1)
+    out = torch.cat([g[:size] for g, size in zip(gathered, ctx.sizes, strict=True)])
+    velocities = [
+        model._unpatchify(out[s0:s1], grid)
+        for (s0, s1), grid in zip(packed.chunk_spans, grids, strict=True)
+    ]
+    result, i = [], 0
+    for g in groups:
+        result.append(velocities[i : i + len(g.chunks)])
+        i += len(g.chunks)
+    return result
+
+
+def qkv_bytes_per_layer(
+    tokens: int,
+    num_heads: int,
+    num_groups: int,
+    head_dim: int,
+    world_size: int,
+    element_size: int,
+) -> int:
+    """Bytes all ranks together send to other ranks in one layer: Q|K|V there, outputs back."""
+    if world_size == 1:
+        return 0
+    kv_heads = max(num_groups, world_size)
+    per_token = (num_heads + 2 * kv_heads + num_heads) * head_dim * element_size
+    return tokens * per_token * (world_size - 1) // world_size
+
+
+# --- launching ranks -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(
+    rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple
+) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, dist.group.WORLD, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run `fn(rank, world_size, process_group, *args)` on `world_size` local CPU ranks (gloo,
+    spawned processes, one thread each) and return every rank's result. `fn` must be picklable
+    (a module-level function)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(
+            _rank_main,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]

@@ -1,0 +1,110 @@
+"""Ulysses context parallelism: N gloo ranks on CPU give the single-rank velocities, with and
+without reading a KV cache written by an earlier parallel forward; world size 1 is the plain
+forward."""
+
+from __future__ import annotations
+
+import torch
+
+from model import parallel
+from model.checkpoint import random_dit
+from model.config import get_preset
+from model.dit import ChunkGroup, ChunkInput
+from model.kv_cache import KVCache
+from tests.model.test_kv_cache import CHUNK_FRAMES, clean_chunk, window_chunks
+
+NP = CHUNK_FRAMES * 4 * 4  # tokens of one 64x64 chunk (8x8 latent, 2x2 patches)
+
+
+def lone_chunk(gen: torch.Generator) -> ChunkInput:
+    """An uncond-style chunk in a group of its own; 6x10 latent so that the packed sequence
+    (5 * 96 + 90 = 570 tokens) splits unevenly over 4 ranks and chunks straddle rank borders."""
+    return ChunkInput(
+        latent=torch.randn(16, CHUNK_FRAMES, 6, 10, generator=gen),
+        t=0.3,
+        caption=torch.zeros(0, 64),
+        caption_dropped=True,
+        rope_frame=0,
+        rope_frames_total=CHUNK_FRAMES,
+        k_range=(0, CHUNK_FRAMES * 3 * 5),
+    )
+
+
+def two_forwards(rank: int, world: int, group) -> dict:
+    """Forward 1: clean chunk 0 (writing the cache) + chunks 1..4 in flight, and a lone chunk;
+    forward 2: new chunks 1..4 reading chunk 0 from the cache. Same inputs on every rank."""
+    torch.manual_seed(0)
+    model = random_dit(get_preset("tiny"), seed=0).eval()
+    gen = torch.Generator().manual_seed(7)
+    cache = KVCache(num_layers=3)
+    first = [
+        ChunkGroup(
+            [clean_chunk(gen, NP, cache_index=0)] + window_chunks(gen, NP, offset_chunks=1),
+            cache=cache,
+        ),
+        ChunkGroup([lone_chunk(gen)]),
+    ]
+    stats = parallel.CommStats()
+    out1 = parallel.ulysses_forward(model, first, group, stats=stats)
+    second = [ChunkGroup(window_chunks(gen, NP, offset_chunks=1), cache=cache, cached_chunks=[0])]
+    out2 = parallel.ulysses_forward(model, second, group)
+    return {
+        "out1": out1,
+        "out2": out2,
+        "cache_shape": tuple(cache.read(0, [0]).shape),
+        "stats": stats,
+    }
+
+
+def reference() -> dict:
+    """The plain single-process forward."""
+    return two_forwards(0, 1, None)
+
+
+def assert_matches(got: dict, want: dict) -> None:
+    for key in ("out1", "out2"):
+        for g_group, w_group in zip(got[key], want[key], strict=True):
+            for g, w in zip(g_group, w_group, strict=True):
+                assert g.shape == w.shape
+                assert float((g - w).abs().max()) < 1e-5
+
+
+def test_world_size_one_is_the_plain_forward():
+    model = random_dit(get_preset("tiny"), seed=0).eval()
+    gen = torch.Generator().manual_seed(3)
+    groups = [ChunkGroup([lone_chunk(gen)])]
+    a = parallel.ulysses_forward(model, groups)[0][0]
+    b = model(groups)[0][0]
+    assert torch.equal(a, b)
+
+
+def test_shard_bounds_give_first_ranks_the_extra_tokens():
+    assert parallel.shard_bounds(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert parallel.shard_bounds(8, 2) == [(0, 4), (4, 8)]
+
+
+def test_two_and_four_ranks_equal_one_rank():
+    """N = 2 (2 KV groups per rank) and N = 4 (G/N = 1): velocities of both forwards match,
+    each rank caches G/N KV heads, and the bytes sent match the formula."""
+    want = reference()
+    tiny = get_preset("tiny").model_config
+    for world in (2, 4):
+        results = parallel.launch(two_forwards, world)
+        for rank, got in enumerate(results):
+            assert_matches(got, want)
+            assert got["cache_shape"] == (NP, 4 // world, 2 * 16), (world, rank)
+        sent = sum(r["stats"].qkv_all_to_all + r["stats"].out_all_to_all for r in results)
+        per_layer = parallel.qkv_bytes_per_layer(
+            570, tiny.num_attention_heads, tiny.num_query_groups, tiny.kv_channels, world, 4
+        )
+        assert sent == tiny.num_layers * per_layer
+        assert results[0]["stats"].per_layer == [results[0]["stats"].per_layer[0]] * 3
+
+
+def test_eight_ranks_repeat_kv_heads():
+    """N = 8 > G = 4: every rank gets one query head and one repeated KV head."""
+    want = reference()
+    results = parallel.launch(two_forwards, 8)
+    for got in results:
+        assert_matches(got, want)
+        assert got["cache_shape"] == (NP, 1, 2 * 16)
