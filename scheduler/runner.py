@@ -259,7 +259,10 @@ class ModelRunner:
                 v_c = velocities[a.first_group + a.roles["ctx_null"][0]][offset + m]
                 v_u = velocities[a.first_group + a.roles["uncond"][m]][0]
                 s_p, s_t = cfg_scales(
-                    float(grid[k]), rc.cfg_t_range, rc.prev_chunk_scales, rc.text_scales
+                    float(grid[k]),
+                    rc.cfg_t_range,
+                    params.prev_chunk_scales or rc.prev_chunk_scales,
+                    params.text_scales or rc.text_scales,
                 )
                 v = mix_cfg(v_u, v_c, v_ct, s_p, s_t)
             else:

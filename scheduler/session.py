@@ -44,6 +44,8 @@ class SessionParams:
     video: Tensor | None = None  # v2v: uint8 (T, H, W, 3) at 24 fps, scaled; its last frames
     num_steps: int | None = None  # override of runtime_config.num_steps
     shortcut_mode: str | None = None  # override of engine_config.shortcut_mode (12 steps)
+    text_scales: tuple[float, ...] | None = None  # override of runtime_config.text_scales
+    prev_chunk_scales: tuple[float, ...] | None = None  # override of prev_chunk_scales
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -23,12 +23,18 @@ def timeline(entries: tuple[tuple[int, str, int], ...]) -> list[pb.TimelineEntry
     return [pb.TimelineEntry(from_chunk=f, text=t, version=v) for f, t, v in entries]
 
 
-def sampling(model: ServedModel, num_steps: int, shortcut_mode: str) -> pb.Sampling:
+def sampling(
+    model: ServedModel,
+    num_steps: int,
+    shortcut_mode: str,
+    text_scales: tuple[float, ...] | None = None,
+    prev_chunk_scales: tuple[float, ...] | None = None,
+) -> pb.Sampling:
     rc = model.config.runtime_config
     return pb.Sampling(
         num_steps=num_steps,
-        text_guidance_scales=rc.text_scales,
-        prev_chunk_guidance_scales=rc.prev_chunk_scales,
+        text_guidance_scales=text_scales or rc.text_scales,
+        prev_chunk_guidance_scales=prev_chunk_scales or rc.prev_chunk_scales,
         shortcut_mode=_SHORTCUT_ENUM.get(shortcut_mode, pb.SHORTCUT_MODE_UNSPECIFIED),
     )
 
@@ -45,7 +51,9 @@ def session_params(session: LiveSession, model: ServedModel) -> pb.SessionParams
         fps=model.fps,
         frames_per_chunk=model.frames_per_chunk,
         seed=session.seed,
-        sampling=sampling(model, spec.num_steps, spec.shortcut_mode),
+        sampling=sampling(
+            model, spec.num_steps, spec.shortcut_mode, spec.text_scales, spec.prev_chunk_scales
+        ),
         cfg_number=model.config.runtime_config.cfg_number,
         output_encoding=spec.output_encoding,
         timeline=timeline(initial),

@@ -28,6 +28,8 @@ class OpenSession:
     video: np.ndarray | None = None  # v2v: uint8 (T, H, W, 3) at the model fps, scaled
     num_steps: int | None = None  # None = the model's default
     shortcut_mode: str | None = None  # None = the model's default
+    text_scales: tuple[float, ...] | None = None  # None = the model's CFG text scales
+    prev_chunk_scales: tuple[float, ...] | None = None  # None = the model's
 
 
 @dataclass(frozen=True)

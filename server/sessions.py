@@ -352,4 +352,6 @@ def _open_command(
         video=video,
         num_steps=spec.num_steps,
         shortcut_mode=spec.shortcut_mode,
+        text_scales=spec.text_scales,
+        prev_chunk_scales=spec.prev_chunk_scales,
     )

@@ -69,6 +69,8 @@ class GenerateSpec:
     seed: int | None  # None = the server picks one
     num_steps: int
     shortcut_mode: str  # engine form, e.g. "8,16,16"
+    text_scales: tuple[float, ...] | None  # None = the model's
+    prev_chunk_scales: tuple[float, ...] | None  # None = the model's
     output_encoding: int  # pb.OutputEncoding, UNSPECIFIED resolved
     image: bytes | None = None  # I2V, header already checked
     video: bytes | None = None  # V2V, header already checked
@@ -98,6 +100,7 @@ def parse_generate(request: pb.GenerateRequest, model: ServedModel, limits: Limi
     num_chunks = _num_chunks(request.num_chunks, limits)
     width, height = _size(request, model, limits)
     num_steps, shortcut = _sampling(request.sampling, model, limits)
+    text_scales, prev_scales = _guidance_scales(request.sampling, model)
     image = video = None
     if mode == "i2v":
         image = _media(request.image, "image", limits.max_image_bytes, limits, media.probe_image)
@@ -115,6 +118,8 @@ def parse_generate(request: pb.GenerateRequest, model: ServedModel, limits: Limi
         seed=request.seed if request.HasField("seed") else None,
         num_steps=num_steps,
         shortcut_mode=shortcut,
+        text_scales=text_scales,
+        prev_chunk_scales=prev_scales,
         output_encoding=_encoding(request.output_encoding, width, height),
         image=image,
         video=video,
@@ -178,11 +183,6 @@ def _sampling(sampling: pb.Sampling, model: ServedModel, limits: Limits) -> tupl
             f"{steps} is not allowed; use a multiple of "
             f"{quantum} in {quantum}..{limits.max_num_steps} (0 = {rc.num_steps})",
         )
-    for field, default in (
-        ("text_guidance_scales", rc.text_scales),
-        ("prev_chunk_guidance_scales", rc.prev_chunk_scales),
-    ):
-        _guidance(f"sampling.{field}", list(getattr(sampling, field)), default, rc.cfg_number)
     if sampling.shortcut_mode == pb.SHORTCUT_MODE_UNSPECIFIED:
         return steps, ec.shortcut_mode
     if sampling.shortcut_mode not in SHORTCUT_MODES:
@@ -195,9 +195,25 @@ def _sampling(sampling: pb.Sampling, model: ServedModel, limits: Limits) -> tupl
     return steps, SHORTCUT_MODES[sampling.shortcut_mode]
 
 
-def _guidance(field: str, values: list[float], default: tuple[float, ...], cfg_number: int) -> None:
+def _guidance_scales(
+    sampling: pb.Sampling, model: ServedModel
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """Per-request CFG scales (one per cfg_t_range entry), or None for the model's."""
+    rc = model.config.runtime_config
+    return tuple(
+        _guidance(f"sampling.{field}", list(getattr(sampling, field)), default, rc.cfg_number)
+        for field, default in (
+            ("text_guidance_scales", rc.text_scales),
+            ("prev_chunk_guidance_scales", rc.prev_chunk_scales),
+        )
+    )
+
+
+def _guidance(
+    field: str, values: list[float], default: tuple[float, ...], cfg_number: int
+) -> tuple[float, ...] | None:
     if not values:
-        return
+        return None
     if cfg_number != 3:
         raise InvalidRequest(
             field, "this model is distilled (one forward, no guidance); leave it empty"
@@ -207,13 +223,7 @@ def _guidance(field: str, values: list[float], default: tuple[float, ...], cfg_n
             field,
             f"give {len(default)} finite values >= 0, one per cfg_t_range entry, or leave it empty",
         )
-    if any(abs(v - d) > 1e-6 for v, d in zip(values, default, strict=True)):
-        # The engine takes the model's scales only, for now; refuse rather than ignore.
-        raise InvalidRequest(
-            field,
-            f"per-request guidance scales are not supported yet; "
-            f"leave it empty for the model's {list(default)}",
-        )
+    return tuple(values)
 
 
 def _encoding(value: int, width: int, height: int) -> int:

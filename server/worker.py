@@ -157,6 +157,8 @@ class WorkerLoop:
                 video=None if cmd.video is None else torch.from_numpy(cmd.video),
                 num_steps=cmd.num_steps,
                 shortcut_mode=cmd.shortcut_mode,
+                text_scales=cmd.text_scales,
+                prev_chunk_scales=cmd.prev_chunk_scales,
             )
             self.engine.open(params)
         except RequestTooLarge as e:  # can never fit the budget: retrying will not help

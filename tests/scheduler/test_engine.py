@@ -224,3 +224,15 @@ def test_distilled_model_runs_the_one_forward_path(tiny_distill_model):
     done = engine.run_until_idle()
     assert [d.chunk_index for d in done] == [0, 1]
     assert all(torch.isfinite(d.latent).all() for d in done)
+
+
+def test_per_session_guidance_scales_override_the_models(tiny_model):
+    rc = tiny_model.config.runtime_config
+    base = alone(tiny_model, params("a", chunks=1))
+    same = alone(
+        tiny_model,
+        params("b", chunks=1, text_scales=rc.text_scales, prev_chunk_scales=rc.prev_chunk_scales),
+    )
+    other = alone(tiny_model, params("c", chunks=1, text_scales=(1.0, 1.0, 1.0, 0.0, 0.0)))
+    assert torch.equal(base[0], same[0])
+    assert not torch.allclose(base[0], other[0])

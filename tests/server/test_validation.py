@@ -103,6 +103,14 @@ def _timeline(req: pb.GenerateRequest, entries) -> pb.GenerateRequest:
     return out
 
 
+def test_guidance_scales_are_taken_per_request_on_a_cfg3_model():
+    req = request()
+    req.sampling.text_guidance_scales.extend([1.0, 1.0, 1.0, 0.0, 0.0])
+    spec = parse_generate(req, TINY, LIMITS)
+    assert spec.text_scales == (1.0, 1.0, 1.0, 0.0, 0.0) and spec.prev_chunk_scales is None
+    assert parse_generate(request(), TINY, LIMITS).text_scales is None
+
+
 def test_guidance_scales_are_refused_on_a_distilled_model():
     req = request()
     req.sampling.text_guidance_scales.extend([1.0] * 5)
