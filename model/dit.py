@@ -408,7 +408,22 @@ class VideoDiT(nn.Module):
     @torch.inference_mode()
     def forward(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
         """Velocities, per group per chunk, each (C_out, T, H, W) fp32."""
-        cfg = self.cfg
+        tokens, grids, condition, packed = self.prepare(groups)
+        # 5. transformer layers over the packed sequence (S, D)
+        h = torch.cat(tokens).to(self.cfg.dtype)
+        for i, layer in enumerate(self.videodit_blocks.layers):
+            gates = layer.ada_modulate_layer(condition)
+            h = layer(h, gates, packed, i, self.backend)
+        h = self.videodit_blocks.final_layernorm(h.float())
+        # 6. final linear (fp32), then unpatchify per chunk
+        out = F.linear(h.float(), self.final_linear.linear.weight.float())
+        return self.velocities(out, grids, packed, groups)
+
+    def prepare(
+        self, groups: list[ChunkGroup]
+    ) -> tuple[list[Tensor], list[tuple[int, int, int]], Tensor, _Packed]:
+        """Sections 1-4: per-chunk tokens (fp32) and grids, the condition rows, and the packed
+        bookkeeping every layer shares (also what model/parallel.py starts from)."""
         chunks = [c for g in groups for c in g.chunks]
         # 1. x_embedder: each chunk (C, T, H, W) -> tokens (T*Hp*Wp, D), in fp32
         tokens, grids = self._embed_latents(chunks)
@@ -420,15 +435,21 @@ class VideoDiT(nn.Module):
             torch.arange(len(chunks)), torch.tensor([t.shape[0] for t in tokens])
         )
         text, text_spans = self._caption_tokens(chunks)
-        packed = self._pack(groups, tokens, rope, gates_rows, text, text_spans)
-        # 5. transformer layers over the packed sequence (S, D)
-        h = torch.cat(tokens).to(cfg.dtype)
-        for i, layer in enumerate(self.videodit_blocks.layers):
-            gates = layer.ada_modulate_layer(condition)
-            h = layer(h, gates, packed, i, self.backend)
-        h = self.videodit_blocks.final_layernorm(h.float())
-        # 6. final linear (fp32) and unpatchify per chunk
-        out = F.linear(h.float(), self.final_linear.linear.weight.float())
+        return (
+            tokens,
+            grids,
+            condition,
+            self._pack(groups, tokens, rope, gates_rows, text, text_spans),
+        )
+
+    def velocities(
+        self,
+        out: Tensor,
+        grids: list[tuple[int, int, int]],
+        packed: _Packed,
+        groups: list[ChunkGroup],
+    ) -> list[list[Tensor]]:
+        """The final linear's output (S, pT*pH*pW*C) unpatchified per chunk, grouped as given."""
         velocities = [
             self._unpatchify(out[s0:s1], grid)
             for (s0, s1), grid in zip(packed.chunk_spans, grids, strict=True)

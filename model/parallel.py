@@ -195,17 +195,9 @@ def ulysses_forward(
     cfg = model.cfg
     check_head_split(cfg.num_attention_heads, cfg.num_query_groups, world)
     rank = dist.get_rank(process_group)
-    chunks = [c for g in groups for c in g.chunks]
     # embeddings, RoPE, condition, captions: cheap, computed in full on every rank (replicated)
-    tokens, grids = model._embed_latents(chunks)
-    rope = model._rope_tables(chunks, grids)
-    condition = model._condition(chunks)
-    gates_rows = torch.repeat_interleave(
-        torch.arange(len(chunks)), torch.tensor([t.shape[0] for t in tokens])
-    )
-    text, text_spans = model._caption_tokens(chunks)
-    packed = model._pack(groups, tokens, rope, gates_rows, text, text_spans)
-    bounds = shard_bounds(rope.shape[0], world)
+    tokens, grids, condition, packed = model.prepare(groups)
+    bounds = shard_bounds(packed.rope.shape[0], world)
     lo, hi = bounds[rank]
     local_chunks, which = _local_spans(packed.chunk_spans, lo, hi)
     ctx = _ShardContext(
@@ -216,7 +208,7 @@ def ulysses_forward(
         lo=lo,
         hi=hi,
         chunk_spans=local_chunks,
-        text_spans=[text_spans[i] for i in which],
+        text_spans=[packed.text_spans[i] for i in which],
         stats=stats,
     )
     h = torch.cat(tokens)[lo:hi].to(cfg.dtype)
@@ -236,15 +228,7 @@ def ulysses_forward(
     if stats is not None:
         stats.output_all_gather += out.numel() * out.element_size() * (world - 1)
     out = torch.cat([g[:size] for g, size in zip(gathered, ctx.sizes, strict=True)])
-    velocities = [
-        model._unpatchify(out[s0:s1], grid)
-        for (s0, s1), grid in zip(packed.chunk_spans, grids, strict=True)
-    ]
-    result, i = [], 0
-    for g in groups:
-        result.append(velocities[i : i + len(g.chunks)])
-        i += len(g.chunks)
-    return result
+    return model.velocities(out, grids, packed, groups)
 
 
 def qkv_bytes_per_layer(
