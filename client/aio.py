@@ -10,6 +10,7 @@ client.retry, client.events); only the waiting differs.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -167,7 +168,7 @@ async def _header_id(call: grpc.aio.Call | None) -> str | None:
         return None
 
 
-class _AsyncStreamBase:
+class _AsyncStreamBase(abc.ABC):
     """What both stream kinds share: start, iterate, status, close."""
 
     def __init__(self, client: AsyncClient) -> None:
@@ -194,8 +195,9 @@ class _AsyncStreamBase:
             self._assembler = Assembler(raw=raw, session_id=self.started.session_id)
         return self.started
 
+    @abc.abstractmethod
     async def _open(self) -> tuple[grpc.aio.Call, Started]:
-        raise NotImplementedError
+        """Start the call (retrying UNAVAILABLE) and return it with its `started` event."""
 
     async def _messages(self) -> AsyncIterator[ChunkEvent | pb.PromptAck]:
         await self.start()

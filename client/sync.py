@@ -11,6 +11,7 @@ cancels a session whose call broke.
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 import time
@@ -177,7 +178,7 @@ def _header_id(call) -> str | None:
         return None
 
 
-class _StreamBase:
+class _StreamBase(abc.ABC):
     """What both stream kinds share: start, iterate, status, close."""
 
     def __init__(self, client: Client) -> None:
@@ -207,8 +208,9 @@ class _StreamBase:
                 self.started = started  # last: a set `started` means the rest is ready
         return self.started
 
+    @abc.abstractmethod
     def _open(self) -> tuple[object, Started]:
-        raise NotImplementedError
+        """Start the call (retrying UNAVAILABLE) and return it with its `started` event."""
 
     def _messages(self) -> Iterator[ChunkEvent | pb.PromptAck]:
         self.start()

@@ -39,62 +39,58 @@ def _fp8_matmul(
     return (out * (a_scale * b_scale)).to(out_dtype)
 
 
-class PerTensorFp8Linear(nn.Module):
+class _Fp8Linear(nn.Module):
+    """The e4m3 weight `(1, out, in)` with its scale, and the quantised matmul both kinds share;
+    subclasses add their scale parameters and name the one activations are divided by."""
+
+    divisor = "input_scale"  # the parameter activations are divided by before quantising
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype
+        self.weight = nn.Parameter(
+            torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = quantize_activation(x, getattr(self, self.divisor))
+        out = _fp8_matmul(
+            xq.reshape(-1, xq.shape[-1]),
+            self.weight[0],
+            self.input_scale,
+            self.weight_scale,
+            self.out_dtype,
+        )
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class PerTensorFp8Linear(_Fp8Linear):
     """`linear_qkv.{q,qx,k,v}` and `mlp.linear_fc1` in quantised layers."""
 
     def __init__(
         self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16
     ) -> None:
-        super().__init__()
-        self.out_dtype = out_dtype
-        self.weight = nn.Parameter(
-            torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+        super().__init__(in_features, out_features, out_dtype)
         self.input_scale = nn.Parameter(
             torch.empty(in_features, dtype=torch.float32), requires_grad=False
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        xq = quantize_activation(x, self.input_scale)
-        out = _fp8_matmul(
-            xq.reshape(-1, xq.shape[-1]),
-            self.weight[0],
-            self.input_scale,
-            self.weight_scale,
-            self.out_dtype,
-        )
-        return out.reshape(*x.shape[:-1], -1)
 
-
-class PerChannelFp8Linear(nn.Module):
+class PerChannelFp8Linear(_Fp8Linear):
     """`self_attention.linear_proj` and `mlp.linear_fc2` in quantised layers (SmoothQuant style:
     the smooth scale already absorbs the activation scale)."""
+
+    divisor = "smooth_scale"
 
     def __init__(
         self, in_features: int, out_features: int, out_dtype: torch.dtype = torch.bfloat16
     ) -> None:
-        super().__init__()
-        self.out_dtype = out_dtype
-        self.weight = nn.Parameter(
-            torch.empty(1, out_features, in_features, dtype=_E4M3), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
+        super().__init__(in_features, out_features, out_dtype)
         self.input_scale = nn.Parameter(torch.empty(1, dtype=torch.float32), requires_grad=False)
         self.smooth_scale = nn.Parameter(
             torch.empty(1, in_features, dtype=torch.float32), requires_grad=False
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        xq = quantize_activation(x, self.smooth_scale)
-        out = _fp8_matmul(
-            xq.reshape(-1, xq.shape[-1]),
-            self.weight[0],
-            self.input_scale,
-            self.weight_scale,
-            self.out_dtype,
-        )
-        return out.reshape(*x.shape[:-1], -1)
 
 
 def quantize_linear(linear: nn.Linear, per_channel: bool) -> nn.Module:
