@@ -8,6 +8,7 @@ allocated tensors (no memory map: a mapped shard's pages would count on top of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections import defaultdict
@@ -188,16 +189,10 @@ def init_random_(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 def random_dit(config: MagiConfig, seed: int) -> VideoDiT:
     """A DiT with deterministic random weights; fp8 variants get quantised twins of the linears."""
-    unquantised = MagiConfig(
-        config.model_config,
-        config.runtime_config.__class__(
-            **{
-                **config.runtime_config.__dict__,
-                "cfg_number": 1 if config.engine_config.distill else 3,
-            }
-        ),
-        config.engine_config.__class__(**{**config.engine_config.__dict__, "fp8_quant": False}),
-    )
+    # the same architecture with dense linears (their weights are quantised afterwards)
+    engine = dataclasses.replace(config.engine_config, fp8_quant=False)
+    runtime = dataclasses.replace(config.runtime_config, cfg_number=1 if engine.distill else 3)
+    unquantised = MagiConfig(config.model_config, runtime, engine)
     model = VideoDiT(unquantised)
     init_random_(model, seed)
     if config.engine_config.fp8_quant:

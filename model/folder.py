@@ -6,6 +6,7 @@ folder holding config.json, so a folder can be moved as a whole. Nothing is ever
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,18 +106,10 @@ def write_random(preset: str, out: str | Path, seed: int = 0) -> Path:
     config = get_preset(preset)
     rc = config.runtime_config
     if not preset.startswith("tiny"):
-        config = MagiConfig(
-            config.model_config,
-            rc.__class__(
-                **{
-                    **rc.__dict__,
-                    "load": ".",
-                    "vae_pretrained": "vae",
-                    "t5_pretrained": "t5_pretrained",
-                }
-            ),
-            config.engine_config,
+        local = dataclasses.replace(
+            rc, load=".", vae_pretrained="vae", t5_pretrained="t5_pretrained"
         )
+        config = MagiConfig(config.model_config, local, config.engine_config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.to_json(out / CONFIG_FILE)
