@@ -289,8 +289,36 @@ def _tiny(variant: str) -> MagiConfig:
     return MagiConfig(model, runtime, engine)
 
 
+def _toy() -> MagiConfig:
+    """Ours: the world model the project trains on toyworld scenes (model/toyworld/train.py) and
+    ships in models/toy. MAGI-1's DiT (GQA, parallel self/cross attention, RoPE, gating, the
+    4.5B GELU MLP) at 64x64, fp32, three-branch CFG. The shipped config.json carries the
+    measured latent `scale_factor`; this preset keeps the official default."""
+    model = ModelConfig(
+        num_layers=4,
+        hidden_size=256,
+        ffn_hidden_size=768,
+        num_attention_heads=8,
+        num_query_groups=4,
+        kv_channels=32,
+        params_dtype="torch.float32",
+        caption_channels=64,
+    )
+    runtime = RuntimeConfig(
+        cfg_number=3,
+        num_steps=16,
+        video_size_h=64,
+        video_size_w=64,
+        load=".",
+        t5_pretrained="t5_pretrained",
+        vae_pretrained="vae",
+    )
+    engine = EngineConfig(distributed_backend="gloo", kv_offload=False)
+    return MagiConfig(model, runtime, engine)
+
+
 def _build_presets() -> dict[str, MagiConfig]:
-    presets = {"tiny": _tiny("base"), "tiny_distill": _tiny("distill")}
+    presets = {"toy": _toy(), "tiny": _tiny("base"), "tiny_distill": _tiny("distill")}
     presets["tiny_distill_quant"] = _tiny("distill_quant")
     for size in ("4.5B", "24B"):
         for variant in ("base", "distill", "distill_quant"):

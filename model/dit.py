@@ -408,6 +408,10 @@ class VideoDiT(nn.Module):
     @torch.inference_mode()
     def forward(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
         """Velocities, per group per chunk, each (C_out, T, H, W) fp32."""
+        return self.run(groups)
+
+    def run(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
+        """The forward without inference mode, so training can take gradients through it."""
         tokens, grids, condition, packed = self.prepare(groups)
         # 5. transformer layers over the packed sequence (S, D)
         h = torch.cat(tokens).to(self.cfg.dtype)

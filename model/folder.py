@@ -19,6 +19,9 @@ from model.text import SpecialTokens, TextEncoder, t5_folder, write_special_toke
 from model.vae import VAEConfig, ViTVAE, load_vae, random_vae, save_vae
 
 CONFIG_FILE = "config.json"
+# Model folders shipped in the repository (trained by the project), by preset name.
+EMBEDDED_MODELS = Path(__file__).resolve().parents[1] / "models"
+EMBEDDED = ("toy",)
 SPECIAL_TOKENS_FILE = "special_tokens.npz"
 
 
@@ -41,6 +44,19 @@ class FolderPaths:
     vae: Path
     t5: Path  # holds t5-v1_1-xxl/
     special_tokens: Path
+
+
+def embedded_folder(name: str) -> Path:
+    """The shipped folder of an embedded preset (`toy`): models/<name> in the repository."""
+    if name not in EMBEDDED:
+        raise CheckpointError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
+    folder = EMBEDDED_MODELS / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{folder}: the embedded {name!r} model is missing (it ships in the repository's "
+            f"models/ folder; retrain it with `python -m model.toyworld train --out {folder}`)"
+        )
+    return folder
 
 
 def read_config(folder: str | Path) -> MagiConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from model.folder import MagiModel
 from scheduler.plan import StepOutput
-from scheduler.runner import ModelRunner
+from scheduler.runner import DitForward, ModelRunner
 from scheduler.scheduler import ChunkScheduler, SchedulerConfig
 from scheduler.session import (
     LATENT_CHANNELS,
@@ -33,9 +33,14 @@ class StepStats:
 
 
 class Engine:
-    def __init__(self, model: MagiModel, config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: MagiModel,
+        config: SchedulerConfig | None = None,
+        dit: DitForward | None = None,  # a worker group's forward (model.group); None: model.dit
+    ) -> None:
         self.model = model
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, dit=dit)
         rc = model.config.runtime_config
         branches = 3 if rc.cfg_number == 3 else 2  # cfg 1: the nearly-clean copy at most
         self.scheduler = ChunkScheduler(config or SchedulerConfig(), branches, rc.chunk_width)

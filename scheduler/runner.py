@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -98,11 +99,26 @@ class _Layout:
         return ChunkGroup(chunks, self.cache, self.cached)
 
 
+class DitForward(Protocol):
+    """What runs the packed DiT forward in place of `model.dit` (model.group.GroupForward: all
+    ranks of a worker group), and makes the caches it can use."""
+
+    def __call__(self, groups: list[ChunkGroup]) -> list[list[Tensor]]: ...
+
+    def new_cache(self) -> KVCache: ...
+
+
 class ModelRunner:
     """Owns the model on this worker; stateless across steps apart from caches of text."""
 
-    def __init__(self, model: MagiModel, text_conditioning: TextConditioning | None = None) -> None:
+    def __init__(
+        self,
+        model: MagiModel,
+        text_conditioning: TextConditioning | None = None,
+        dit: DitForward | None = None,
+    ) -> None:
         self.model = model
+        self.dit = dit  # None: `model.dit` on this process alone
         self.rc = model.config.runtime_config
         self.ec = model.config.engine_config
         self.text_conditioning = text_conditioning or TextConditioning()
@@ -113,6 +129,8 @@ class ModelRunner:
     # ---- session set-up -------------------------------------------------------------------
 
     def new_cache(self) -> KVCache:
+        if self.dit is not None:
+            return self.dit.new_cache()
         return KVCache(self.model.config.model_config.num_layers)
 
     def encode_prefix(self, params: SessionParams) -> Tensor | None:
@@ -144,7 +162,7 @@ class ModelRunner:
         assembled = [self._assemble(f, sessions[f.session_id], groups) for f in step.forwards]
         out.chunks_in_forward = sum(len(g.chunks) for g in groups)
         t1 = time.perf_counter()
-        velocities = self.model.dit(groups)
+        velocities = (self.model.dit if self.dit is None else self.dit)(groups)
         t2 = time.perf_counter()
         finished = []
         for a in assembled:

@@ -1,8 +1,10 @@
 """`magi-server` (`python -m server`): the gRPC video-generation server.
 
 Every flag also reads an environment variable, MAGISTREAM_<FLAG> (for example
-MAGISTREAM_MAX_SESSIONS for --max-sessions); a flag on the command line wins. This is the only
-module that reads the environment.
+MAGISTREAM_MAX_SESSIONS for --max-sessions); a flag on the command line wins. The worker-group
+flags --nnodes, --node-rank, --master-addr and --master-port also read torch.distributed's
+standard NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT when their MAGISTREAM_ variable is not
+set. This is the only module that reads the environment.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ if TYPE_CHECKING:
     from server.validation import ServedModel
 
 _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
-    ("--model", str, "tiny", "a model folder, or a preset with embedded weights (tiny*)"),
+    ("--model", str, "tiny", "a model folder, or an embedded model: toy (trained), tiny* (random)"),
     ("--host", str, "0.0.0.0", "gRPC bind address"),
     ("--port", int, 50051, "gRPC port; 0 = pick a free one (printed as 'listening on H:P')"),
     ("--metrics-host", str, "0.0.0.0", "Prometheus bind address"),
     ("--metrics-port", int, 9400, "Prometheus port; 0 = pick one (printed as 'metrics on H:P')"),
-    ("--world-size", int, 1, "worker ranks (only 1 until sharding, issue 6)"),
+    ("--world-size", int, 1, "worker ranks in the group, all nodes together (one per GPU)"),
+    ("--nnodes", int, 1, "hosts the group spans; each runs world-size / nnodes ranks"),
+    ("--node-rank", int, 0, "this host's index; 0 runs rank 0 and serves, others followers"),
+    ("--master-addr", str, "127.0.0.1", "host of node 0, where the ranks meet"),
+    ("--master-port", int, 0, "rendezvous port on node 0; 0 = a free one (one host only)"),
+    ("--group-timeout-s", float, 600.0, "collective timeout of the group (hung-rank backstop)"),
     ("--max-sessions", int, 8, "sessions generating at once"),
     ("--queue-size", int, 16, "sessions waiting for admission; one more is refused"),
     ("--memory-budget-mb", int, 8192, "KV cache + latent memory of all sessions, MiB"),
@@ -54,6 +61,15 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
 )
 
 
+# torch.distributed's own variables (torchrun, Kubernetes manifests), read after MAGISTREAM_*.
+_STANDARD_ENV = {
+    "--nnodes": "NNODES",
+    "--node-rank": "NODE_RANK",
+    "--master-addr": "MASTER_ADDR",
+    "--master-port": "MASTER_PORT",
+}
+
+
 def env_name(flag: str) -> str:
     return "MAGISTREAM_" + flag.lstrip("-").upper().replace("-", "_")
 
@@ -62,13 +78,15 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magi-server", description=__doc__.split("\n")[0])
     for flag, kind, default, help_text in _FLAGS:
         name = env_name(flag)
+        names = [name, _STANDARD_ENV[flag]] if flag in _STANDARD_ENV else [name]
+        value = next((env[n] for n in names if n in env), default)
         # argparse converts a string default with `type`, so a bad env value is reported
         # like a bad flag ("argument --port: invalid int value").
         parser.add_argument(
             flag,
             type=kind,
-            default=env.get(name, default),
-            help=f"{help_text} [env {name}; default {default}]",
+            default=value,
+            help=f"{help_text} [env {' or '.join(names)}; default {default}]",
         )
     return parser
 
@@ -98,7 +116,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, VideoEncoding]:
     from model.config import get_preset
     from model.folder import read_config
-    from server.config import Limits, ServerConfig, WorkerConfig, resolve_model
+    from model.parallel import check_head_split
+    from server.config import GroupConfig, Limits, ServerConfig, WorkerConfig, resolve_model
     from server.encode import VideoEncoding
     from server.validation import ServedModel
 
@@ -113,6 +132,19 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
             f"the model's default size {rc.video_size_w}x{rc.video_size_h} exceeds "
             f"--max-width/--max-height {args.max_width}x{args.max_height}"
         )
+    group = GroupConfig(
+        world_size=args.world_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        timeout_s=args.group_timeout_s,
+    )
+    mc = magi.model_config
+    try:  # Ulysses splits the heads over the ranks
+        check_head_split(mc.num_attention_heads, mc.num_query_groups, group.world_size)
+    except ValueError as e:
+        raise ValueError(f"--world-size {group.world_size}: {e}") from e
     limits = Limits(
         max_width_px=args.max_width,
         max_height_px=args.max_height,
@@ -131,6 +163,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         max_chunk_slots=args.max_chunk_slots,
         torch_threads=args.torch_threads,
         log_level=args.log_level,
+        group=group,
     )
     config = ServerConfig(
         worker=worker,
@@ -139,7 +172,6 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
-        world_size=args.world_size,
         limits=limits,
         grace_period_s=args.grace_period_s,
         session_ttl_s=args.session_ttl_s,

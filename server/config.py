@@ -36,6 +36,48 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class GroupConfig:
+    """The worker group: `world_size` ranks over `nnodes` hosts, the same number on each. Node 0
+    runs ranks 0..k-1 (rank 0 runs the engine); node n runs ranks n*k..(n+1)*k-1, followers
+    only. Ranks meet at master_addr:master_port (rank 0's host)."""
+
+    world_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0 = a free port on each group start (single host only)
+    timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.nnodes < 1 or self.world_size % self.nnodes:
+            raise ValueError(
+                f"--world-size {self.world_size} must be a positive multiple of "
+                f"--nnodes {self.nnodes} (the same number of ranks on every node)"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ValueError("a group over several nodes needs --master-port (MASTER_PORT)")
+        if self.timeout_s <= 0:
+            raise ValueError("the group timeout must be > 0")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    @property
+    def local_ranks(self) -> range:
+        """The global ranks this node runs."""
+        k = self.ranks_per_node
+        return range(self.node_rank * k, (self.node_rank + 1) * k)
+
+    @property
+    def leads(self) -> bool:
+        """Whether this node runs rank 0 (the engine, the sessions)."""
+        return self.node_rank == 0
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """What the engine process is started with (passed to it when it is spawned)."""
 
@@ -48,6 +90,7 @@ class WorkerConfig:
     torch_threads: int = 1  # intra-op threads of the worker; 0 = torch's default
     heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
     log_level: str = "info"  # the worker logs like the server, to the same stderr
+    group: GroupConfig = field(default_factory=GroupConfig)  # ranks (one process each)
 
     def __post_init__(self) -> None:
         if self.memory_budget_bytes <= 0 or self.max_sessions < 1 or self.queue_size < 0:
@@ -66,7 +109,6 @@ class ServerConfig:
     port: int = 50051  # gRPC port; 0 = pick a free one
     metrics_host: str = "0.0.0.0"  # Prometheus bind address
     metrics_port: int = 9400  # Prometheus port; 0 = pick a free one
-    world_size: int = 1  # worker ranks; only 1 until sharding lands (issue 6)
     limits: Limits = field(default_factory=Limits)
     grace_period_s: float = 30.0  # on SIGTERM, how long running sessions may go on
     session_ttl_s: float = 300.0  # how long an ended session stays visible to GetSession
@@ -75,11 +117,6 @@ class ServerConfig:
     encode_threads: int = 2  # thread pool for decoding inputs and encoding outputs
 
     def __post_init__(self) -> None:
-        if self.world_size != 1:
-            raise ValueError(
-                f"--world-size {self.world_size}: only 1 worker rank is supported for now; "
-                "sharding a model across ranks arrives with issue 6"
-            )
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ports must be in 0..65535")
         if self.grace_period_s < 0 or self.session_ttl_s < 0 or self.encode_threads < 1:
@@ -89,24 +126,33 @@ class ServerConfig:
 
 
 def resolve_model(value: str, cache_dir: Path) -> tuple[str, Path, str | None]:
-    """(name, folder, preset to write there first) for --model: a model folder, or a preset
-    with embedded random weights (`tiny*`), kept under cache_dir/models/<preset>."""
+    """(name, folder, preset to write there first) for --model: a model folder, the embedded
+    trained `toy` model (shipped in the repository's models/), or a preset with embedded random
+    weights (`tiny*`), kept under cache_dir/models/<preset>."""
+    from model.checkpoint import CheckpointError
     from model.config import PRESETS
+    from model.folder import EMBEDDED, embedded_folder
 
+    embedded = ", ".join([*EMBEDDED, *(p for p in PRESETS if p.startswith("tiny"))])
     path = Path(value).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {value}: the folder has no config.json (not a model folder)")
         return path.resolve().name, path.resolve(), None
+    if value in EMBEDDED:
+        try:
+            return value, embedded_folder(value), None
+        except CheckpointError as e:
+            raise ValueError(f"--model {value}: {e}") from e
     if value in PRESETS:
         if not value.startswith("tiny"):
             raise ValueError(
                 f"--model {value}: this preset has no embedded weights; download the official "
-                "checkpoint and pass its folder"
+                f"checkpoint and pass its folder (embedded: {embedded})"
             )
         folder = cache_dir / "models" / value
         return value, folder, None if (folder / "config.json").is_file() else value
     raise ValueError(
         f"--model {value!r} is neither a model folder nor a preset; presets with embedded "
-        f"weights: {', '.join(p for p in PRESETS if p.startswith('tiny'))}"
+        f"weights: {embedded}"
     )

@@ -1,9 +1,15 @@
-"""The worker process seen from the server: start, talk, watch, restart.
+"""The worker processes seen from the server: start, talk, watch, restart.
 
 A reader thread blocks on the Pipe and hands each event to the event loop with
 call_soon_threadsafe, so the loop never blocks on (possibly large) chunk messages; a writer
 thread sends commands, so a busy worker can never stall the loop either. A worker that dies
 (EOF on the Pipe) or falls silent past the heartbeat timeout is replaced, with backoff.
+
+With `--world-size N` the worker is a group of N rank processes (this node's share of them with
+`--nnodes`), started and restarted together: any rank dying kills the others (followers may be
+blocked in a collective on the dead rank), fails the sessions with UNAVAILABLE and starts a new
+group. Only rank 0 speaks the command protocol; the other ranks' Pipes say ready, or by closing
+that the rank is gone.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from model.group import RankSpec
+from model.parallel import free_port
 from server import ipc
 from server.config import WorkerConfig
 from server.errors import Unavailable
 from server.logs import event
 from server.metrics import Metrics
-from server.worker import worker_main
+from server.worker import follower_main, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +42,7 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerProcess:
-    """One spawned worker and the two threads around its Pipe."""
+    """One spawned worker (or rank of a group) and the two threads around its Pipe."""
 
     def __init__(
         self,
@@ -42,11 +50,17 @@ class WorkerProcess:
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[WorkerProcess, ipc.Event], None],
         on_exit: Callable[[WorkerProcess], None],
+        rank: RankSpec | None = None,  # None: the single worker, no group
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe(duplex=True)
+        self.rank = 0 if rank is None else rank.rank
+        target = worker_main if self.rank == 0 else follower_main
         self.process = context.Process(
-            target=worker_main, args=(child, config), name="magistream-worker", daemon=True
+            target=target,
+            args=(child, config, rank) if rank is not None else (child, config),
+            name=f"magistream-worker-{self.rank}",
+            daemon=True,
         )
         self.process.start()
         child.close()  # only the worker holds its end now, so its death reads as EOF here
@@ -91,7 +105,8 @@ class WorkerProcess:
             self.process.kill()
 
     async def stop(self, timeout_s: float) -> None:
-        """Ask it to finish, then kill it if it does not within timeout_s."""
+        """Ask it to finish, then kill it if it does not within timeout_s. (A follower rank
+        ignores commands: rank 0's shutdown stops it.)"""
         self.send(ipc.Shutdown())
         self._outbox.put(None)
         await asyncio.to_thread(self.process.join, timeout_s)
@@ -101,7 +116,7 @@ class WorkerProcess:
 
 
 class Supervisor:
-    """Keeps one worker running and tells the session manager what it says."""
+    """Keeps the worker (group) running and tells the session manager what rank 0 says."""
 
     def __init__(
         self,
@@ -115,33 +130,72 @@ class Supervisor:
         self.metrics = metrics
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._on_event, self._on_lost = on_event, on_lost
-        self.worker: WorkerProcess | None = None
-        self.ready = asyncio.Event()
-        self.last_seen = 0.0  # monotonic time of the worker's last message
+        self.ranks: list[WorkerProcess] = []  # this node's ranks of the current group
+        self._ready_ranks: set[int] = set()
+        self.ready = asyncio.Event()  # every local rank has loaded its weights
+        self.last_seen = 0.0  # monotonic time of rank 0's last message
         self.stopping = False
         self.restarts = 0
         self._started: asyncio.Future[None] | None = None
         self._backoff_s = 0.5
 
+    @property
+    def worker(self) -> WorkerProcess | None:
+        """Rank 0, which runs the engine; None on a node of followers only."""
+        return next((w for w in self.ranks if w.rank == 0), None)
+
     async def start(self) -> None:
-        """Start the first worker; raise WorkerStartError if it cannot load the model."""
+        """Start the first worker (group); raise WorkerStartError if it cannot load the model."""
         self._started = asyncio.get_running_loop().create_future()
         self._spawn()
         await self._started
 
     def _spawn(self) -> None:
-        self.worker = WorkerProcess(
-            self.config, asyncio.get_running_loop(), self._handle, self._exited
+        """The one place a worker group starts (first start and every restart)."""
+        group = self.config.group
+        loop = asyncio.get_running_loop()
+        if group.world_size == 1:
+            specs: list[RankSpec | None] = [None]
+        else:
+            # A fresh port per group on one host: the last group's rendezvous may linger.
+            port = group.master_port or free_port()
+            specs = [
+                RankSpec(
+                    rank=r,
+                    world_size=group.world_size,
+                    local_rank=r - group.local_ranks.start,
+                    master_addr=group.master_addr,
+                    master_port=port,
+                    timeout_s=group.timeout_s,
+                )
+                for r in group.local_ranks
+            ]
+        self._ready_ranks = set()
+        self.ranks = [
+            WorkerProcess(self.config, loop, self._handle, self._exited, spec) for spec in specs
+        ]
+        event(
+            logger,
+            "worker.spawned",
+            pid=self.ranks[0].pid,
+            ranks=",".join(str(w.rank) for w in self.ranks),
+            pids=",".join(str(w.pid) for w in self.ranks),
         )
-        event(logger, "worker.spawned", pid=self.worker.pid)
 
     def healthy(self) -> bool:
-        return self.ready.is_set() and time.monotonic() - self.last_seen < self.heartbeat_timeout_s
+        if not self.ready.is_set():
+            return False
+        if self.worker is None:  # followers only: their health is being alive
+            return True
+        return time.monotonic() - self.last_seen < self.heartbeat_timeout_s
 
     def send(self, command: ipc.Command) -> None:
-        if not self.ready.is_set() or self.worker is None:
+        if not self.config.group.leads:
+            raise Unavailable("this node runs follower ranks only; send requests to node 0")
+        worker = self.worker
+        if not self.ready.is_set() or worker is None:
             raise Unavailable("the worker is restarting; retry shortly")
-        self.worker.send(command)
+        worker.send(command)
 
     async def wait_ready(self, timeout_s: float | None) -> None:
         if self.stopping:
@@ -154,20 +208,33 @@ class Supervisor:
             ) from None
 
     def _handle(self, worker: WorkerProcess, message: ipc.Event) -> None:
-        if worker is not self.worker:
+        if worker not in self.ranks:
             return  # a late message from a replaced worker
-        self.last_seen = time.monotonic()
+        if worker.rank == 0:
+            self.last_seen = time.monotonic()
         if isinstance(message, ipc.WorkerReady):
+            self._ready_ranks.add(worker.rank)
+            if len(self._ready_ranks) < len(self.ranks):
+                return
             self._backoff_s = 0.5
+            self.last_seen = time.monotonic()
             self.ready.set()
             self.metrics.worker_up.set(1)
-            event(logger, "worker.ready", pid=message.pid)
+            leader = self.worker
+            event(
+                logger,
+                "worker.ready",
+                pid=message.pid if leader is None else leader.pid,
+                pids=",".join(str(w.pid) for w in self.ranks),  # in rank order
+            )
             if self._started is not None and not self._started.done():
                 self._started.set_result(None)
         elif isinstance(message, ipc.WorkerFailed):
             event(logger, "worker.failed", level=logging.ERROR, error=message.error)
             if self._started is not None and not self._started.done():
                 self._started.set_exception(WorkerStartError(message.error))
+        elif worker.rank != 0:
+            return  # followers say nothing else
         elif isinstance(message, ipc.Heartbeat):
             self._observe_heartbeat(message)
         elif isinstance(message, ipc.StepDone):
@@ -186,9 +253,10 @@ class Supervisor:
         self.metrics.engine_batch_sessions.observe(step.sessions)
 
     def _exited(self, worker: WorkerProcess) -> None:
-        if worker is not self.worker:
-            return
+        if worker not in self.ranks:
+            return  # a rank of a group already torn down
         code = worker.process.exitcode
+        group, self.ranks = self.ranks, []
         self.ready.clear()
         self.metrics.worker_up.set(0)
         for gauge in (
@@ -198,9 +266,20 @@ class Supervisor:
         ):
             gauge.set(0)
         if self.stopping:
-            return
-        event(logger, "worker.died", level=logging.ERROR, pid=worker.pid, exit_code=code)
-        self._on_lost(f"the worker process died (exit code {code}); retry the request")
+            return  # stop() winds the other ranks down
+        for other in group:  # the rest may be blocked in a collective on the dead rank
+            other.kill()
+        world = self.config.group.world_size
+        which = "" if world == 1 else f"rank {worker.rank} of {world}, "
+        event(
+            logger,
+            "worker.died",
+            level=logging.ERROR,
+            pid=worker.pid,
+            rank=worker.rank,
+            exit_code=code,
+        )
+        self._on_lost(f"the worker process died ({which}exit code {code}); retry the request")
         if self._started is not None and not self._started.done():
             self._started.set_exception(WorkerStartError(f"worker exited with code {code}"))
             return
@@ -215,19 +294,26 @@ class Supervisor:
         self._spawn()
 
     def check(self) -> None:
-        """Called periodically: a worker silent past the timeout is hung; replace it."""
-        if self.ready.is_set() and not self.healthy() and self.worker is not None:
+        """Called periodically: a rank 0 silent past the timeout is hung (or blocked on a hung
+        rank); kill it, and the normal group restart follows."""
+        worker = self.worker
+        if self.ready.is_set() and not self.healthy() and worker is not None:
             event(
                 logger,
                 "worker.hung",
                 level=logging.ERROR,
-                pid=self.worker.pid,
+                pid=worker.pid,
                 silent_s=time.monotonic() - self.last_seen,
             )
-            self.worker.kill()  # the reader then sees EOF and the normal restart follows
+            worker.kill()  # the reader then sees EOF and the normal restart follows
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         self.stopping = True
         self.ready.clear()
-        if self.worker is not None:
-            await self.worker.stop(timeout_s)
+        ranks = self.ranks
+        worker = self.worker
+        if worker is not None:
+            await worker.stop(timeout_s)  # rank 0 tells its followers to stop
+        for rank in ranks:
+            if rank is not worker:
+                await rank.stop(timeout_s if worker is not None else 0.0)

@@ -4,6 +4,10 @@ Its loop: apply every pending command, step the engine if it has work, report wh
 when nothing can run (no sessions, or all paused by backpressure) block on the Pipe instead of
 spinning. It never decides policy the server could decide: it only refuses what the engine
 refuses (memory, queue bound) and reports.
+
+With a worker group (`--world-size N`) this is rank 0, and ranks 1..N-1 run `follower_main`:
+they join the same torch.distributed group, load their DiT and run rank 0's forwards
+(model.group). Their Pipe only says ready (or failed) and, by closing, that they died.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,6 +25,16 @@ from pathlib import Path
 
 import torch
 
+from model.group import (
+    GroupForward,
+    GroupLost,
+    RankGroup,
+    RankSpec,
+    join_group,
+    leave_group,
+    load_rank_dit,
+    serve_follower,
+)
 from scheduler.engine import Engine
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
 from scheduler.session import ChunkDone, SessionParams, SessionState
@@ -30,18 +45,17 @@ from server.logs import event
 logger = logging.getLogger(__name__)
 
 
-def worker_main(conn: Connection, config: WorkerConfig) -> None:
-    """Entry point of the spawned worker process."""
-    # The server decides when the worker stops (Shutdown, or the Pipe closing): a Ctrl-C or a
-    # SIGTERM sent to the whole process group must not kill sessions behind its back.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logs.configure(config.log_level)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+def worker_main(conn: Connection, config: WorkerConfig, rank: RankSpec | None = None) -> None:
+    """Entry point of the spawned worker process: the only one, or rank 0 of a group."""
+    _setup_process(config)
     started = time.perf_counter()
+    group: RankGroup | None = None
     try:
-        engine = _load_engine(config)
+        if rank is not None:
+            group = join_group(rank)
+        engine = _load_engine(config, group)
+        if group is not None:
+            torch.distributed.barrier(group=group.control)  # every rank has its weights
     except Exception as e:  # any load failure is reported, not raised into the void
         conn.send(ipc.WorkerFailed(f"{type(e).__name__}: {e}"))
         return
@@ -51,16 +65,88 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
         folder=config.model_folder,
         load_s=time.perf_counter() - started,
         torch_threads=torch.get_num_threads(),
+        world_size=1 if group is None else group.world_size,
     )
     conn.send(ipc.WorkerReady(os.getpid()))
+    forward = engine.runner.dit if isinstance(engine.runner.dit, GroupForward) else None
     try:
-        WorkerLoop(conn, engine, config).run()
+        WorkerLoop(conn, engine, config, forward).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server went away: nothing left to serve
+    except GroupLost as e:
+        _group_lost(e)
+    if forward is not None:
+        try:
+            forward.close()  # the followers return and exit
+        except GroupLost as e:
+            _group_lost(e)
+        leave_group()
 
 
-def _load_engine(config: WorkerConfig) -> Engine:
-    from model.folder import load_model, write_random
+def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> None:
+    """Entry point of ranks 1..N-1: join the group, load this rank's DiT, run rank 0's forwards
+    until it stops. Any rank failing ends the process (the supervisor restarts the group)."""
+    from model.folder import read_config
+
+    _setup_process(config)
+    try:
+        group = join_group(rank)
+        _ensure_folder(config)
+        dit = load_rank_dit(config.model_folder, rank.rank, rank.world_size, group)
+        num_layers = read_config(config.model_folder).model_config.num_layers
+        torch.distributed.barrier(group=group.control)
+    except Exception as e:
+        conn.send(ipc.WorkerFailed(f"rank {rank.rank}: {type(e).__name__}: {e}"))
+        return
+    conn.send(ipc.WorkerReady(os.getpid()))
+    try:
+        serve_follower(dit, group, num_layers)
+    except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
+        _group_lost(e)
+    leave_group()
+
+
+def _setup_process(config: WorkerConfig) -> None:
+    # The server decides when the worker stops (Shutdown, or the Pipe closing): a Ctrl-C or a
+    # SIGTERM sent to the whole process group must not kill sessions behind its back.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.configure(config.log_level)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+
+
+def _group_lost(error: Exception) -> None:
+    """Another rank died, or a forward failed: this rank's group is over. Exit at once: tearing
+    the group down could block on (or abort over) the dead rank; the supervisor restarts every
+    rank."""
+    event(logger, "worker.group_lost", level=logging.ERROR, error=str(error))
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine:
+    from model.folder import load_model
+
+    _ensure_folder(config)
+    model = load_model(config.model_folder)
+    forward = None
+    if group is not None:  # rank 0 of a group: its own DiT share, the forward on every rank
+        model.dit = load_rank_dit(config.model_folder, group.rank, group.world_size, group)
+        forward = GroupForward(model.dit, group, model.config.model_config.num_layers)
+    sched_config = SchedulerConfig(
+        memory_budget_bytes=config.memory_budget_bytes,
+        max_queued=config.queue_size,
+        max_chunk_slots=config.max_chunk_slots,
+        output_queue_chunks=2,
+        max_running=config.max_sessions,
+    )
+    return Engine(model, sched_config, dit=forward)
+
+
+def _ensure_folder(config: WorkerConfig) -> None:
+    """Write the embedded preset's folder if it is missing (every rank may race here)."""
+    from model.folder import write_random
 
     folder = config.model_folder
     if config.write_preset is not None and not (folder / "config.json").is_file():
@@ -73,15 +159,6 @@ def _load_engine(config: WorkerConfig) -> Engine:
             tmp.rename(folder)
         except OSError:  # someone else finished first
             shutil.rmtree(tmp, ignore_errors=True)
-    model = load_model(folder)
-    sched_config = SchedulerConfig(
-        memory_budget_bytes=config.memory_budget_bytes,
-        max_queued=config.queue_size,
-        max_chunk_slots=config.max_chunk_slots,
-        output_queue_chunks=2,
-        max_running=config.max_sessions,
-    )
-    return Engine(model, sched_config)
 
 
 @dataclass
@@ -97,9 +174,16 @@ class _Track:
 
 
 class WorkerLoop:
-    def __init__(self, conn: Connection, engine: Engine, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        engine: Engine,
+        config: WorkerConfig,
+        group: GroupForward | None = None,
+    ) -> None:
         self.conn = conn
         self.engine = engine
+        self.group = group  # rank 0 of a worker group: synced with the followers when idle
         self.sched = engine.scheduler
         self.config = config
         self.tracks: dict[str, _Track] = {}
@@ -209,6 +293,8 @@ class WorkerLoop:
         t0 = time.perf_counter()
         try:
             done = self.engine.step()
+        except GroupLost:
+            raise  # the whole group restarts: its sessions end UNAVAILABLE, not FAILED here
         except Exception as e:  # a failed forward fails its sessions, not the worker
             logger.exception("engine step failed")
             for sid, session in list(self.sched.sessions.items()):
@@ -299,6 +385,10 @@ class WorkerLoop:
         if now - self.last_heartbeat < self.config.heartbeat_interval_s:
             return
         self.last_heartbeat = now
+        if self.group is not None:
+            # Followers wait in a collective between forwards: this keeps the wait shorter than
+            # its timeout while idle, and frees their caches of ended sessions.
+            self.group.sync()
         running = [s for s in self.sched.sessions.values() if s.state is SessionState.RUNNING]
         self.conn.send(
             ipc.Heartbeat(

@@ -1,7 +1,9 @@
 """python -m model.toyworld sample --seed S --chunks N --out FILE.mp4
+python -m model.toyworld train --out models/toy
 
-Writes FILE.mp4 (H.264, 24 fps) and FILE.json (captions per chunk, the scene spec, contacts).
-`bench` times dataset generation.
+`sample` writes FILE.mp4 (H.264, 24 fps) and FILE.json (captions per chunk, the scene spec,
+contacts). `bench` times dataset generation. `train` trains the toy VAE and DiT and writes the
+model folder (resumable: run the same command again after a stop).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from .plot import frame_strip, write_png
+from .train import TrainConfig, train
 from .video import ToyVideo, generate_video
 
 
@@ -75,6 +79,30 @@ def _bench(args: argparse.Namespace) -> None:
     )
 
 
+def _strip(args: argparse.Namespace) -> None:
+    with av.open(args.video) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    strip = frame_strip(frames, args.frames)
+    if args.scale > 1:
+        strip = strip.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
+    write_png(args.out, strip)
+    print(
+        f"wrote {args.out}: {args.frames} of {len(frames)} frames, "
+        f"{strip.shape[1]}x{strip.shape[0]} px"
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config.out = Path(args.out)
+    state = train(config)
+    print(
+        f"done: {state.seconds:.0f} s, VAE PSNR {state.psnr:.2f} dB, scale factor "
+        f"{state.scale_factor:.4f}; folder {config.out}, loss plot {config.out}/train/loss.png"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m model.toyworld",
@@ -93,8 +121,26 @@ def main(argv: list[str] | None = None) -> None:
     for p in (sample, bench):
         p.add_argument("--size", type=int, default=64, help="frame side, px (multiple of 16)")
         p.add_argument("--antialias", action="store_true")
+    train = sub.add_parser(
+        "train", help="train the toy VAE + DiT and write the model folder (resumable)"
+    )
+    train.add_argument("--out", required=True, help="model folder to write (models/toy)")
+    defaults = TrainConfig(out=Path("."))
+    for name in ("scenes", "vae_steps", "vae_batch", "dit_steps", "dit_batch", "threads", "seed"):
+        train.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("vae_lr", "dit_lr"):
+        train.add_argument(
+            f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
+        )
+    train.add_argument("--save-every", type=int, default=defaults.save_every)
+    strip = sub.add_parser("strip", help="a PNG of evenly spaced frames of a video")
+    strip.add_argument("--video", required=True)
+    strip.add_argument("--out", required=True, help="FILE.png")
+    strip.add_argument("--frames", type=int, default=8)
+    strip.add_argument("--scale", type=int, default=2, help="pixel repeat (64 px frames are small)")
     args = parser.parse_args(argv)
-    {"sample": _sample, "bench": _bench}[args.command](args)
+    commands = {"sample": _sample, "bench": _bench, "train": _train, "strip": _strip}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

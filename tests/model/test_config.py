@@ -53,7 +53,7 @@ def test_cfg_number_must_match_distill_as_the_official_post_validation_says():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known presets: tiny, tiny_distill"):
+    with pytest.raises(ValueError, match="known presets: toy, tiny, tiny_distill"):
         get_preset("7B")
 
 

@@ -7,14 +7,13 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
 from proto import video_generation_pb2 as pb
-from tests.server.conftest import REPO, health_status, wait_for
+from tests.server.conftest import health_status, wait_for
 from tests.server.helpers import kinds, request, stub
 
 SERVING, NOT_SERVING = (
@@ -166,16 +165,3 @@ async def test_the_default_model_is_written_to_the_cache_on_first_start(start_se
     cache = server.log_path.parent / "cache" / "models" / "tiny"
     assert (cache / "config.json").is_file()
     server.stop()
-
-
-def test_world_size_above_one_is_refused_until_sharding_lands(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "--world-size", "2", "--model", "tiny"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "MAGISTREAM_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)},
-    )
-    assert result.returncode == 2
-    assert "issue 6" in result.stderr

@@ -1,0 +1,427 @@
+"""Train the `toy` world model on toyworld scenes: the VAE, then the DiT, then write the folder.
+
+One command (`python -m model.toyworld train --out models/toy`) runs three phases and can be
+stopped and restarted at any point (state in `<out>/train/state.pt`, saved every
+`save_every` steps and at each phase end):
+
+1. **VAE.** MAGI-1's transformer VAE scaled down (`toy_vae_config`), trained as an autoencoder
+   on 12-frame clips, the pipeline's temporal tile at 24 fps, plus 8- and 4-frame clips (the v2v
+   tail tile and the i2v image path). Pixel MSE; the latent scale factor is then measured so the
+   DiT sees unit-variance latents (`runtime_config.scale_factor`).
+2. **Latents.** Every training scene is encoded once with the trained VAE.
+3. **DiT.** MAGI-1's objective: flow matching (x_t = (1 - t) noise + t clean, v = clean -
+   noise) on 4-chunk sequences whose noise rises with the chunk index the way the sampler's
+   window has it (noisy chunk i of m sits at stage m - 1 - i, s = (stage + u) / W, t = s^2 /
+   (3 - 2 s^2)), with clean chunks as causal context at clean_t, captions per chunk through the
+   frozen tiny T5 with the sampler's special tokens, and the branches the sampler's CFG needs:
+   per-chunk caption dropout, all-null sequences, and chunks alone at time slot 0. i2v / v2v
+   prefixes are taught by pasting clean leading latent frames into the first noisy chunk.
+
+The text side (tiny T5, tokenizer, special tokens) is the `tiny` preset's, deterministic from a
+seed and kept frozen: captions differ by their token embeddings, which is all the DiT needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from model.checkpoint import init_random_, save_dit
+from model.config import MagiConfig, RuntimeConfig, get_preset
+from model.dit import ChunkGroup, ChunkInput, VideoDiT
+from model.text import (
+    NULL_CAPTION_TOKENS,
+    SpecialTokens,
+    TextConditioning,
+    TextEncoder,
+    chunk_caption,
+    write_special_tokens,
+    write_tiny_t5,
+)
+from model.vae import VAEConfig, ViTVAE, random_vae, save_vae
+
+from .plot import write_loss_plot
+from .scenes import BACKGROUND
+from .video import generate_video
+
+SIZE = 64  # frame side, px: 8 x 8 latent pixels, 4 x 4 DiT tokens per latent frame
+CHUNKS = 4  # chunks per training sequence: the sampler's window
+WIDTH = 6  # latent frames per chunk
+LATENT_CHANNELS = 16
+TEXT_SEED = 2  # the tiny T5 / special tokens seeds write_random uses (seed + 2, seed + 3)
+TOKENS_SEED = 3
+OBJECT_WEIGHT = 10.0  # VAE loss weight of object pixels over background ones
+
+
+def toy_config(scale_factor: float = 0.18215) -> MagiConfig:
+    """The `toy` preset with this latent scale factor (measured after the VAE is trained)."""
+    preset = get_preset("toy")
+    runtime = dataclasses.replace(preset.runtime_config, scale_factor=scale_factor)
+    return dataclasses.replace(preset, runtime_config=runtime)
+
+
+def toy_vae_config() -> VAEConfig:
+    """MAGI-1's ViT VAE (8x8 spatial, 4 temporal, 16 channels) with a 64 px, 12-frame base grid."""
+    return VAEConfig(
+        embed_dim=256,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=2.0,
+        patch_size=8,
+        patch_length=4,
+        video_size=SIZE,
+        video_length=12,
+        z_chans=LATENT_CHANNELS,
+        qkv_bias=True,
+        with_cls_token=True,
+        ln_in_attn=True,
+    )
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    scenes: int = 2000  # training scenes (seeds 0..scenes-1); held-out ones start at 1_000_000
+    vae_steps: int = 1500
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    dit_steps: int = 3000
+    dit_batch: int = 8
+    dit_lr: float = 5e-4
+    caption_dropout: float = 0.1  # per noisy chunk: null caption, adaLN null row
+    null_sequence: float = 0.1  # whole sequence null (the sampler's null + context branch)
+    alone: float = 0.15  # a noisy chunk alone at slot 0, null caption (the uncond branch)
+    prefix_paste: float = 0.3  # first noisy chunk starts with 1-2 clean latent frames
+    save_every: int = 200
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass
+class TrainState:
+    phase: str = "vae"  # vae -> latents -> dit -> done
+    step: int = 0
+    vae_losses: list[float] = field(default_factory=list)
+    dit_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    scale_factor: float = 0.0
+    psnr: float = 0.0
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+def frames_to_unit(frames: np.ndarray) -> Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) fp32 in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def vae_batch(rng: np.random.Generator, scenes: int, batch: int) -> Tensor:
+    """Clips of one length per batch: 12 frames (the decode tile) mostly, 8 (the v2v tail tile)
+    or 4 (one latent; a third of those static, the i2v image repeated 4x)."""
+    length = int(rng.choice([12, 8, 4], p=[0.7, 0.15, 0.15]))
+    clips = []
+    for _ in range(batch):
+        video = generate_video(int(rng.integers(scenes)), CHUNKS, SIZE)
+        start = int(rng.integers(0, video.frames.shape[0] - length + 1))
+        clip = video.frames[start : start + length]
+        if length == 4 and rng.random() < 1 / 3:
+            clip = np.repeat(clip[:1], 4, axis=0)
+        clips.append(frames_to_unit(clip))
+    return torch.stack(clips)
+
+
+@dataclass
+class LatentSet:
+    latents: Tensor  # (N, 16, CHUNKS * WIDTH, 8, 8), x scale factor
+    captions: list[tuple[str, ...]]  # per scene, per chunk
+
+
+# ---- phases ---------------------------------------------------------------------------------
+
+
+def train_vae(
+    cfg: TrainConfig, state: TrainState, vae: ViTVAE, opt: torch.optim.Optimizer, save
+) -> None:
+    rng = np.random.default_rng(cfg.seed * 7919 + state.step)
+    bar = tqdm(total=cfg.vae_steps, initial=state.step, desc="vae", unit="step", mininterval=10)
+    vae.train()
+    while state.step < cfg.vae_steps:
+        lr = _cosine(cfg.vae_lr, state.step, cfg.vae_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = vae_batch(rng, cfg.scenes, cfg.vae_batch)
+        moments = vae.encoder(x)
+        z = moments[:, :LATENT_CHANNELS]
+        recon = vae.decoder(z)
+        loss = weighted_mse(recon, x) + 1e-6 * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        state.step += 1
+        state.vae_losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if state.step % cfg.save_every == 0:
+            save()
+    bar.close()
+    vae.eval()
+
+
+def weighted_mse(recon: Tensor, x: Tensor) -> Tensor:
+    """Pixel MSE with object pixels weighted up: objects cover ~5 % of a frame, and a plain MSE
+    sits for hundreds of steps on "background everywhere" before it draws them."""
+    background = torch.tensor(BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
+    weight = 1 + OBJECT_WEIGHT * ((x - background).abs().amax(dim=1, keepdim=True) > 0.1)
+    return (weight * (recon - x).pow(2)).mean() / weight.mean()
+
+
+@torch.no_grad()
+def vae_psnr(vae: ViTVAE, seeds: range) -> float:
+    """Reconstruction PSNR (dB, uint8 scale) over whole 12-frame tiles of held-out scenes."""
+    errors = []
+    for seed in seeds:
+        video = generate_video(seed, 1, SIZE)
+        x = frames_to_unit(video.frames[:12])[None]
+        recon = vae.decode(vae.encode_mean(x)).clamp(-1, 1)
+        errors.append(float(((recon - x) * 127.5).pow(2).mean()))
+    return 10 * math.log10(255**2 / float(np.mean(errors)))
+
+
+@torch.no_grad()
+def encode_scenes(vae: ViTVAE, scenes: int, scale_factor: float | None) -> tuple[LatentSet, float]:
+    """Posterior means of every scene by 12-frame tiles, as the pipeline encodes; the scale
+    factor (1 / std) is measured here when not given."""
+    latents, captions = [], []
+    for seed in tqdm(range(scenes), desc="latents", unit="scene"):
+        video = generate_video(seed, CHUNKS, SIZE)
+        x = frames_to_unit(video.frames)[None]
+        tiles = [vae.encode_mean(x[:, :, s : s + 12]) for s in range(0, x.shape[2], 12)]
+        latents.append(torch.cat(tiles, dim=2)[0])
+        captions.append(video.captions)
+    stacked = torch.stack(latents)
+    if scale_factor is None:
+        scale_factor = float(1.0 / stacked.std())
+    return LatentSet(stacked * scale_factor, captions), scale_factor
+
+
+class Captions:
+    """Caption rows the sampler feeds the DiT, cached per (text, chunk index)."""
+
+    def __init__(self, text: TextEncoder, tokens: SpecialTokens, null_embedding: Tensor) -> None:
+        self.text, self.tokens = text, tokens
+        self.cond = TextConditioning()
+        self.null_embedding = null_embedding
+        self._cache: dict[tuple[str, int], Tensor] = {}
+
+    def prompt(self, caption: str, index: int) -> Tensor:
+        key = (caption, index)
+        if key not in self._cache:
+            emb = chunk_caption(self.text.encode(caption), self.tokens, self.cond, index, CHUNKS)
+            self._cache[key] = emb.embedding[emb.mask.bool()].float()
+        return self._cache[key]
+
+    def null(self) -> Tensor:
+        """The null caption's visible rows (`null_caption`'s mask), taken from the live
+        parameter so that training reaches them."""
+        return self.null_embedding[:NULL_CAPTION_TOKENS]
+
+
+def stage_t(stage: int, u: float, window: int = CHUNKS) -> float:
+    """Flow time of a chunk at window stage `stage` (0 = newest), fraction u through it: the
+    sampler's grid t = s^2 / (3 - 2 s^2) at s = (stage + u) / window."""
+    s = (stage + u) / window
+    return s * s / (3 - 2 * s * s)
+
+
+def dit_example(
+    cfg: TrainConfig,
+    rc: RuntimeConfig,
+    rng: np.random.Generator,
+    data: LatentSet,
+    captions: Captions,
+) -> tuple[ChunkGroup, list[tuple[int, Tensor, Tensor]]]:
+    """One training group and its targets: (chunk position in the group, target v, frame mask)."""
+    scene = int(rng.integers(data.latents.shape[0]))
+    clean = data.latents[scene].split(WIDTH, dim=1)  # CHUNKS x (16, 6, 8, 8)
+    tokens = (SIZE // 16) ** 2 * WIDTH
+    null = captions.null()
+    u = float(rng.random())
+    kind = rng.random()
+    if kind < cfg.alone:  # the uncond branch: one noisy chunk, no context, no text, slot 0
+        c = int(rng.integers(CHUNKS))
+        t = stage_t(0, float(rng.random()), window=1)
+        x, v = _noised(clean[c], t, rng)
+        chunk = ChunkInput(x, t, null, True, 0, WIDTH, (0, tokens))
+        return ChunkGroup([chunk]), [(0, v, torch.ones(WIDTH, dtype=torch.bool))]
+    all_null = kind < cfg.alone + cfg.null_sequence
+    n_clean = int(rng.integers(CHUNKS))
+    m = CHUNKS - n_clean
+    chunks, targets = [], []
+    for c in range(CHUNKS):
+        k_range = (0, (c + 1) * tokens)
+        if c < n_clean:  # clean context, as the null branch writes it into the KV cache
+            chunks.append(
+                ChunkInput(clean[c], rc.clean_t, null, True, c * WIDTH, CHUNKS * WIDTH, k_range)
+            )
+            continue
+        stage = m - 1 - (c - n_clean)
+        t = stage_t(stage, u)
+        x, v = _noised(clean[c], t, rng)
+        keep = torch.ones(WIDTH, dtype=torch.bool)
+        if c == n_clean and rng.random() < cfg.prefix_paste:  # i2v / v2v prefix frames
+            n = int(rng.integers(1, 3))
+            x[:, :n] = clean[c][:, :n]
+            keep[:n] = False
+        dropped = all_null or rng.random() < cfg.caption_dropout
+        caption = null if dropped else captions.prompt(data.captions[scene][c], c)
+        chunks.append(ChunkInput(x, t, caption, dropped, c * WIDTH, CHUNKS * WIDTH, k_range))
+        targets.append((c, v, keep))
+    return ChunkGroup(chunks), targets
+
+
+def _noised(clean: Tensor, t: float, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    noise = torch.from_numpy(rng.standard_normal(clean.shape, dtype=np.float32))
+    return (1 - t) * noise + t * clean, clean - noise
+
+
+def train_dit(
+    cfg: TrainConfig,
+    state: TrainState,
+    dit: VideoDiT,
+    opt: torch.optim.Optimizer,
+    data: LatentSet,
+    captions: Captions,
+    rc: RuntimeConfig,
+    save,
+) -> None:
+    rng = np.random.default_rng(cfg.seed * 104729 + state.step)
+    bar = tqdm(total=cfg.dit_steps, initial=state.step, desc="dit", unit="step", mininterval=10)
+    dit.train()
+    while state.step < cfg.dit_steps:
+        lr = _cosine(cfg.dit_lr, state.step, cfg.dit_steps, warmup=100)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        examples = [dit_example(cfg, rc, rng, data, captions) for _ in range(cfg.dit_batch)]
+        velocities = dit.run([g for g, _ in examples])
+        losses = []
+        for out, (_, targets) in zip(velocities, examples, strict=True):
+            for c, v, keep in targets:
+                losses.append((out[c][:, keep] - v[:, keep]).pow(2).mean())
+        loss = torch.stack(losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        state.step += 1
+        state.dit_losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if state.step % cfg.save_every == 0:
+            save()
+    bar.close()
+    dit.eval()
+
+
+def _cosine(peak: float, step: int, total: int, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---- the whole run --------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> TrainState:
+    """Run (or resume) every phase and write the model folder to cfg.out."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    work = out / "train"
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "state.pt"
+    torch.manual_seed(cfg.seed)
+    vae = random_vae(toy_vae_config(), seed=cfg.seed + 1)
+    dit = VideoDiT(toy_config())
+    init_random_(dit, seed=cfg.seed)
+    # a zero final linear starts every velocity at 0: a calmer start for flow matching
+    torch.nn.init.zeros_(dit.final_linear.linear.weight)
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    dit_opt = torch.optim.AdamW(dit.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
+    state = TrainState()
+    if state_path.is_file():
+        saved = torch.load(state_path, weights_only=False)
+        state = saved["state"]
+        vae.load_state_dict(saved["vae"])
+        dit.load_state_dict(saved["dit"])
+        vae_opt.load_state_dict(saved["vae_opt"])
+        dit_opt.load_state_dict(saved["dit_opt"])
+        if state.phase == "done" and state.step < cfg.dit_steps:
+            state.phase = "dit"  # a bigger DiT budget than last time: train on
+        print(f"resuming: phase {state.phase}, step {state.step}, {state.seconds:.0f} s so far")
+    started, seconds0 = time.perf_counter(), state.seconds
+
+    def save() -> None:
+        state.seconds = seconds0 + time.perf_counter() - started
+        torch.save(
+            {
+                "state": state,
+                "vae": vae.state_dict(),
+                "dit": dit.state_dict(),
+                "vae_opt": vae_opt.state_dict(),
+                "dit_opt": dit_opt.state_dict(),
+            },
+            work / "state.tmp",
+        )
+        (work / "state.tmp").replace(state_path)
+        write_loss_plot(work / "loss.png", {"vae": state.vae_losses, "dit": state.dit_losses})
+
+    # the frozen text side, written where the model folder keeps it
+    d_model = toy_config().model_config.caption_channels
+    write_tiny_t5(out / "t5_pretrained", d_model=d_model, seed=cfg.seed + TEXT_SEED)
+    write_special_tokens(out / "special_tokens.npz", d_model, seed=cfg.seed + TOKENS_SEED)
+    text = TextEncoder(out / "t5_pretrained")
+    tokens = SpecialTokens.load(out / "special_tokens.npz")
+
+    if state.phase == "vae":
+        train_vae(cfg, state, vae, vae_opt, save)
+        state.psnr = vae_psnr(vae, range(1_000_000, 1_000_020))
+        print(f"vae reconstruction PSNR {state.psnr:.2f} dB (20 held-out 12-frame tiles)")
+        state.phase, state.step = "dit", 0
+        save()
+    data, scale = encode_scenes(vae, cfg.scenes, state.scale_factor or None)
+    state.scale_factor = scale
+    config = toy_config(scale)
+    captions = Captions(text, tokens, dit.y_embedder.null_caption_embedding)
+    if state.phase == "dit":
+        train_dit(cfg, state, dit, dit_opt, data, captions, config.runtime_config, save)
+        state.phase = "done"
+        save()
+    write_folder(out, config, dit, vae)
+    meta = {
+        "seconds": round(state.seconds, 1),
+        "vae_psnr_db": round(state.psnr, 2),
+        "scale_factor": state.scale_factor,
+        "train": {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()
+        },
+        "final_dit_loss": float(np.mean(state.dit_losses[-50:])) if state.dit_losses else None,
+    }
+    (work / "summary.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return state
+
+
+def write_folder(out: Path, config: MagiConfig, dit: VideoDiT, vae: ViTVAE) -> None:
+    """The official layout: config.json, inference_weight/, vae/ (t5 and tokens already there)."""
+    config.to_json(out / "config.json")
+    save_dit(dit, out / config.weight_subdir, num_shards=1)
+    save_vae(vae, out / "vae")

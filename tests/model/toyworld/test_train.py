@@ -1,0 +1,104 @@
+"""The toy training command: phases, resume, the folder it writes, and the training examples
+matching what the sampler feeds the DiT."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.folder import load_model
+from model.toyworld import train as T
+from scheduler.timegrid import time_grid
+
+
+def tiny_run(out: Path, dit_steps: int = 3) -> T.TrainConfig:
+    return T.TrainConfig(
+        out=out,
+        scenes=4,
+        vae_steps=3,
+        vae_batch=2,
+        dit_steps=dit_steps,
+        dit_batch=2,
+        save_every=2,
+        threads=1,
+    )
+
+
+def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    state = T.train(tiny_run(out))
+    assert (state.phase, len(state.vae_losses), len(state.dit_losses)) == ("done", 3, 3)
+    assert all(np.isfinite(state.vae_losses + state.dit_losses))
+    assert state.scale_factor > 0
+    png = (out / "train" / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png.endswith(b"IEND\xaeB`\x82")
+    model = load_model(out)  # the loader of the official checkpoints, strict
+    assert model.config.runtime_config.scale_factor == pytest.approx(state.scale_factor)
+    check = subprocess.run(
+        [sys.executable, "-m", "model", "check", str(out)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    # the same command with a bigger budget picks up where it stopped: VAE untouched
+    state = T.train(tiny_run(out, dit_steps=5))
+    assert (len(state.vae_losses), len(state.dit_losses)) == (3, 5)
+
+
+def test_stage_t_lands_on_the_samplers_time_grid() -> None:
+    """Chunk at window stage j, k grid steps into it, sees grid[j * N / W + k]."""
+    steps, window = 16, 4
+    grid = time_grid(steps)
+    per_stage = steps // window
+    for stage in range(window):
+        for k in range(per_stage):
+            expected = float(grid[stage * per_stage + k])
+            assert T.stage_t(stage, k / per_stage, window) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory: pytest.TempPathFactory) -> T.Captions:
+    from model.text import SpecialTokens, TextEncoder, write_special_tokens, write_tiny_t5
+
+    folder = tmp_path_factory.mktemp("text")
+    write_tiny_t5(folder / "t5", d_model=64, seed=2)
+    write_special_tokens(folder / "tokens.npz", 64, seed=3)
+    null = torch.randn(800, 64)
+    return T.Captions(TextEncoder(folder / "t5"), SpecialTokens.load(folder / "tokens.npz"), null)
+
+
+def test_examples_have_rising_noise_causal_keys_and_clean_context(captions: T.Captions) -> None:
+    cfg = T.TrainConfig(out=Path("."), alone=0.0, null_sequence=0.0, caption_dropout=0.0)
+    rc = T.toy_config().runtime_config
+    data = T.LatentSet(torch.randn(3, 16, 24, 8, 8), [("a red ball falls",) * 4] * 3)
+    rng = np.random.default_rng(0)
+    tokens = 96  # 6 latent frames x 4 x 4 patches
+    seen_clean = set()
+    for _ in range(40):
+        group, targets = T.dit_example(cfg, rc, rng, data, captions)
+        ts = [c.t for c in group.chunks]
+        clean = [c for c, t in enumerate(ts) if t == rc.clean_t]
+        seen_clean.add(len(clean))
+        assert clean == list(range(len(clean)))  # context first
+        noisy = ts[len(clean) :]
+        assert all(a > b for a, b in zip(noisy, noisy[1:], strict=False))  # later = noisier
+        assert [c for c, _, _ in targets] == list(range(len(clean), 4))
+        for c, chunk in enumerate(group.chunks):
+            assert chunk.k_range == (0, (c + 1) * tokens)
+            assert (chunk.rope_frame, chunk.rope_frames_total) == (6 * c, 24)
+            assert chunk.caption_dropped == (c < len(clean))
+    assert seen_clean == {0, 1, 2, 3}
+
+
+def test_alone_examples_are_the_uncond_branch(captions: T.Captions) -> None:
+    cfg = T.TrainConfig(out=Path("."), alone=1.0)
+    rc = T.toy_config().runtime_config
+    data = T.LatentSet(torch.randn(2, 16, 24, 8, 8), [("a red ball falls",) * 4] * 2)
+    group, targets = T.dit_example(cfg, rc, np.random.default_rng(1), data, captions)
+    (chunk,) = group.chunks
+    assert (chunk.rope_frame, chunk.rope_frames_total, chunk.k_range) == (0, 6, (0, 96))
+    assert chunk.caption_dropped and torch.equal(chunk.caption, captions.null())
+    assert len(targets) == 1
