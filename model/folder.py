@@ -87,12 +87,16 @@ def folder_paths(folder: str | Path, config: MagiConfig) -> FolderPaths:
     )
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> MagiModel:
-    """Load every part; the first missing or malformed file raises CheckpointError naming it."""
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dit: VideoDiT | None = None
+) -> MagiModel:
+    """Load every part; the first missing or malformed file raises CheckpointError naming it.
+    `dit`: one already loaded (a worker rank's share of a sharded model) instead of the files'."""
     folder = Path(folder)
     config = read_config(folder)
     paths = folder_paths(folder, config)
-    dit = load_dit(folder, config, device=device)
+    if dit is None:
+        dit = load_dit(folder, config, device=device)
     try:
         vae = load_vae(paths.vae, dtype=config.model_config.dtype, device=device)
         t5_folder(paths.t5)

@@ -35,8 +35,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from model.dit import ChunkGroup, ChunkInput, VideoDiT
+from model.folder import MagiModel
 from model.kv_cache import KVCache
 from model.parallel import ulysses_forward
+from model.sharding import ShardedDiT, load_dit_shard
 
 # A cache operation to replay on followers: (kind, cache id, argument); kind is "drop_before"
 # (argument: the first chunk kept), "clear" or "release" (argument None).
@@ -94,14 +96,28 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def load_rank_dit(folder: str | Path, rank: int, world_size: int, group: RankGroup) -> VideoDiT:
-    """The DiT this rank runs its share of the forward with. The one place a rank's weights are
-    loaded: today every rank holds all weights; a sharded loader (1/N per rank) goes here."""
-    from model.checkpoint import load_dit
+def load_rank_dit(
+    folder: str | Path, rank: int, world_size: int, group: RankGroup
+) -> VideoDiT | ShardedDiT:
+    """The DiT this rank runs its share of the forward with; the one place a rank's weights are
+    loaded. With N > 1 ranks each reads only its 1/N slice of every layer from the files (plus
+    the small replicated parameters), and the layers are all-gathered one at a time in the
+    forward (model/sharding.py). One rank: the plain `VideoDiT`."""
     from model.folder import read_config
 
-    del rank, world_size, group  # the full model needs none of them
-    return load_dit(folder, read_config(folder))
+    del group  # loading needs no collective: every rank reads its own byte ranges
+    return load_dit_shard(folder, read_config(folder), rank, world_size)
+
+
+def load_rank0(folder: str | Path, group: RankGroup) -> tuple[MagiModel, GroupForward]:
+    """Rank 0's model (VAE, text, and for the runner's null caption the DiT's replicated part)
+    and the group forward its engine runs in place of `model.dit`."""
+    from model.folder import load_model, read_config
+
+    share = load_rank_dit(folder, group.rank, group.world_size, group)
+    forward = GroupForward(share, group, read_config(folder).model_config.num_layers)
+    dit = share.dit if isinstance(share, ShardedDiT) else share
+    return load_model(folder, dit=dit), forward
 
 
 # ---- messages ---------------------------------------------------------------------------
@@ -173,7 +189,7 @@ class GroupForward:
     every rank of the group and returns the velocities; `new_cache()` makes caches the followers
     mirror."""
 
-    def __init__(self, dit: VideoDiT, group: RankGroup, num_layers: int) -> None:
+    def __init__(self, dit: VideoDiT | ShardedDiT, group: RankGroup, num_layers: int) -> None:
         if group.rank != 0:
             raise ValueError("GroupForward runs on rank 0; other ranks call serve_follower")
         # `dit`: whatever `ulysses_forward` takes (what `load_rank_dit` returns on this rank)
@@ -250,7 +266,7 @@ class FollowerStats:
     caches_left: int = 0  # caches still held when the stop came (0 once all sessions ended)
 
 
-def serve_follower(dit: VideoDiT, group: RankGroup, num_layers: int) -> FollowerStats:
+def serve_follower(dit: VideoDiT | ShardedDiT, group: RankGroup, num_layers: int) -> FollowerStats:
     """Run rank 0's forwards until it sends stop. A failed collective (rank 0 or another rank
     died) or forward raises out of here: the process then exits and the group is restarted."""
     caches: dict[int, KVCache] = {}

@@ -3,11 +3,12 @@
 The model stays single-device: this module drives `VideoDiT`'s own submodules and weights from
 outside, and is the plain `model(groups)` when the world size is 1 (no process group needed).
 
-With `N` ranks, every rank holds all weights and runs the same `ulysses_forward(model, groups,
-process_group)` on the same chunk groups. After embedding, the packed token sequence (all groups,
-all chunks, length S) is split contiguously: rank r owns tokens `shard_bounds(S, N)[r]`, the first
-`S mod N` ranks one extra. Per layer each rank runs every per-token op (pre-LN, Q/K/V/Qx
-projections, QK-norm, RoPE, cross-attention, output projection, gates, MLP) on its slice only.
+With `N` ranks, every rank holds all weights (or a `ShardedDiT`, below) and runs the same
+`ulysses_forward(model, groups, process_group)` on the same chunk groups. After embedding, the
+packed token sequence (all groups, all chunks, length S) is split contiguously: rank r owns
+tokens `shard_bounds(S, N)[r]`, the first `S mod N` ranks one extra. Per layer each rank runs
+every per-token op (pre-LN, Q/K/V/Qx projections, QK-norm, RoPE, cross-attention, output
+projection, gates, MLP) on its slice only.
 Self-attention is the only place tokens meet: one all-to-all turns Q|K|V from
 `(own tokens, all heads)` into `(all tokens, own heads)`, the rank runs the ranged attention of
 every chunk over the full key sequences for its `Hq/N` query heads and `G/N` KV groups (KV heads
@@ -20,10 +21,16 @@ Head split: rank r owns query heads `[r Hq/N, (r+1) Hq/N)`; with GQA (head h rea
 `h // (Hq/G)`) these read groups `[r G/N, (r+1) G/N)` when `N <= G`, or the single group
 `r // (N/G)` when `N > G`, which is repeated head `r` of `repeat_interleave(N/G)`. Needs `Hq % N ==
 0` and `G % N == 0` or `N % G == 0`.
+
+Sharded weights: `ulysses_forward` also takes a `model.sharding.ShardedDiT` (each rank holding
+1/N of the transformer layers' weights, loaded by `load_dit_shard`); then every layer's weights
+are all-gathered just before it runs (the next layer's gather overlapping), and nothing else
+changes. `split_tiled_decode` spreads the VAE's decode tiles over the ranks.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
@@ -37,6 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.dit import ChunkGroup, TransformerLayer, VideoDiT
+from model.sharding import ShardedDiT
+from model.vae import DEFAULT_FPS, ViTVAE
+from model.vae import _plan as _vae_plan
+from model.vae import _tiled as _vae_tiled
 
 
 @dataclass
@@ -46,12 +57,18 @@ class CommStats:
     qkv_all_to_all: int = 0  # per forward, all layers: Q|K|V, token split -> head split
     out_all_to_all: int = 0  # per forward, all layers: attention output, head split -> token
     output_all_gather: int = 0  # per forward: the final-linear output of this rank's tokens
+    weight_all_gather: int = 0  # sharded weights (ShardedDiT): this rank's slices, to N-1 ranks
     layers: int = 0
     per_layer: list[int] = field(default_factory=list)  # QKV + out bytes of each layer
 
     @property
     def total(self) -> int:
-        return self.qkv_all_to_all + self.out_all_to_all + self.output_all_gather
+        return (
+            self.qkv_all_to_all
+            + self.out_all_to_all
+            + self.output_all_gather
+            + self.weight_all_gather
+        )
 
 
 def shard_bounds(length: int, world_size: int) -> list[tuple[int, int]]:
@@ -181,15 +198,26 @@ def _layer_forward(
 
 @torch.inference_mode()
 def ulysses_forward(
-    model: VideoDiT,
+    model: VideoDiT | ShardedDiT,
     groups: list[ChunkGroup],
     process_group: dist.ProcessGroup | None = None,
     stats: CommStats | None = None,
 ) -> list[list[Tensor]]:
     """`model(groups)` computed by all ranks of `process_group` together (every rank calls it
     with the same groups; each rank's caches receive only its KV heads). Returns the velocities
-    on every rank. World size 1 (or no process group) is exactly `model(groups)`."""
+    on every rank. World size 1 (or no process group) is exactly `model(groups)`.
+
+    `model` is a full `VideoDiT` (every rank holds all weights) or this rank's `ShardedDiT`
+    (model/sharding.py): then each layer's weights are all-gathered just before it runs, the
+    next layer's gather overlapping this one's compute."""
     world = 1 if process_group is None else dist.get_world_size(process_group)
+    sharded = model if isinstance(model, ShardedDiT) else None
+    if sharded is not None:
+        if world != sharded.world_size:
+            raise ValueError(
+                f"weights sharded for {sharded.world_size} ranks, forward on {world} rank(s)"
+            )
+        model = sharded.dit
     if world == 1:
         return model(groups)
     cfg = model.cfg
@@ -212,8 +240,12 @@ def ulysses_forward(
         stats=stats,
     )
     h = torch.cat(tokens)[lo:hi].to(cfg.dtype)
-    for i, layer in enumerate(model.videodit_blocks.layers):
-        gates = layer.ada_modulate_layer(condition)
+    layers = model.videodit_blocks.layers
+    if sharded is not None:
+        layers = sharded.gathered_layers(process_group, stats)
+    for i, layer in enumerate(layers):
+        # adaLN projections are replicated: the model's own layer holds them also when sharded
+        gates = model.videodit_blocks.layers[i].ada_modulate_layer(condition)
         h = _layer_forward(layer, h, gates, packed, i, model, ctx)
         if stats is not None:
             stats.layers += 1
@@ -245,6 +277,58 @@ def qkv_bytes_per_layer(
     kv_heads = max(num_groups, world_size)
     per_token = (num_heads + 2 * kv_heads + num_heads) * head_dim * element_size
     return tokens * per_token * (world_size - 1) // world_size
+
+
+# --- VAE decode split over ranks by tiles ---------------------------------------------------
+
+
+def split_tiled_decode(
+    vae: ViTVAE,
+    z: Tensor,
+    process_group: dist.ProcessGroup | None = None,
+    root: int = 0,
+    tile_frames: int = DEFAULT_FPS // 2,
+    tile_px: int = 256,
+    spatial_overlap: float = 0.25,
+    temporal_overlap: float = 0.0,
+) -> Tensor | None:
+    """`vae.tiled_decode(z, ...)` with the tiles decoded round-robin over the ranks (tile k on
+    rank k mod N); the decoded tiles are sent to `root`, which blends and stitches them exactly
+    as `tiled_decode` does (bit-identical). Returns the video on `root`, None elsewhere. Every
+    rank calls it with the same latent."""
+    world = 1 if process_group is None else dist.get_world_size(process_group)
+    if world == 1:
+        return vae.tiled_decode(z, tile_frames, tile_px, spatial_overlap, temporal_overlap)
+    rank = dist.get_rank(process_group)
+    plan = _vae_plan(vae.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, True)
+    # the tiles in `_tiled`'s order
+    starts = [range(0, z.shape[2 + axis], plan.stride[axis]) for axis in range(3)]
+    st, sh, sw = plan.size
+    tiles = [
+        z[:, :, t0 : t0 + st, h0 : h0 + sh, w0 : w0 + sw]
+        for t0, h0, w0 in itertools.product(*starts)
+    ]
+    mine = {k: vae.decode(tile) for k, tile in enumerate(tiles) if k % world == rank}
+    peer = dist.get_global_rank(process_group, root) if process_group is not None else root
+    if rank != root:
+        for out in mine.values():  # in tile order, as root receives them
+            dist.send(torch.tensor(out.shape, dtype=torch.int64), peer, group=process_group)
+            dist.send(out.contiguous(), peer, group=process_group)
+        return None
+    outs = []
+    for k in range(len(tiles)):
+        owner = k % world
+        if owner == rank:
+            outs.append(mine[k])
+            continue
+        src = dist.get_global_rank(process_group, owner)
+        shape = torch.empty(5, dtype=torch.int64)
+        dist.recv(shape, src, group=process_group)
+        out = torch.empty(shape.tolist(), dtype=vae.dtype)
+        dist.recv(out, src, group=process_group)
+        outs.append(out)
+    decoded = iter(outs)
+    return _vae_tiled(z, lambda _tile: next(decoded), plan, chained=False)
 
 
 # --- launching ranks -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from model.group import (
     RankSpec,
     join_group,
     leave_group,
+    load_rank0,
     load_rank_dit,
     serve_follower,
 )
@@ -129,11 +130,10 @@ def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine
     from model.folder import load_model
 
     _ensure_folder(config)
-    model = load_model(config.model_folder)
-    forward = None
-    if group is not None:  # rank 0 of a group: its own DiT share, the forward on every rank
-        model.dit = load_rank_dit(config.model_folder, group.rank, group.world_size, group)
-        forward = GroupForward(model.dit, group, model.config.model_config.num_layers)
+    if group is None:
+        model, forward = load_model(config.model_folder), None
+    else:  # rank 0 of a group: its own DiT share, the forward on every rank
+        model, forward = load_rank0(config.model_folder, group)
     sched_config = SchedulerConfig(
         memory_budget_bytes=config.memory_budget_bytes,
         max_queued=config.queue_size,

@@ -7,8 +7,14 @@ from __future__ import annotations
 import pytest
 
 from model import parallel
-from model.folder import load_model, read_config
-from model.group import FollowerStats, GroupForward, RankGroup, load_rank_dit, serve_follower
+from model.folder import read_config
+from model.group import (
+    FollowerStats,
+    RankGroup,
+    load_rank0,
+    load_rank_dit,
+    serve_follower,
+)
 from scheduler.engine import Engine
 from scheduler.session import SessionParams
 
@@ -32,9 +38,7 @@ def _rank(rank: int, world: int, process_group, folder: str):
     layers = read_config(folder).model_config.num_layers
     if rank != 0:
         return serve_follower(load_rank_dit(folder, rank, world, group), group, layers)
-    model = load_model(folder)
-    model.dit = load_rank_dit(folder, rank, world, group)
-    forward = GroupForward(model.dit, group, layers)
+    model, forward = load_rank0(folder, group)
     result = generate(Engine(model, dit=forward))
     forward.close()
     return (*result, forward.stats)
