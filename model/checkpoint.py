@@ -85,7 +85,7 @@ def shard_map(weight_dir: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{weight_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -132,9 +132,9 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
     with open(path, "rb", buffering=0) as f:
         for key in keys:
             meta = header[key]
-            if meta["dtype"] not in _DTYPES:
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{path}: {key} has unsupported dtype {meta['dtype']}")
-            tensor = torch.empty(meta["shape"], dtype=_DTYPES[meta["dtype"]])
+            tensor = torch.empty(meta["shape"], dtype=SAFETENSORS_DTYPES[meta["dtype"]])
             begin, end = meta["data_offsets"]
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             if end - begin != len(buffer):

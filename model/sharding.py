@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from model.checkpoint import (
-    _DTYPES,
+    SAFETENSORS_DTYPES,
     CheckpointError,
     build_dit_meta,
     check_state_dict,
@@ -243,7 +243,7 @@ def _target_dtypes(model: VideoDiT, headers: dict[str, dict]) -> dict[str, torch
     """The dtype every parameter has after `load_dit` (file dtype, then the fp32 promotion),
     found by loading meta tensors of the file dtypes into the meta model and promoting it."""
     meta = {
-        k: torch.empty(h["shape"], dtype=_DTYPES[h["dtype"]], device="meta")
+        k: torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]], device="meta")
         for k, h in headers.items()
     }
     model.load_state_dict(meta, strict=True, assign=True)
@@ -261,10 +261,10 @@ def _headers(weight_dir: Path, shards: dict[str, list[str]]) -> dict[str, dict]:
             if key not in header:
                 raise CheckpointError(f"{path}: key {key} listed in the index is not in the shard")
             meta = dict(header[key])
-            if meta["dtype"] not in _DTYPES:
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{path}: {key} has unsupported dtype {meta['dtype']}")
             begin, end = meta["data_offsets"]
-            size = _numel(tuple(meta["shape"])) * _DTYPES[meta["dtype"]].itemsize
+            size = _numel(tuple(meta["shape"])) * SAFETENSORS_DTYPES[meta["dtype"]].itemsize
             if end - begin != size:
                 raise CheckpointError(f"{path}: {key} holds {end - begin} bytes, expected {size}")
             meta.update(path=path, start=start)
@@ -281,7 +281,7 @@ class _Reader:
 
     def read(self, key: str, meta: dict, lo: int, hi: int, out: Tensor) -> None:
         """Elements `[lo, hi)` of the flattened tensor `key` into `out` (hi - lo elements)."""
-        file_dtype = _DTYPES[meta["dtype"]]
+        file_dtype = SAFETENSORS_DTYPES[meta["dtype"]]
         target = out if out.dtype == file_dtype else torch.empty(hi - lo, dtype=file_dtype)
         buffer = memoryview(target.view(torch.uint8).numpy())
         path = meta["path"]

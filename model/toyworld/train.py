@@ -70,7 +70,8 @@ def toy_config(scale_factor: float = 0.18215) -> MagiConfig:
 
 
 def toy_vae_config() -> VAEConfig:
-    """MAGI-1's ViT VAE (8x8 spatial, 4 temporal, 16 channels) with a 64 px, 12-frame base grid."""
+    """MAGI-1's ViT VAE (8x8 spatial, 4 temporal, 16 channels) with a 64 px, 12-frame base grid
+    and the official final projection to 4 channels per pixel."""
     return VAEConfig(
         embed_dim=256,
         depth=2,
@@ -84,6 +85,9 @@ def toy_vae_config() -> VAEConfig:
         qkv_bias=True,
         with_cls_token=True,
         ln_in_attn=True,
+        # width 256 / (4 x 8 x 8 px) leaves ONE channel per pixel before the last Conv3d, which
+        # cannot carry colour; the official final projection gives each pixel 4 channels
+        use_final_proj=True,
     )
 
 
