@@ -1,9 +1,8 @@
 """python -m model.toyworld sample --seed S --chunks N --out FILE.mp4
-python -m model.toyworld train --out models/toy
 
 `sample` writes FILE.mp4 (H.264, 24 fps) and FILE.json (captions per chunk, the scene spec,
-contacts). `bench` times dataset generation. `train` trains the toy VAE and DiT and writes the
-model folder (resumable: run the same command again after a stop).
+contacts). `bench` times dataset generation. `strip` makes a PNG of frames of a video.
+Training the toy model on these scenes: `python -m train` (train/toy.py).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import av
 import numpy as np
 
 from .plot import frame_strip, write_png
-from .train import TrainConfig, train
 from .video import ToyVideo, generate_video
 
 
@@ -92,17 +90,6 @@ def _strip(args: argparse.Namespace) -> None:
     )
 
 
-def _train(args: argparse.Namespace) -> None:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    config.out = Path(args.out)
-    state = train(config)
-    print(
-        f"done: {state.seconds:.0f} s, VAE PSNR {state.psnr:.2f} dB, scale factor "
-        f"{state.scale_factor:.4f}; folder {config.out}, loss plot {config.out}/train/loss.png"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m model.toyworld",
@@ -121,25 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     for p in (sample, bench):
         p.add_argument("--size", type=int, default=64, help="frame side, px (multiple of 16)")
         p.add_argument("--antialias", action="store_true")
-    train = sub.add_parser(
-        "train", help="train the toy VAE + DiT and write the model folder (resumable)"
-    )
-    train.add_argument("--out", required=True, help="model folder to write (models/toy)")
-    defaults = TrainConfig(out=Path("."))
-    for name in ("scenes", "vae_steps", "vae_batch", "dit_steps", "dit_batch", "threads", "seed"):
-        train.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("vae_lr", "dit_lr"):
-        train.add_argument(
-            f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
-        )
-    train.add_argument("--save-every", type=int, default=defaults.save_every)
     strip = sub.add_parser("strip", help="a PNG of evenly spaced frames of a video")
     strip.add_argument("--video", required=True)
     strip.add_argument("--out", required=True, help="FILE.png")
     strip.add_argument("--frames", type=int, default=8)
     strip.add_argument("--scale", type=int, default=2, help="pixel repeat (64 px frames are small)")
     args = parser.parse_args(argv)
-    commands = {"sample": _sample, "bench": _bench, "train": _train, "strip": _strip}
+    commands = {"sample": _sample, "bench": _bench, "strip": _strip}
     commands[args.command](args)
 
 

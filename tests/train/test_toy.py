@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model.folder import load_model
-from model.toyworld import train as T
 from scheduler.timegrid import time_grid
+from train import toy as T
 
 
 def tiny_run(out: Path, dit_steps: int = 3) -> T.TrainConfig:
@@ -76,21 +76,34 @@ def test_examples_have_rising_noise_causal_keys_and_clean_context(captions: T.Ca
     data = T.LatentSet(torch.randn(3, 16, 24, 8, 8), [("a red ball falls",) * 4] * 3)
     rng = np.random.default_rng(0)
     tokens = 96  # 6 latent frames x 4 x 4 patches
-    seen_clean = set()
-    for _ in range(40):
+    seen = set()
+    for _ in range(60):
         group, targets = T.dit_example(cfg, rc, rng, data, captions)
+        total = len(group.chunks)
         ts = [c.t for c in group.chunks]
         clean = [c for c, t in enumerate(ts) if t == rc.clean_t]
-        seen_clean.add(len(clean))
+        seen.add((len(clean), total))
         assert clean == list(range(len(clean)))  # context first
         noisy = ts[len(clean) :]
-        assert all(a > b for a, b in zip(noisy, noisy[1:], strict=False))  # later = noisier
-        assert [c for c, _, _ in targets] == list(range(len(clean), 4))
+        assert noisy and all(
+            a > b for a, b in zip(noisy, noisy[1:], strict=False)
+        )  # newer: noisier
+        assert [c for c, _, _ in targets] == list(range(len(clean), total))
         for c, chunk in enumerate(group.chunks):
             assert chunk.k_range == (0, (c + 1) * tokens)
-            assert (chunk.rope_frame, chunk.rope_frames_total) == (6 * c, 24)
+            assert (chunk.rope_frame, chunk.rope_frames_total) == (6 * c, 6 * total)
             assert chunk.caption_dropped == (c < len(clean))
-    assert seen_clean == {0, 1, 2, 3}
+    assert {n for n, _ in seen} == {0, 1, 2, 3} and {t for _, t in seen} == {1, 2, 3, 4}
+
+
+def test_window_layouts_are_the_forwards_the_sampler_plans() -> None:
+    """Filling (chunk 0 alone at level 0 first), full, draining, and after v2v prefixes."""
+    layouts = set(T.sampler_layouts())
+    assert (0, (0,)) in layouts and (0, (3, 2, 1, 0)) in layouts and (3, (3,)) in layouts
+    assert (0, (3,)) not in layouts  # a lone nearly-clean chunk always has finished ones before
+    rng = np.random.default_rng(1)
+    drawn = {(n, tuple(levels)) for n, levels in (T.window_layout(rng) for _ in range(2000))}
+    assert drawn == layouts
 
 
 def test_alone_examples_are_the_uncond_branch(captions: T.Captions) -> None:

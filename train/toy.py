@@ -1,6 +1,6 @@
 """Train the `toy` world model on toyworld scenes: the VAE, then the DiT, then write the folder.
 
-One command (`python -m model.toyworld train --out models/toy`) runs three phases and can be
+One command (`python -m train --out models/toy`) runs three phases and can be
 stopped and restarted at any point (state in `<out>/train/state.pt`, saved every
 `save_every` steps and at each phase end):
 
@@ -10,9 +10,10 @@ stopped and restarted at any point (state in `<out>/train/state.pt`, saved every
    DiT sees unit-variance latents (`runtime_config.scale_factor`).
 2. **Latents.** Every training scene is encoded once with the trained VAE.
 3. **DiT.** MAGI-1's objective: flow matching (x_t = (1 - t) noise + t clean, v = clean -
-   noise) on 4-chunk sequences whose noise rises with the chunk index the way the sampler's
-   window has it (noisy chunk i of m sits at stage m - 1 - i, s = (stage + u) / W, t = s^2 /
-   (3 - 2 s^2)), with clean chunks as causal context at clean_t, captions per chunk through the
+   noise) on chunk sequences whose noise rises with the chunk index the way the sampler's
+   window has it at some forward of its loop (`window_layout`, drawn from the forwards
+   `scheduler.window` plans; a chunk at level j is at s = (j + u) / W, t = s^2 / (3 - 2 s^2)),
+   with finished chunks as causal context at clean_t, captions per chunk through the
    frozen tiny T5 with the sampler's special tokens, and the branches the sampler's CFG needs:
    per-chunk caption dropout, all-null sequences, and chunks alone at time slot 0. i2v / v2v
    prefixes are taught by pasting clean leading latent frames into the first noisy chunk.
@@ -24,6 +25,7 @@ seed and kept frozen: captions differ by their token embeddings, which is all th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -47,11 +49,11 @@ from model.text import (
     write_special_tokens,
     write_tiny_t5,
 )
+from model.toyworld.plot import write_loss_plot
+from model.toyworld.scenes import BACKGROUND
+from model.toyworld.video import generate_video
 from model.vae import VAEConfig, ViTVAE, random_vae, save_vae
-
-from .plot import write_loss_plot
-from .scenes import BACKGROUND
-from .video import generate_video
+from scheduler.window import WindowSpec, forward_count, plan_forward
 
 SIZE = 64  # frame side, px: 8 x 8 latent pixels, 4 x 4 DiT tokens per latent frame
 CHUNKS = 4  # chunks per training sequence: the sampler's window
@@ -269,18 +271,17 @@ def dit_example(
         chunk = ChunkInput(x, t, null, True, 0, WIDTH, (0, tokens))
         return ChunkGroup([chunk]), [(0, v, torch.ones(WIDTH, dtype=torch.bool))]
     all_null = kind < cfg.alone + cfg.null_sequence
-    n_clean = int(rng.integers(CHUNKS))
-    m = CHUNKS - n_clean
+    n_clean, stages = window_layout(rng)  # stages: window levels of the chunks in flight
+    total = n_clean + len(stages)  # chunks that exist at this point of the sampler's loop
     chunks, targets = [], []
-    for c in range(CHUNKS):
+    for c in range(total):
         k_range = (0, (c + 1) * tokens)
         if c < n_clean:  # clean context, as the null branch writes it into the KV cache
             chunks.append(
-                ChunkInput(clean[c], rc.clean_t, null, True, c * WIDTH, CHUNKS * WIDTH, k_range)
+                ChunkInput(clean[c], rc.clean_t, null, True, c * WIDTH, total * WIDTH, k_range)
             )
             continue
-        stage = m - 1 - (c - n_clean)
-        t = stage_t(stage, u)
+        t = stage_t(stages[c - n_clean], u)
         x, v = _noised(clean[c], t, rng)
         keep = torch.ones(WIDTH, dtype=torch.bool)
         if c == n_clean and rng.random() < cfg.prefix_paste:  # i2v / v2v prefix frames
@@ -289,9 +290,32 @@ def dit_example(
             keep[:n] = False
         dropped = all_null or rng.random() < cfg.caption_dropout
         caption = null if dropped else captions.prompt(data.captions[scene][c], c)
-        chunks.append(ChunkInput(x, t, caption, dropped, c * WIDTH, CHUNKS * WIDTH, k_range))
+        chunks.append(ChunkInput(x, t, caption, dropped, c * WIDTH, total * WIDTH, k_range))
         targets.append((c, v, keep))
     return ChunkGroup(chunks), targets
+
+
+def window_layout(rng: np.random.Generator) -> tuple[int, list[int]]:
+    """A moment of the sampler's loop in a 4-chunk session: the first chunk in flight (the ones
+    before it are finished, clean context) and the window levels of the chunks in flight, oldest
+    first. Drawn from the forwards the sampler itself plans (`sampler_layouts`), so the window
+    filling, full and draining, with and without a v2v prefix, are trained as often as run."""
+    layouts = sampler_layouts()
+    n_clean, levels = layouts[int(rng.integers(len(layouts)))]
+    return n_clean, list(levels)
+
+
+@functools.cache
+def sampler_layouts(num_steps: int = 16) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(first chunk in flight, levels oldest first) of every forward of a CHUNKS-chunk session
+    with a v2v prefix of 0..CHUNKS-1 chunks, as `scheduler.window` plans them."""
+    out = []
+    for prefix in range(CHUNKS):
+        spec = WindowSpec(num_steps, CHUNKS, CHUNKS, prefix)
+        for step in range(forward_count(CHUNKS, CHUNKS, num_steps, prefix)):
+            plan = plan_forward(spec, step)
+            out.append((plan.chunks[0].chunk_index, tuple(c.stage_level for c in plan.chunks)))
+    return tuple(out)
 
 
 def _noised(clean: Tensor, t: float, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
@@ -364,7 +388,7 @@ def train(cfg: TrainConfig) -> TrainState:
     state = TrainState()
     if state_path.is_file():
         saved = torch.load(state_path, weights_only=False)
-        state = saved["state"]
+        state = TrainState(**saved["state"])
         vae.load_state_dict(saved["vae"])
         dit.load_state_dict(saved["dit"])
         vae_opt.load_state_dict(saved["vae_opt"])
@@ -378,7 +402,7 @@ def train(cfg: TrainConfig) -> TrainState:
         state.seconds = seconds0 + time.perf_counter() - started
         torch.save(
             {
-                "state": state,
+                "state": dataclasses.asdict(state),  # plain data: loads whatever moves
                 "vae": vae.state_dict(),
                 "dit": dit.state_dict(),
                 "vae_opt": vae_opt.state_dict(),
