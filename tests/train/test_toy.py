@@ -115,3 +115,21 @@ def test_alone_examples_are_the_uncond_branch(captions: T.Captions) -> None:
     assert (chunk.rope_frame, chunk.rope_frames_total, chunk.k_range) == (0, 6, (0, 96))
     assert chunk.caption_dropped and torch.equal(chunk.caption, captions.null())
     assert len(targets) == 1
+
+
+def test_object_voxels_weigh_more_and_pasted_frames_not_at_all(captions: T.Captions) -> None:
+    objects = torch.zeros(1, 24, 8, 8, dtype=torch.bool)
+    objects[0, :, 3, 4] = True  # one object voxel per latent frame
+    data = T.LatentSet(torch.randn(1, 16, 24, 8, 8), [("a red ball falls",) * 4], objects)
+    weights = data.weights(0, 1)
+    assert weights[:, 3, 4].eq(1 + T.OBJECT_WEIGHT).all() and weights.sum() == 6 * (64 + 10)
+    cfg = T.TrainConfig(out=Path("."), alone=0.0, null_sequence=0.0, prefix_paste=1.0)
+    rc = T.toy_config().runtime_config
+    for seed in range(10):
+        group, targets = T.dit_example(cfg, rc, np.random.default_rng(seed), data, captions)
+        first, _, weight = targets[0]
+        pasted = int((weight.flatten(1).sum(1) == 0).sum())
+        assert pasted in (1, 2)
+        assert torch.equal(
+            group.chunks[first].latent[:, :pasted], data.latents[0][:, 6 * first :][:, :pasted]
+        )
