@@ -101,11 +101,13 @@ class _Layout:
 
 class DitForward(Protocol):
     """What runs the packed DiT forward in place of `model.dit` (model.group.GroupForward: all
-    ranks of a worker group), and makes the caches it can use."""
+    ranks of a worker group), makes the caches it can use, and decodes latents."""
 
     def __call__(self, groups: list[ChunkGroup]) -> list[list[Tensor]]: ...
 
     def new_cache(self) -> KVCache: ...
+
+    def decode(self, z: Tensor, tile_frames: int) -> Tensor: ...
 
 
 class ModelRunner:
@@ -343,7 +345,11 @@ class ModelRunner:
         for members in by_shape.values():
             t0 = time.perf_counter()
             z = torch.stack([m[2] for m in members]).float() / self.rc.scale_factor
-            video = self.model.vae.tiled_decode(z, tile_frames=pipeline_tile_frames(self.rc.fps))
+            tile_frames = pipeline_tile_frames(self.rc.fps)
+            if self.dit is not None:  # a worker group: tiles spread over the ranks
+                video = self.dit.decode(z, tile_frames)
+            else:
+                video = self.model.vae.tiled_decode(z, tile_frames=tile_frames)
             frames = to_uint8_frames(video).unflatten(0, (len(members), -1))
             seconds = (time.perf_counter() - t0) / len(members)
             for (sid, c, _), f in zip(members, frames, strict=True):

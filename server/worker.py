@@ -34,6 +34,7 @@ from model.group import (
     leave_group,
     load_rank0,
     load_rank_dit,
+    load_rank_vae,
     serve_follower,
 )
 from scheduler.engine import Engine
@@ -94,6 +95,7 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
         group = join_group(rank)
         _ensure_folder(config)
         dit = load_rank_dit(config.model_folder, rank.rank, rank.world_size, group)
+        vae = load_rank_vae(config.model_folder)
         num_layers = read_config(config.model_folder).model_config.num_layers
         torch.distributed.barrier(group=group.control)
     except Exception as e:
@@ -101,7 +103,7 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
         return
     conn.send(ipc.WorkerReady(os.getpid()))
     try:
-        serve_follower(dit, group, num_layers)
+        serve_follower(dit, group, num_layers, vae)
     except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
         _group_lost(e)
     leave_group()

@@ -13,6 +13,7 @@ from model.group import (
     RankGroup,
     load_rank0,
     load_rank_dit,
+    load_rank_vae,
     serve_follower,
 )
 from scheduler.engine import Engine
@@ -37,7 +38,8 @@ def _rank(rank: int, world: int, process_group, folder: str):
     group = RankGroup(rank, world, forward=process_group, control=process_group)
     layers = read_config(folder).model_config.num_layers
     if rank != 0:
-        return serve_follower(load_rank_dit(folder, rank, world, group), group, layers)
+        dit, vae = load_rank_dit(folder, rank, world, group), load_rank_vae(folder)
+        return serve_follower(dit, group, layers, vae)
     model, forward = load_rank0(folder, group)
     result = generate(Engine(model, dit=forward))
     forward.close()
@@ -64,6 +66,8 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     assert all(isinstance(f, FollowerStats) for f in followers)
     assert {f.forwards for f in followers} == {stats.forwards} and stats.forwards > 0
     assert all(f.caches_left == 0 for f in followers)
+    # the chunks' decodes were split over the ranks (one decode per finished chunk here)
+    assert {f.decodes for f in followers} == {3}
     # the step messages are small next to the forward they drive
     assert stats.send_s < stats.forward_s
     print(
