@@ -148,16 +148,22 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, Tensor]:
     return out
 
 
-def load_dit(
-    model_dir: str | Path, config: MagiConfig, device: str | torch.device = "cpu"
-) -> VideoDiT:
-    """Build on meta, assign the tensors shard by shard (the file's dtypes are kept, as the
-    official `assign=True` does), then promote the fp32 modules (§3.12)."""
+def dit_weight_dir(model_dir: str | Path, config: MagiConfig) -> Path:
+    """`<load>/inference_weight[.fp8][.distill]` of a model folder; it must exist."""
     weight_dir = Path(model_dir) / config.runtime_config.load / config.weight_subdir
     if not weight_dir.is_dir():
         raise CheckpointError(
             f"{weight_dir}: DiT weight folder not found (expected {config.weight_subdir}/)"
         )
+    return weight_dir
+
+
+def load_dit(
+    model_dir: str | Path, config: MagiConfig, device: str | torch.device = "cpu"
+) -> VideoDiT:
+    """Build on meta, assign the tensors shard by shard (the file's dtypes are kept, as the
+    official `assign=True` does), then promote the fp32 modules (§3.12)."""
+    weight_dir = dit_weight_dir(model_dir, config)
     model = build_dit_meta(config)
     shards = shard_map(weight_dir)
     check_state_dict(model, read_shapes(weight_dir, shards), str(weight_dir))

@@ -42,6 +42,7 @@ from model.checkpoint import (
     CheckpointError,
     build_dit_meta,
     check_state_dict,
+    dit_weight_dir,
     load_dit,
     read_header,
     shard_map,
@@ -314,11 +315,7 @@ def load_dit_shard(
         raise ValueError(f"rank {rank} is not in a world of {world_size}")
     if world_size == 1:
         return load_dit(model_dir, config, device=device)
-    weight_dir = Path(model_dir) / config.runtime_config.load / config.weight_subdir
-    if not weight_dir.is_dir():
-        raise CheckpointError(
-            f"{weight_dir}: DiT weight folder not found (expected {config.weight_subdir}/)"
-        )
+    weight_dir = dit_weight_dir(model_dir, config)
     model = build_dit_meta(config)
     shards = shard_map(weight_dir)
     headers = _headers(weight_dir, shards)

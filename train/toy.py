@@ -180,14 +180,7 @@ def train_vae(
         z = moments[:, :LATENT_CHANNELS]
         recon = vae.decoder(z)
         loss = weighted_mse(recon, x) + 1e-6 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        state.step += 1
-        state.vae_losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        _step(loss, vae, opt, state, state.vae_losses, bar)
         if state.step % cfg.save_every == 0:
             save()
     bar.close()
@@ -361,19 +354,30 @@ def train_dit(
             for c, v, weight in targets:
                 error = (out[c] - v).pow(2).mean(dim=0)  # over channels: (WIDTH, h, w)
                 losses.append((weight * error).sum() / weight.sum())
-        loss = torch.stack(losses).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        state.step += 1
-        state.dit_losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        _step(torch.stack(losses).mean(), dit, opt, state, state.dit_losses, bar)
         if state.step % cfg.save_every == 0:
             save()
     bar.close()
     dit.eval()
+
+
+def _step(
+    loss: Tensor,
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    state: TrainState,
+    history: list[float],
+    bar: tqdm,
+) -> None:
+    """One optimiser step (gradients clipped to norm 1) and its bookkeeping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    state.step += 1
+    history.append(loss.item())
+    bar.update(1)
+    bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
 
 
 def _cosine(peak: float, step: int, total: int, warmup: int = 50) -> float:
