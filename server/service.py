@@ -9,8 +9,9 @@ Errors are raised as server.errors exceptions; server.interceptors maps them to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -62,15 +63,9 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         spec = parse_generate(request, self.model, self.limits)
         session = await self._open(spec)
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
-        try:
+        with self._released_if_broken(session, context):
             async for item in self._events(session):
                 yield item
-        except (asyncio.CancelledError, GeneratorExit):
-            self.sessions.release(session, *_why_broken(context))
-            raise
-        except Exception as e:
-            self.sessions.release(session, f"its call failed: {e}")
-            raise
 
     async def Interact(
         self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
@@ -84,14 +79,9 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
         reader = asyncio.create_task(self._read_client(requests, session))
         try:
-            async for item in self._events(session):
-                yield item
-        except (asyncio.CancelledError, GeneratorExit):
-            self.sessions.release(session, *_why_broken(context))
-            raise
-        except Exception as e:
-            self.sessions.release(session, f"its call failed: {e}")
-            raise
+            with self._released_if_broken(session, context):
+                async for item in self._events(session):
+                    yield item
         finally:
             reader.cancel()
 
@@ -121,6 +111,21 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         )
 
     # ---- shared by both streams -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _released_if_broken(
+        self, session: LiveSession, context: grpc.aio.ServicerContext
+    ) -> Iterator[None]:
+        """Around a call's event stream: a cancelled, disconnected or failed call frees its
+        session (and says why) before the error goes on."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            self.sessions.release(session, *_why_broken(context))
+            raise
+        except Exception as e:
+            self.sessions.release(session, f"its call failed: {e}")
+            raise
 
     async def _open(self, spec: GenerateSpec) -> LiveSession:
         """Decode the inputs off the event loop, then hand the session to the worker."""
