@@ -1,7 +1,8 @@
 """python -m model.toyworld sample --seed S --chunks N --out FILE.mp4
 
 `sample` writes FILE.mp4 (H.264, 24 fps) and FILE.json (captions per chunk, the scene spec,
-contacts). `bench` times dataset generation. `strip` makes a PNG of frames of a video.
+contacts). `bench` times dataset generation. `strip` makes a PNG of frames of a video. `still`
+draws one object at rest as a PNG: the start image of an i2v session (`make run` uses it).
 Training the toy model on these scenes: `python -m train` (train/toy.py).
 """
 
@@ -18,7 +19,8 @@ import av
 import numpy as np
 
 from .plot import frame_strip, write_png
-from .video import ToyVideo, generate_video
+from .scenes import PALETTE, ObjectSpec, PhysicsSpec, SceneSpec
+from .video import ToyVideo, generate_video, video_from_spec
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 12) -> None:
@@ -77,6 +79,13 @@ def _bench(args: argparse.Namespace) -> None:
     )
 
 
+def _still(args: argparse.Namespace) -> None:
+    thing = ObjectSpec(args.shape, args.colour, args.object_size, (args.x, args.y))
+    spec = SceneSpec(args.size, 1, (thing,), PhysicsSpec(gravity=False))
+    write_png(args.out, video_from_spec(spec).frames[0])
+    print(f"wrote {args.out}: a {args.colour} {args.shape} at ({args.x}, {args.y})")
+
+
 def _strip(args: argparse.Namespace) -> None:
     with av.open(args.video) as container:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
@@ -108,13 +117,21 @@ def main(argv: list[str] | None = None) -> None:
     for p in (sample, bench):
         p.add_argument("--size", type=int, default=64, help="frame side, px (multiple of 16)")
         p.add_argument("--antialias", action="store_true")
+    still = sub.add_parser("still", help="a PNG of one object at rest (an i2v start image)")
+    still.add_argument("--out", required=True, help="FILE.png")
+    still.add_argument("--colour", default="red", choices=sorted(PALETTE))
+    still.add_argument("--shape", default="ball", choices=["ball", "box"])
+    still.add_argument("--object-size", type=float, default=12.0, help="diameter or side, px")
+    still.add_argument("--x", type=float, default=32.0, help="centre, px from the left")
+    still.add_argument("--y", type=float, default=32.0, help="centre, px from the top")
+    still.add_argument("--size", type=int, default=64, help="frame side, px")
     strip = sub.add_parser("strip", help="a PNG of evenly spaced frames of a video")
     strip.add_argument("--video", required=True)
     strip.add_argument("--out", required=True, help="FILE.png")
     strip.add_argument("--frames", type=int, default=8)
     strip.add_argument("--scale", type=int, default=2, help="pixel repeat (64 px frames are small)")
     args = parser.parse_args(argv)
-    commands = {"sample": _sample, "bench": _bench, "strip": _strip}
+    commands = {"sample": _sample, "bench": _bench, "still": _still, "strip": _strip}
     commands[args.command](args)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from model.toyworld import PALETTE, generate_video
 from model.toyworld.__main__ import main
+from model.toyworld.score import centroids
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -49,3 +50,13 @@ def test_module_entry_point(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("chunk 0: a ")
     assert _decode(out).shape == (24, 96, 96, 3)
+
+
+def test_still_draws_one_object_at_rest_where_asked(tmp_path: Path) -> None:
+    out = tmp_path / "start.png"
+    main(["still", "--out", str(out), "--colour", "blue", "--x", "40", "--y", "20"])
+    (frame,) = _decode(out)  # a PNG the server's image decoder reads
+    assert frame.shape == (64, 64, 3)
+    centre = centroids(frame[None], "blue")[0]
+    assert np.allclose(centre, (40, 20), atol=0.5)
+    assert np.isnan(centroids(frame[None], "red")).all()
