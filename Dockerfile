@@ -5,9 +5,9 @@
 # Run: docker run --gpus all -p 50051:50051 -p 9400:9400 \
 #        -v /srv/models/4.5B_distill:/models/4.5B_distill:ro magistream:gpu \
 #        --model /models/4.5B_distill
-# The model is never in the image and never downloaded: mount its folder under /models (the
-# folder's name is the model's name). With no --model the server runs its embedded `tiny`
-# test model, whose random weights it writes at start. See docs/deploy.md.
+# A real model is never in the image and never downloaded: mount its folder under /models (the
+# folder's name is the model's name). With no --model the server runs the embedded `toy` world
+# model (models/toy, ~30 MB, part of the source). See docs/deploy.md.
 
 ARG VARIANT=gpu
 # "-base" (cudart and the NVIDIA container settings) rather than "-runtime": torch's cu128

@@ -31,18 +31,21 @@ system-deps:
 proto:
 	PYTHON=$(PY) bash proto/generate.sh
 
-# The main job on the embedded default model: start magi-server (tiny until the trained `toy`
-# model lands), stream a 4-chunk video with a prompt change through magi-client, stop the server.
+# The main job on the embedded default model (the trained `toy` world): start magi-server, draw
+# a red ball as the start image, stream a 4-chunk i2v video whose prompt turns the ball at
+# chunk 2 through magi-client, stop the server.
 RUN_PORT ?= 50051
 run:
 	@mkdir -p $(RUN_DIR)
-	@$(PY) -m server --model tiny --host 127.0.0.1 --port $(RUN_PORT) --metrics-port 0 \
+	@$(PY) -m server --host 127.0.0.1 --port $(RUN_PORT) --metrics-port 0 \
 		--cache $(RUN_DIR)/models > $(RUN_DIR)/server.log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
 	for i in $$(seq 120); do grep -q "listening on" $(RUN_DIR)/server.log && break; sleep 1; done; \
+	$(PY) -m model.toyworld still --colour red --shape ball --out $(RUN_DIR)/start.png && \
 	$(PY) -m client generate --server 127.0.0.1:$(RUN_PORT) --retries 20 \
-		--prompt "a red ball rolls to the left" --prompt-at "2:the ball turns blue and falls" \
-		--chunks 4 --out $(RUN_DIR)/demo.mp4 && echo "demo video: $(RUN_DIR)/demo.mp4"
+		--image $(RUN_DIR)/start.png --prompt "a red ball moves to the right" \
+		--prompt-at "2:a red ball moves to the left" --chunks 4 --seed 0 \
+		--out $(RUN_DIR)/demo.mp4 && echo "demo video: $(RUN_DIR)/demo.mp4"
 
 test:
 	$(PY) -m pytest -q

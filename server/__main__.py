@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from server.validation import ServedModel
 
 _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
-    ("--model", str, "tiny", "a model folder, or an embedded model: toy (trained), tiny* (random)"),
+    ("--model", str, "toy", "a model folder, or an embedded model: toy (trained), tiny* (random)"),
     ("--host", str, "0.0.0.0", "gRPC bind address"),
     ("--port", int, 50051, "gRPC port; 0 = pick a free one (printed as 'listening on H:P')"),
     ("--metrics-host", str, "0.0.0.0", "Prometheus bind address"),

@@ -104,7 +104,7 @@ def test_the_model_folder_is_a_read_only_volume_unless_an_embedded_preset(render
     (workload,) = find(objects, "Deployment") + find(objects, "StatefulSet")
     (server,) = workload["spec"]["template"]["spec"]["containers"]
     if not model.startswith("/"):
-        assert model.startswith("tiny"), "only the tiny presets have embedded weights"
+        assert model == "toy" or model.startswith("tiny"), "only toy and tiny* are embedded"
         return
     mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
     assert model in mounts and mounts[model].get("readOnly"), f"{model} is not a mounted volume"

@@ -157,8 +157,18 @@ def test_reflection_lists_the_services(server):
     assert {"magistream.v1.VideoGeneration", "grpc.health.v1.Health"} <= names
 
 
-async def test_the_default_model_is_written_to_the_cache_on_first_start(start_server):
+async def test_the_default_model_is_the_shipped_toy_world(start_server):
     server = start_server(model=None)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        reply = await stub(channel).ListModels(pb.ListModelsRequest())
+    assert reply.default_model == "toy"
+    # served from the repository's models/toy: nothing is written to the cache
+    assert not (server.log_path.parent / "cache" / "models").exists()
+    server.stop()
+
+
+async def test_a_random_preset_is_written_to_the_cache_on_first_start(start_server):
+    server = start_server(model="tiny")
     async with grpc.aio.insecure_channel(server.address) as channel:
         reply = await stub(channel).ListModels(pb.ListModelsRequest())
     assert reply.default_model == "tiny"

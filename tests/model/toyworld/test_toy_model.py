@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.config import preset_name
-from model.folder import EMBEDDED_MODELS, MagiModel, embedded_folder, load_model
+from model.folder import MagiModel, embedded_folder, load_model
 from model.toyworld.scenes import ObjectSpec, PhysicsSpec, SceneSpec
 from model.toyworld.score import centroids
 from model.toyworld.video import video_from_spec
@@ -19,12 +19,6 @@ from scheduler.engine import Engine
 from scheduler.session import SessionParams
 
 MB = 1 << 20
-
-pytestmark = pytest.mark.skipif(
-    not (EMBEDDED_MODELS / "toy" / "config.json").is_file(),
-    reason="models/toy is not shipped yet: the weights trained so far (issue 8) do not follow "
-    "left/right prompts; these tests gate shipping them",
-)
 
 
 @pytest.fixture(scope="module")
