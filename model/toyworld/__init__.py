@@ -14,7 +14,7 @@ from .scenes import (
     SceneSpec,
     sample_scene,
 )
-from .video import ToyVideo, generate_dataset, generate_video, video_from_spec
+from .video import ToyVideo, generate_dataset, generate_video, still_frame, video_from_spec
 
 __all__ = [
     "CHUNK_FRAMES",
@@ -31,5 +31,6 @@ __all__ = [
     "generate_video",
     "sample_scene",
     "simulate",
+    "still_frame",
     "video_from_spec",
 ]

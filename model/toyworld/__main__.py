@@ -19,8 +19,8 @@ import av
 import numpy as np
 
 from .plot import frame_strip, write_png
-from .scenes import PALETTE, ObjectSpec, PhysicsSpec, SceneSpec
-from .video import ToyVideo, generate_video, video_from_spec
+from .scenes import PALETTE, ObjectSpec
+from .video import ToyVideo, generate_video, still_frame
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int, crf: int = 12) -> None:
@@ -81,8 +81,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _still(args: argparse.Namespace) -> None:
     thing = ObjectSpec(args.shape, args.colour, args.object_size, (args.x, args.y))
-    spec = SceneSpec(args.size, 1, (thing,), PhysicsSpec(gravity=False))
-    write_png(args.out, video_from_spec(spec).frames[0])
+    write_png(args.out, still_frame(thing, args.size))
     print(f"wrote {args.out}: a {args.colour} {args.shape} at ({args.x}, {args.y})")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .captions import chunk_captions
 from .physics import Contact, simulate
 from .render import render
-from .scenes import CHUNK_FRAMES, FPS, SceneSpec, sample_scene
+from .scenes import CHUNK_FRAMES, FPS, ObjectSpec, PhysicsSpec, SceneSpec, sample_scene
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +48,13 @@ def video_from_spec(spec: SceneSpec, antialias: bool = False) -> ToyVideo:
 def generate_video(seed: int, num_chunks: int, size: int = 64, antialias: bool = False) -> ToyVideo:
     """Deterministic: the same (seed, num_chunks, size, antialias) gives identical arrays."""
     return video_from_spec(sample_scene(seed, num_chunks, size), antialias)
+
+
+def still_frame(thing: ObjectSpec, size: int = 64) -> np.ndarray:
+    """(size, size, 3) uint8: one object at rest in mid-air (no gravity) on the background, the
+    start image of an i2v session."""
+    spec = SceneSpec(size, 1, (thing,), PhysicsSpec(gravity=False))
+    return video_from_spec(spec).frames[0]
 
 
 def generate_dataset(

@@ -12,9 +12,8 @@ import torch
 
 from model.config import preset_name
 from model.folder import MagiModel, embedded_folder, load_model
-from model.toyworld.scenes import ObjectSpec, PhysicsSpec, SceneSpec
+from model.toyworld import ObjectSpec, still_frame
 from model.toyworld.score import centroids
-from model.toyworld.video import video_from_spec
 from scheduler.engine import Engine
 from scheduler.session import SessionParams
 
@@ -40,9 +39,7 @@ def test_shipped_folder_is_an_official_layout_checkpoint(toy: MagiModel) -> None
 
 def first_frame(x: float) -> torch.Tensor:
     """A red ball at rest in mid-air (no gravity), centre x, on the toy background."""
-    ball = ObjectSpec("ball", "red", 12.0, (x, 32.0))
-    spec = SceneSpec(64, 1, (ball,), PhysicsSpec(gravity=False))
-    return torch.from_numpy(video_from_spec(spec).frames[0])
+    return torch.from_numpy(still_frame(ObjectSpec("ball", "red", 12.0, (x, 32.0))))
 
 
 def red_x(toy: MagiModel, prompts: tuple[tuple[int, str], ...], chunks: int) -> np.ndarray:
