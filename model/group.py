@@ -113,12 +113,12 @@ def load_rank_dit(
 def load_rank0(folder: str | Path, group: RankGroup) -> tuple[MagiModel, GroupForward]:
     """Rank 0's model (VAE, text, and for the runner's null caption the DiT's replicated part)
     and the group forward its engine runs in place of `model.dit`."""
-    from model.folder import load_model, read_config
+    from model.folder import load_model
 
     share = load_rank_dit(folder, group.rank, group.world_size, group)
     dit = share.dit if isinstance(share, ShardedDiT) else share
     model = load_model(folder, dit=dit)
-    num_layers = read_config(folder).model_config.num_layers
+    num_layers = model.config.model_config.num_layers
     return model, GroupForward(share, group, num_layers, vae=model.vae)
 
 
