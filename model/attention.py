@@ -47,16 +47,24 @@ class SdpaBackend:
             if q1 > q0 and k1 > k0:  # an empty key range gives zeros
                 buckets.setdefault((q1 - q0, k1 - k0), []).append(i)
         gqa = q.shape[1] != k.shape[1]
-        for members in buckets.values():
-            # (S, H, hd) slices -> (B, H, S, hd); GQA repeats KV heads contiguously (head h ->
-            # group h // rep), the flash-attn convention MAGI-1 was trained with.
-            qs = torch.stack([q[q_ranges[i][0] : q_ranges[i][1]] for i in members]).transpose(1, 2)
-            ks = torch.stack([k[k_ranges[i][0] : k_ranges[i][1]] for i in members]).transpose(1, 2)
-            vs = torch.stack([v[k_ranges[i][0] : k_ranges[i][1]] for i in members]).transpose(1, 2)
+        for (q_len, k_len), members in buckets.items():
+            # (S, H, hd) rows -> (B, H, S, hd); GQA repeats KV heads contiguously (head h ->
+            # group h // rep), the flash-attn convention MAGI-1 was trained with. One gather per
+            # tensor rather than a slice per chunk: under autograd every slice's backward writes
+            # a whole (S, H, hd) gradient, a gather's backward one scatter.
+            q_rows = _rows([q_ranges[i] for i in members], q.device)
+            k_rows = _rows([k_ranges[i] for i in members], k.device)
+            qs = q.index_select(0, q_rows).unflatten(0, (len(members), q_len)).transpose(1, 2)
+            ks = k.index_select(0, k_rows).unflatten(0, (len(members), k_len)).transpose(1, 2)
+            vs = v.index_select(0, k_rows).unflatten(0, (len(members), k_len)).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa).transpose(1, 2)
-            for j, i in enumerate(members):
-                out[q_ranges[i][0] : q_ranges[i][1]] = o[j]
+            out = out.index_copy(0, q_rows, o.flatten(0, 1))
         return out
+
+
+def _rows(ranges: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """The row indices of the ranges, one after another."""
+    return torch.cat([torch.arange(r0, r1, device=device) for r0, r1 in ranges])
 
 
 def default_backend() -> AttentionBackend:

@@ -288,9 +288,10 @@ class TransformerLayer(nn.Module):
         chunks that ask for it have their K|V written to their group's cache first."""
         hd = self.self_attention.hd
         kv_parts, k_ranges, offset = [], [], 0
-        for g, group in enumerate(p.groups):
-            s0, s1 = p.group_spans[g]
-            kv = torch.cat([k[s0:s1], v[s0:s1]], dim=-1)  # (Sg, G, 2hd), the cache layout
+        sizes = [s1 - s0 for s0, s1 in p.group_spans]  # the groups tile the packed sequence
+        for g, (group, k_g, v_g) in enumerate(zip(p.groups, k.split(sizes), v.split(sizes))):
+            s0 = p.group_spans[g][0]
+            kv = torch.cat([k_g, v_g], dim=-1)  # (Sg, G, 2hd), the cache layout
             self._write_cache(group, kv, layer, p.chunk_spans[p.group_first_chunk[g] :], s0)
             if group.cached_chunks:
                 kv = torch.cat(
@@ -454,9 +455,9 @@ class VideoDiT(nn.Module):
         groups: list[ChunkGroup],
     ) -> list[list[Tensor]]:
         """The final linear's output (S, pT*pH*pW*C) unpatchified per chunk, grouped as given."""
+        sizes = [s1 - s0 for s0, s1 in packed.chunk_spans]  # the chunks tile the sequence
         velocities = [
-            self._unpatchify(out[s0:s1], grid)
-            for (s0, s1), grid in zip(packed.chunk_spans, grids, strict=True)
+            self._unpatchify(rows, grid) for rows, grid in zip(out.split(sizes), grids, strict=True)
         ]
         result, i = [], 0
         for g in groups:
