@@ -289,7 +289,8 @@ class TransformerLayer(nn.Module):
         hd = self.self_attention.hd
         kv_parts, k_ranges, offset = [], [], 0
         sizes = [s1 - s0 for s0, s1 in p.group_spans]  # the groups tile the packed sequence
-        for g, (group, k_g, v_g) in enumerate(zip(p.groups, k.split(sizes), v.split(sizes))):
+        per_group = zip(p.groups, k.split(sizes), v.split(sizes), strict=True)
+        for g, (group, k_g, v_g) in enumerate(per_group):
             s0 = p.group_spans[g][0]
             kv = torch.cat([k_g, v_g], dim=-1)  # (Sg, G, 2hd), the cache layout
             self._write_cache(group, kv, layer, p.chunk_spans[p.group_first_chunk[g] :], s0)

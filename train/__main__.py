@@ -1,8 +1,9 @@
 """python -m train --out models/toy [--dit-steps N ...]
 
-Trains the toy world model (VAE, then DiT) on toyworld scenes and writes the model folder in the
-official layout. Resumable: the same command after a stop goes on from the last save, and a
-larger --dit-steps continues a finished run. See docs/toyworld.md.
+Trains the toy world model (VAE, then DiT, then the VAE decoder on its own) on toyworld scenes
+and writes the model folder in the official layout. Resumable: the same command after a stop
+goes on from the last save, and a larger --dit-steps or --decoder-steps continues a finished
+run. See docs/toyworld.md.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="model folder to write (models/toy)")
     defaults = TrainConfig(out=Path("."))
-    for name in ("scenes", "vae_steps", "vae_batch", "dit_steps", "dit_batch", "threads", "seed"):
+    counts = ("scenes", "vae_steps", "vae_batch", "dit_steps", "dit_batch", "decoder_steps")
+    for name in (*counts, "decoder_batch", "threads", "seed"):
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
         )
-    for name in ("vae_lr", "dit_lr"):
+    for name in ("vae_lr", "dit_lr", "decoder_lr", "decoder_object_weight"):
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     config.out = Path(args.out)
     state = train(config)
     print(
-        f"done: {state.seconds:.0f} s, VAE PSNR {state.psnr:.2f} dB, scale factor "
+        f"done: {state.seconds:.0f} s, VAE PSNR {state.decoder_psnr:.2f} dB, scale factor "
         f"{state.scale_factor:.4f}; folder {config.out}, loss plot {config.out}/train/loss.png"
     )
 

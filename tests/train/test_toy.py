@@ -16,7 +16,7 @@ from scheduler.timegrid import time_grid
 from train import toy as T
 
 
-def tiny_run(out: Path, dit_steps: int = 3) -> T.TrainConfig:
+def tiny_run(out: Path, dit_steps: int = 3, decoder_steps: int = 2) -> T.TrainConfig:
     return T.TrainConfig(
         out=out,
         scenes=4,
@@ -24,16 +24,26 @@ def tiny_run(out: Path, dit_steps: int = 3) -> T.TrainConfig:
         vae_batch=2,
         dit_steps=dit_steps,
         dit_batch=2,
+        decoder_steps=decoder_steps,
+        decoder_batch=2,
         save_every=2,
         threads=1,
     )
+
+
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    saved = torch.load(out / "train" / "state.pt", weights_only=False)
+    return {f"vae.{k}": v for k, v in saved["vae"].items()} | {
+        f"dit.{k}": v for k, v in saved["dit"].items()
+    }
 
 
 def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     state = T.train(tiny_run(out))
     assert (state.phase, len(state.vae_losses), len(state.dit_losses)) == ("done", 3, 3)
-    assert all(np.isfinite(state.vae_losses + state.dit_losses))
+    assert len(state.decoder_losses) == 2 and state.decoder_psnr > 0
+    assert all(np.isfinite(state.vae_losses + state.dit_losses + state.decoder_losses))
     assert state.scale_factor > 0
     png = (out / "train" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png.endswith(b"IEND\xaeB`\x82")
@@ -45,7 +55,15 @@ def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> 
     assert check.returncode == 0, check.stderr
     # the same command with a bigger budget picks up where it stopped: VAE untouched
     state = T.train(tiny_run(out, dit_steps=5))
-    assert (len(state.vae_losses), len(state.dit_losses)) == (3, 5)
+    assert (len(state.vae_losses), len(state.dit_losses), len(state.decoder_losses)) == (3, 5, 2)
+    # more decoder steps train the decoder alone: the encoder (the DiT's latents) and the DiT
+    # stay bit for bit
+    before = saved_weights(out)
+    state = T.train(tiny_run(out, dit_steps=5, decoder_steps=4))
+    assert (len(state.dit_losses), len(state.decoder_losses)) == (5, 4)
+    after = saved_weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("vae.decoder.") for k in changed)
 
 
 def test_stage_t_lands_on_the_samplers_time_grid() -> None:
