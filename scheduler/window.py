@@ -317,15 +317,23 @@ class Window:
         s = self._spec
         plan = plan_forward(s, self._step)
         quartile = s.num_steps // len(s.noise2clean_kvrange)
+        clean = kv_lookback(s.num_steps, s.num_steps, s.noise2clean_kvrange, s.clean_chunk_kvrange)
+
+        def first_reached(chunk: int, noisy_lookbacks: tuple[int, ...]) -> int:
+            # every chunk but a finite session's last is re-forwarded clean once it finishes,
+            # and that forward may look back further than its noisy steps did
+            re_forwarded = s.num_chunks is None or chunk < s.num_chunks - 1
+            return chunk + 1 - max(*noisy_lookbacks, clean if re_forwarded else 0)
+
         firsts = [
-            c.chunk_index + 1 - max(s.noise2clean_kvrange[c.denoise_step // quartile :])
+            first_reached(c.chunk_index, s.noise2clean_kvrange[c.denoise_step // quartile :])
             for c in plan.chunks
         ]
         if plan.clean_kv_first_chunk is not None:
             firsts.append(plan.clean_kv_first_chunk)
         newest_future = plan.chunks[-1].chunk_index + 1
         if s.num_chunks is None or newest_future < s.num_chunks:
-            firsts.append(newest_future + 1 - max(s.noise2clean_kvrange))
+            firsts.append(first_reached(newest_future, s.noise2clean_kvrange))
         return max(0, min(firsts))
 
     def reachable_cached_chunks(self) -> range:

@@ -84,6 +84,18 @@ def test_other_window_sizes_equal_the_official_loop(tiny_model, window):
         assert (got[c] - want[c]).abs().max() < 1e-5, (window, c)
 
 
+def test_a_clean_kv_range_longer_than_the_noisy_ones_equals_the_official_loop(tiny_model):
+    """clean_chunk_kvrange 5 over noise2clean 5/4/3/2: a clean re-forward reads KV that the
+    chunk's last noisy steps no longer did, so the cache must keep it until then."""
+    rc = dataclasses.replace(tiny_model.config.runtime_config, clean_chunk_kvrange=5)
+    config = MagiConfig(tiny_model.config.model_config, rc, tiny_model.config.engine_config)
+    model = dataclasses.replace(tiny_model, config=config)
+    want = official_loop(model, "a red ball rolls", 6, seed=5)
+    got = engine_latents(model, "a red ball rolls", 6, seed=5)
+    for c in range(6):
+        assert (got[c] - want[c]).abs().max() < 1e-5, c
+
+
 def test_generate_command_writes_the_frames_of_one_session(tiny_folder, tmp_path):
     import subprocess
     import sys

@@ -241,14 +241,22 @@ def test_reachable_cached_chunks_in_steady_state_are_the_last_clean_chunk():
                 assert window.reachable_cached_chunks() == range(newest_clean + 1, newest_clean + 1)
 
 
-@pytest.mark.parametrize(("window_size", "prefix"), [(4, 0), (2, 0), (1, 0), (4, 2), (3, 0)])
-def test_oldest_needed_chunk_is_the_smallest_kv_start_still_to_come(window_size, prefix):
+@pytest.mark.parametrize(
+    ("window_size", "prefix", "clean_kvrange"),
+    [(4, 0, 1), (2, 0, 1), (1, 0, 1), (4, 2, 1), (3, 0, 1), (4, 0, 5), (4, 2, 5), (2, 1, -1)],
+)
+def test_oldest_needed_chunk_is_the_smallest_kv_start_still_to_come(
+    window_size, prefix, clean_kvrange
+):
+    """Also when a clean re-forward looks back further than the chunk's last noisy steps
+    (clean_chunk_kvrange 5 over 5/4/3/2): that KV must not be dropped before it."""
     spec = WindowSpec(
         num_steps=12,
         window_size=window_size,
         num_chunks=prefix + 7,
         prefix_chunks=prefix,
         noise2clean_kvrange=(5, 4, 3, 2),
+        clean_chunk_kvrange=clean_kvrange,
     )
     plans = _run(Window(spec))
     window = Window(spec)
