@@ -1,9 +1,14 @@
 """The continuation table of MAGI-1's report (Physics-IQ style), on held-out toyworld scenes.
 
-Each scene has 4 ground-truth chunks (96 frames, 64x64). Scored frames: 48..95 (chunks 2-3).
+Each scene has 4 ground-truth chunks (96 frames, 64x64). Scored frames: 48..59 and 64..95, the
+same frames for every mode: the V2V stream has no frames 61-63 (below).
 
 - V2V: the first two chunks (frames 0..47) are the prefix; the engine continues from their end
-  (it encodes the last 32 frames), prompted with the ground-truth captions.
+  (it encodes the last 32 frames, 8 latent frames: one clean chunk and two latent frames
+  pasted into the first generated chunk), prompted with the ground-truth captions. That chunk
+  outputs its last 4 latent frames (frames 48..63), which MAGI-1's tiled decode turns into
+  12 + 1 frames: a 1-latent tail tile decodes as one image. So its 13 frames are 48..59 and
+  one for 60..63, and the next chunk starts at frame 64.
 - I2V: only frame 0 is given; all four chunks are generated with the ground-truth captions.
 - copy last frame: frame 47 repeated.
 - ground truth (ceiling): the same scene simulated again from a slightly perturbed start
@@ -37,7 +42,9 @@ from scheduler.session import SessionParams  # noqa: E402
 HELD_OUT = 1_000_000  # first held-out seed; training uses seeds 0..scenes-1
 CHUNKS = 4
 GIVEN = 2 * CHUNK_FRAMES  # frames given to V2V
-SCORED = slice(GIVEN, CHUNKS * CHUNK_FRAMES)
+V2V_FIRST_CHUNK_FRAMES = 13  # 12 frames 48..59, then one frame for latent 60..63
+SCORED = np.r_[GIVEN : GIVEN + 12, GIVEN + 16 : CHUNKS * CHUNK_FRAMES]  # 48..59, 64..95
+V2V_SCORED = np.r_[0:12, V2V_FIRST_CHUNK_FRAMES : V2V_FIRST_CHUNK_FRAMES + 32]  # of its stream
 MODES = ("V2V", "I2V", "copy last frame", "ground truth (ceiling)")
 
 
@@ -53,27 +60,32 @@ def perturbed(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
     return dataclasses.replace(spec, objects=objects)
 
 
-def generate(engine: Engine, params: list[SessionParams]) -> dict[str, np.ndarray]:
-    """Run all sessions batched in one engine; uint8 frames per session id."""
+def generate(engine: Engine, params: list[SessionParams]) -> dict[str, list[np.ndarray]]:
+    """Run all sessions batched in one engine; uint8 frames per session id, per chunk."""
     for p in params:
         engine.open(p)
     frames: dict[str, list[np.ndarray]] = {p.session_id: [] for p in params}
     for done in engine.run_until_idle():
         frames[done.session_id].append(done.frames.numpy())
-    return {sid: np.concatenate(parts) for sid, parts in frames.items()}
+    return frames
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the shipped toy)")
     parser.add_argument("--scenes", type=int, default=50)
+    parser.add_argument(
+        "--first-seed", type=int, default=HELD_OUT, help="held-out scene seeds start here"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10, help="sessions per engine run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model or embedded_folder("toy"))
     size = model.config.runtime_config.video_size_h
-    videos = [generate_video(HELD_OUT + i, CHUNKS, size) for i in range(args.scenes)]
+    if args.first_seed < HELD_OUT:
+        raise SystemExit(f"--first-seed must be >= {HELD_OUT}: lower seeds are training scenes")
+    videos = [generate_video(args.first_seed + i, CHUNKS, size) for i in range(args.scenes)]
     start = time.perf_counter()
     rows: dict[str, list[Scores]] = {m: [] for m in MODES}
     for b in range(0, len(videos), args.batch):
@@ -109,18 +121,21 @@ def main() -> None:
         for i, v in batch:
             colours = [o.colour for o in v.spec.objects]
             truth = v.frames[SCORED]
-            n = truth.shape[0]
-            v2v = out[f"v2v{i}"][:n]
-            i2v = out[f"i2v{i}"][SCORED]
-            copy = np.repeat(v.frames[GIVEN - 1 : GIVEN], n, axis=0)
+            v2v_chunks = out[f"v2v{i}"]
+            if len(v2v_chunks[0]) != V2V_FIRST_CHUNK_FRAMES:
+                raise RuntimeError(f"v2v chunk 0 has {len(v2v_chunks[0])} frames, not 13")
+            v2v = np.concatenate(v2v_chunks)[V2V_SCORED]
+            i2v = np.concatenate(out[f"i2v{i}"])[SCORED]
+            copy = np.repeat(v.frames[GIVEN - 1 : GIVEN], len(truth), axis=0)
             again = video_from_spec(perturbed(v.spec, np.random.default_rng(i))).frames[SCORED]
             for mode, frames in zip(MODES, (v2v, i2v, copy, again), strict=True):
                 rows[mode].append(score(frames, truth, colours))
         print(f"  {min(b + args.batch, len(videos))}/{len(videos)} scenes", file=sys.stderr)
     elapsed = time.perf_counter() - start
     print(
-        f"# physics table: {args.scenes} held-out scenes (seeds {HELD_OUT}..), 64x64, "
-        f"frames 48-95 scored; {elapsed:.0f} s on {platform.processor() or platform.machine()}"
+        f"# physics table: {args.scenes} held-out scenes (seeds {args.first_seed}..), 64x64, "
+        f"frames 48-59 and 64-95 scored; {elapsed:.0f} s on "
+        f"{platform.processor() or platform.machine()}"
     )
     print("| mode | spatial IoU ↑ | spatiotemporal IoU ↑ | weighted spatial IoU ↑ | MSE ↓ |")
     print("|---|---|---|---|---|")
