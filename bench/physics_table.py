@@ -36,13 +36,14 @@ from model.folder import embedded_folder, load_model  # noqa: E402
 from model.toyworld import generate_video, video_from_spec  # noqa: E402
 from model.toyworld.scenes import CHUNK_FRAMES, SceneSpec  # noqa: E402
 from model.toyworld.score import Scores, mean_scores, score  # noqa: E402
+from model.vae import video_frames_for  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
 from scheduler.session import SessionParams  # noqa: E402
 
 HELD_OUT = 1_000_000  # first held-out seed; training uses seeds 0..scenes-1
 CHUNKS = 4
 GIVEN = 2 * CHUNK_FRAMES  # frames given to V2V
-V2V_FIRST_CHUNK_FRAMES = 13  # 12 frames 48..59, then one frame for latent 60..63
+V2V_FIRST_CHUNK_FRAMES = video_frames_for(4)  # 13: frames 48..59, then one for latent 60..63
 SCORED = np.r_[GIVEN : GIVEN + 12, GIVEN + 16 : CHUNKS * CHUNK_FRAMES]  # 48..59, 64..95
 V2V_SCORED = np.r_[0:12, V2V_FIRST_CHUNK_FRAMES : V2V_FIRST_CHUNK_FRAMES + 32]  # of its stream
 MODES = ("V2V", "I2V", "copy last frame", "ground truth (ceiling)")
@@ -123,7 +124,9 @@ def main() -> None:
             truth = v.frames[SCORED]
             v2v_chunks = out[f"v2v{i}"]
             if len(v2v_chunks[0]) != V2V_FIRST_CHUNK_FRAMES:
-                raise RuntimeError(f"v2v chunk 0 has {len(v2v_chunks[0])} frames, not 13")
+                raise RuntimeError(
+                    f"v2v chunk 0 has {len(v2v_chunks[0])} frames, not {V2V_FIRST_CHUNK_FRAMES}"
+                )
             v2v = np.concatenate(v2v_chunks)[V2V_SCORED]
             i2v = np.concatenate(out[f"i2v{i}"])[SCORED]
             copy = np.repeat(v.frames[GIVEN - 1 : GIVEN], len(truth), axis=0)

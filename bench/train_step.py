@@ -56,8 +56,8 @@ def main() -> None:
     with_text = Path(__file__).resolve().parents[1] / ".cache" / "bench-train-step"
     d_model = config.model_config.caption_channels
     if not (with_text / "t5").is_dir():
-        write_tiny_t5(with_text / "t5", d_model=d_model, seed=2)
-        write_special_tokens(with_text / "tokens.npz", d_model, seed=3)
+        write_tiny_t5(with_text / "t5", d_model=d_model, seed=T.TEXT_SEED)  # training's, seed 0
+        write_special_tokens(with_text / "tokens.npz", d_model, seed=T.TOKENS_SEED)
     captions = T.Captions(
         TextEncoder(with_text / "t5"),
         SpecialTokens.load(with_text / "tokens.npz"),

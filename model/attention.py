@@ -58,7 +58,7 @@ class SdpaBackend:
             ks = k.index_select(0, k_rows).unflatten(0, (len(members), k_len)).transpose(1, 2)
             vs = v.index_select(0, k_rows).unflatten(0, (len(members), k_len)).transpose(1, 2)
             o = F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=gqa).transpose(1, 2)
-            out = out.index_copy(0, q_rows, o.flatten(0, 1))
+            out.index_copy_(0, q_rows, o.flatten(0, 1))  # in place: no copy of `out` per bucket
         return out
 
 
