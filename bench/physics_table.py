@@ -14,6 +14,10 @@ same frames for every mode: the V2V stream has no frames 61-63 (below).
 - ground truth (ceiling): the same scene simulated again from a slightly perturbed start
   (positions +-0.5 px, velocities +-2 %), the spread a second take of a real experiment has.
 
+Below the table: V2V minus copy-last-frame and V2V minus I2V scene by scene, mean and 95 %
+confidence half-width (whether a lead is more than the luck of the draw of scenes), and the
+per-frame IoU of each mode at a few frames (where in time a mode wins or loses).
+
     .venv/bin/python bench/physics_table.py                  # 50 scenes, the shipped toy model
     .venv/bin/python bench/physics_table.py --scenes 4       # quick look
 """
@@ -35,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.folder import embedded_folder, load_model  # noqa: E402
 from model.toyworld import generate_video, video_from_spec  # noqa: E402
 from model.toyworld.scenes import CHUNK_FRAMES, SceneSpec  # noqa: E402
-from model.toyworld.score import Scores, mean_scores, score  # noqa: E402
+from model.toyworld.score import (  # noqa: E402
+    Scores,
+    frame_ious,
+    mean_scores,
+    paired_difference,
+    score,
+)
 from model.vae import video_frames_for  # noqa: E402
 from scheduler.engine import Engine  # noqa: E402
 from scheduler.session import SessionParams  # noqa: E402
@@ -47,6 +57,10 @@ V2V_FIRST_CHUNK_FRAMES = video_frames_for(4)  # 13: frames 48..59, then one for 
 SCORED = np.r_[GIVEN : GIVEN + 12, GIVEN + 16 : CHUNKS * CHUNK_FRAMES]  # 48..59, 64..95
 V2V_SCORED = np.r_[0:12, V2V_FIRST_CHUNK_FRAMES : V2V_FIRST_CHUNK_FRAMES + 32]  # of its stream
 MODES = ("V2V", "I2V", "copy last frame", "ground truth (ceiling)")
+COMPARISONS = (("V2V", "copy last frame"), ("V2V", "I2V"))
+PER_FRAME = (48, 50, 52, 56, 64, 72, 80, 88, 95)  # frames of SCORED shown in the per-frame table
+DIGITS = (3, 3, 3, 5)  # decimals per column: three IoUs, MSE
+COLUMNS = "spatial IoU ↑ | spatiotemporal IoU ↑ | weighted spatial IoU ↑ | MSE ↓"
 
 
 def perturbed(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
@@ -89,6 +103,7 @@ def main() -> None:
     videos = [generate_video(args.first_seed + i, CHUNKS, size) for i in range(args.scenes)]
     start = time.perf_counter()
     rows: dict[str, list[Scores]] = {m: [] for m in MODES}
+    per_frame: dict[str, list[np.ndarray]] = {m: [] for m in MODES}
     for b in range(0, len(videos), args.batch):
         batch = list(enumerate(videos))[b : b + args.batch]
         params = []
@@ -133,6 +148,7 @@ def main() -> None:
             again = video_from_spec(perturbed(v.spec, np.random.default_rng(i))).frames[SCORED]
             for mode, frames in zip(MODES, (v2v, i2v, copy, again), strict=True):
                 rows[mode].append(score(frames, truth, colours))
+                per_frame[mode].append(frame_ious(frames, truth, colours))
         print(f"  {min(b + args.batch, len(videos))}/{len(videos)} scenes", file=sys.stderr)
     elapsed = time.perf_counter() - start
     print(
@@ -140,7 +156,7 @@ def main() -> None:
         f"frames 48-59 and 64-95 scored; {elapsed:.0f} s on "
         f"{platform.processor() or platform.machine()}"
     )
-    print("| mode | spatial IoU ↑ | spatiotemporal IoU ↑ | weighted spatial IoU ↑ | MSE ↓ |")
+    print(f"| mode | {COLUMNS} |")
     print("|---|---|---|---|---|")
     for mode in MODES:
         m = mean_scores(rows[mode])
@@ -148,6 +164,37 @@ def main() -> None:
             f"| {mode} | {m.spatial_iou:.3f} | {m.spatiotemporal_iou:.3f} | "
             f"{m.weighted_spatial_iou:.3f} | {m.mse:.5f} |"
         )
+    print_differences(rows)
+    print_per_frame(per_frame)
+
+
+def print_differences(rows: dict[str, list[Scores]]) -> None:
+    print(
+        "\nper-scene differences, mean ± 95 % confidence half-width "
+        "(the first mode leads where an IoU difference is > 0 and the MSE difference < 0):\n"
+    )
+    if len(rows["V2V"]) < 2:
+        print("(needs 2+ scenes)")
+        return
+    print(f"| difference | {COLUMNS} |")
+    print("|---|---|---|---|---|")
+    for a, b in COMPARISONS:
+        d = paired_difference(rows[a], rows[b])
+        cells = [
+            f"{m:+.{digits}f} ± {h:.{digits}f}"
+            for m, h, digits in zip(d.mean.as_row(), d.half_width.as_row(), DIGITS, strict=True)
+        ]
+        print(f"| {a} − {b} | {' | '.join(cells)} |")
+
+
+def print_per_frame(per_frame: dict[str, list[np.ndarray]]) -> None:
+    print("\nper-frame IoU of the object masks, mean over scenes:\n")
+    columns = [int(np.flatnonzero(SCORED == f)[0]) for f in PER_FRAME]
+    print("| mode | " + " | ".join(f"frame {f}" for f in PER_FRAME) + " |")
+    print("|---" * (len(PER_FRAME) + 1) + "|")
+    for mode in MODES:
+        curve = np.mean(per_frame[mode], axis=0)[columns]
+        print(f"| {mode} | " + " | ".join(f"{v:.2f}" for v in curve) + " |")
 
 
 if __name__ == "__main__":

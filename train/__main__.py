@@ -3,7 +3,7 @@
 Trains the toy world model (VAE, then DiT, then the VAE decoder on its own) on toyworld scenes
 and writes the model folder in the official layout. Resumable: the same command after a stop
 goes on from the last save, and a larger --dit-steps or --decoder-steps continues a finished
-run. See docs/toyworld.md.
+run. --vae-from FOLDER trains the DiT alone on a finished folder's VAE. See docs/toyworld.md.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
+    parser.add_argument(
+        "--vae-from",
+        type=Path,
+        default=None,
+        help="a finished model folder: take its VAE and scale factor and train the DiT only "
+        "(phase 3 of that folder's run; see docs/toyworld.md)",
+    )
     return parser
 
 

@@ -26,6 +26,11 @@ stopped and restarted at any point (state in `<out>/train/state.pt`, saved every
 
 The text side (tiny T5, tokenizer, special tokens) is the `tiny` preset's, deterministic from a
 seed and kept frozen: captions differ by their token embeddings, which is all the DiT needs.
+
+`vae_from` (`--vae-from FOLDER`) runs phase 3 alone on a finished folder's VAE and scale
+factor. Its encoder is phase 1's (phase 4 freezes it) and phase 4 never reads the DiT, so this is
+phase 3 of the same full run, bit for bit (a test checks it): a DiT recipe can be tried, or the
+DiT retrained, without paying for phases 1, 2 and 4 again.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from tqdm import tqdm
 from model.checkpoint import init_random_, save_dit
 from model.config import MagiConfig, RuntimeConfig, get_preset
 from model.dit import ChunkGroup, ChunkInput, VideoDiT
+from model.folder import folder_paths, read_config
 from model.text import (
     NULL_CAPTION_TOKENS,
     SpecialTokens,
@@ -58,7 +64,7 @@ from model.text import (
 from model.toyworld.plot import write_loss_plot
 from model.toyworld.scenes import BACKGROUND
 from model.toyworld.video import generate_video
-from model.vae import VAEConfig, ViTVAE, random_vae, save_vae
+from model.vae import VAEConfig, ViTVAE, load_vae, random_vae, save_vae
 from scheduler.window import WindowSpec, forward_count, plan_forward
 
 SIZE = 64  # frame side, px: 8 x 8 latent pixels, 4 x 4 DiT tokens per latent frame
@@ -71,6 +77,7 @@ TOKENS_SEED = 3
 # ~5 % of a frame, and unweighted losses spend hundreds of steps on the background alone. A
 # per-location weight leaves flow matching's optimum (the conditional mean velocity) unchanged.
 OBJECT_WEIGHT = 10.0
+PSNR_SEEDS = range(1_000_000, 1_000_020)  # held-out scenes whose first 12-frame tile scores the VAE
 
 
 def toy_config(scale_factor: float = 0.18215) -> MagiConfig:
@@ -123,6 +130,7 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 0
     threads: int = 2
+    vae_from: Path | None = None  # a finished model folder: take its VAE, train the DiT only
 
 
 @dataclass
@@ -461,9 +469,11 @@ def train(cfg: TrainConfig) -> TrainState:
         if state.phase == "done":  # a bigger budget than last time: train on
             if len(state.dit_losses) < cfg.dit_steps:
                 state.phase, state.step = "dit", len(state.dit_losses)
-            elif len(state.decoder_losses) < cfg.decoder_steps:
+            elif len(state.decoder_losses) < cfg.decoder_steps and cfg.vae_from is None:
                 state.phase, state.step = "decoder", len(state.decoder_losses)
         print(f"resuming: phase {state.phase}, step {state.step}, {state.seconds:.0f} s so far")
+    elif cfg.vae_from is not None:
+        state = vae_from_folder(Path(cfg.vae_from), vae)
     started, seconds0 = time.perf_counter(), state.seconds
 
     def save() -> None:
@@ -494,7 +504,7 @@ def train(cfg: TrainConfig) -> TrainState:
 
     if state.phase == "vae":
         train_vae(cfg, state, vae, vae_opt, save)
-        state.psnr = vae_psnr(vae, range(1_000_000, 1_000_020))
+        state.psnr = vae_psnr(vae, PSNR_SEEDS)
         print(f"vae reconstruction PSNR {state.psnr:.2f} dB (20 held-out 12-frame tiles)")
         state.phase, state.step = "dit", 0
         save()
@@ -503,11 +513,14 @@ def train(cfg: TrainConfig) -> TrainState:
         captions = Captions(text, tokens, dit.y_embedder.null_caption_embedding)
         rc = toy_config(state.scale_factor).runtime_config
         train_dit(cfg, state, dit, dit_opt, data, captions, rc, save)
-        state.phase, state.step = "decoder", len(state.decoder_losses)  # 0 unless resumed
+        if cfg.vae_from is None:
+            state.phase, state.step = "decoder", len(state.decoder_losses)  # 0 unless resumed
+        else:  # the folder's decoder went through phase 4 already
+            state.phase = "done"
         save()
     if state.phase == "decoder":
         train_decoder(cfg, state, vae, decoder_opt, save)
-        state.decoder_psnr = vae_psnr(vae, range(1_000_000, 1_000_020))
+        state.decoder_psnr = vae_psnr(vae, PSNR_SEEDS)
         print(f"decoder trained on: VAE PSNR {state.decoder_psnr:.2f} dB")
         state.phase = "done"
         save()
@@ -524,6 +537,21 @@ def train(cfg: TrainConfig) -> TrainState:
     }
     (work / "summary.json").write_text(json.dumps(meta, indent=2) + "\n")
     return state
+
+
+def vae_from_folder(folder: Path, vae: ViTVAE) -> TrainState:
+    """Load a finished folder's VAE into `vae`; the state of a run about to start phase 3 with
+    that folder's scale factor (so the latents are the ones its own phase 3 trained on)."""
+    config = read_config(folder)
+    vae.load_state_dict(load_vae(folder_paths(folder, config).vae).state_dict())
+    summary = folder / "train" / "summary.json"
+    first_psnr = json.loads(summary.read_text())["vae_psnr_db"] if summary.is_file() else 0.0
+    return TrainState(
+        phase="dit",
+        scale_factor=config.runtime_config.scale_factor,
+        psnr=first_psnr,  # after phase 1, as that run measured it
+        decoder_psnr=vae_psnr(vae, PSNR_SEEDS),
+    )
 
 
 def write_folder(out: Path, config: MagiConfig, dit: VideoDiT, vae: ViTVAE) -> None:

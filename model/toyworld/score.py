@@ -9,6 +9,9 @@ colour are far away: see `PALETTE`). The four scores, over the frames being comp
   an object counts 1);
 - weighted spatial IoU: per pixel, the number of frames it is covered; sum(min) / sum(max);
 - MSE: mean squared pixel error, pixels scaled to [0, 1].
+
+Two modes scored on the same scenes compare scene by scene (`paired_difference`): the spread
+between scenes is much larger than the difference between modes, and pairing cancels it.
 """
 
 from __future__ import annotations
@@ -60,19 +63,34 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def score(generated: np.ndarray, truth: np.ndarray, colours: list[str]) -> Scores:
-    """Both (T, H, W, 3) uint8 over the same frames."""
+def _object_masks(
+    generated: np.ndarray, truth: np.ndarray, colours: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(T, H, W) "any object here" masks of both; they must be (T, H, W, 3) uint8 alike."""
     if generated.shape != truth.shape:
         raise ValueError(f"shapes differ: {generated.shape} vs {truth.shape}")
-    gen = colour_masks(generated, colours).any(axis=1)  # (T, H, W)
-    ref = colour_masks(truth, colours).any(axis=1)
+    return colour_masks(generated, colours).any(axis=1), colour_masks(truth, colours).any(axis=1)
+
+
+def frame_ious(generated: np.ndarray, truth: np.ndarray, colours: list[str]) -> np.ndarray:
+    """(T,) per-frame IoU of the object masks: how the spatiotemporal IoU builds up over time."""
+    return _frame_ious(*_object_masks(generated, truth, colours))
+
+
+def _frame_ious(gen: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    return np.array([_iou(g, r) for g, r in zip(gen, ref, strict=True)])
+
+
+def score(generated: np.ndarray, truth: np.ndarray, colours: list[str]) -> Scores:
+    """Both (T, H, W, 3) uint8 over the same frames."""
+    gen, ref = _object_masks(generated, truth, colours)
     gen_count, ref_count = gen.sum(axis=0), ref.sum(axis=0)
     most = np.maximum(gen_count, ref_count).sum()
     weighted = 1.0 if most == 0 else float(np.minimum(gen_count, ref_count).sum() / most)
     diff = generated.astype(np.float32) / 255 - truth.astype(np.float32) / 255
     return Scores(
         spatial_iou=_iou(gen.any(axis=0), ref.any(axis=0)),
-        spatiotemporal_iou=float(np.mean([_iou(g, r) for g, r in zip(gen, ref, strict=True)])),
+        spatiotemporal_iou=float(_frame_ious(gen, ref).mean()),
         weighted_spatial_iou=weighted,
         mse=float(np.mean(diff**2)),
     )
@@ -81,3 +99,23 @@ def score(generated: np.ndarray, truth: np.ndarray, colours: list[str]) -> Score
 def mean_scores(rows: list[Scores]) -> Scores:
     values = np.mean([r.as_row() for r in rows], axis=0)
     return Scores(*(float(v) for v in values))
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Mean per-scene difference a - b of two modes, with its 95 % confidence half-width."""
+
+    mean: Scores
+    half_width: Scores
+
+
+def paired_difference(a: list[Scores], b: list[Scores]) -> Difference:
+    """a - b scene by scene (the same scenes, in the same order); the half-width is 1.96
+    standard errors of the mean difference (normal approximation: use 30 scenes or more)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two equally long lists of 2+ scenes, got {len(a)} and {len(b)}")
+    diff = np.array([x.as_row() for x in a]) - np.array([y.as_row() for y in b])
+    half = 1.96 * diff.std(axis=0, ddof=1) / np.sqrt(len(diff))
+    return Difference(
+        Scores(*(float(v) for v in diff.mean(axis=0))), Scores(*(float(v) for v in half))
+    )

@@ -1,10 +1,10 @@
-"""bench/physics_table.py on one scene: the table prints, and its V2V frames line up in time."""
+"""bench/physics_table.py on two scenes: the tables print, and its V2V frames line up in time."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.physics_table import SCORED, V2V_FIRST_CHUNK_FRAMES, V2V_SCORED
+from bench.physics_table import PER_FRAME, SCORED, V2V_FIRST_CHUNK_FRAMES, V2V_SCORED
 from model.vae import video_frames_for
 from tests.bench import run_bench
 
@@ -16,14 +16,13 @@ def test_v2v_stream_frames_are_scored_against_the_same_times() -> None:
     stream_time = np.r_[48:60, 60, 64:112]
     assert np.array_equal(stream_time[V2V_SCORED], SCORED)
     assert np.array_equal(SCORED, np.r_[48:60, 64:96])
+    assert set(PER_FRAME) <= set(SCORED)
 
 
-def test_one_scene_prints_the_four_rows() -> None:
-    out = run_bench("physics_table.py", "--scenes", "1", "--batch", "1", "--threads", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[1:]] == [
-        "| V2V",
-        "| I2V",
-        "| copy last frame",
-        "| ground truth (ceiling)",
-    ]
+def test_two_scenes_print_the_table_the_differences_and_the_per_frame_curves() -> None:
+    out = run_bench("physics_table.py", "--scenes", "2", "--batch", "2", "--threads", "1")
+    firsts = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    modes = ["| V2V", "| I2V", "| copy last frame", "| ground truth (ceiling)"]
+    differences = ["| V2V − copy last frame", "| V2V − I2V"]
+    assert firsts == ["| mode", *modes, "| difference", *differences, "| mode", *modes]
+    assert all(f"frame {f}" in out for f in PER_FRAME)

@@ -3,6 +3,7 @@ matching what the sampler feeds the DiT."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,25 @@ def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> 
     after = saved_weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("vae.decoder.") for k in changed)
+
+
+def test_vae_from_trains_phase_3_of_the_same_run(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    T.train(tiny_run(full))
+    dit_only = tmp_path / "dit-only"
+    state = T.train(dataclasses.replace(tiny_run(dit_only), vae_from=full))
+    assert state.phase == "done" and not state.vae_losses and not state.decoder_losses
+    assert len(state.dit_losses) == 3
+    a, b = load_model(full), load_model(dit_only)
+    assert b.config.runtime_config.scale_factor == a.config.runtime_config.scale_factor
+    # the VAE is the folder's (phase 4's decoder included); the DiT is the one the full run
+    # trained on the same encoder's latents
+    for part in ("vae", "dit"):
+        theirs, ours = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert theirs.keys() == ours.keys()
+        assert all(torch.equal(theirs[k], ours[k]) for k in theirs), part
+    # a rerun with the default decoder budget leaves the finished DiT-only run as it is
+    assert T.train(dataclasses.replace(tiny_run(dit_only), vae_from=full)).decoder_losses == []
 
 
 def test_stage_t_lands_on_the_samplers_time_grid() -> None:
