@@ -15,8 +15,17 @@ same frames for every mode: the V2V stream has no frames 61-63 (below).
   (positions +-0.5 px, velocities +-2 %), the spread a second take of a real experiment has.
 
 Below the table: V2V minus copy-last-frame and V2V minus I2V scene by scene, mean and 95 %
-confidence half-width (whether a lead is more than the luck of the draw of scenes), and the
-per-frame IoU of each mode at a few frames (where in time a mode wins or loses).
+confidence half-width (whether a lead is more than the luck of the draw of scenes); the same
+split by what moves the objects after the prefix (`continuation_kind`); and the per-frame IoU
+of each mode at a few frames (where in time a mode wins or loses).
+
+Scene events (a push, gravity switching on) sit on the scene's chunk boundaries, here frames 48
+and 72, and the captions change there. The V2V session's chunks start 8 frames before its
+prefix ends (MAGI-1's 32-frame prefix: one clean chunk, two pasted latent frames), at 40, 64
+and 88. So its prompts can switch at frame 48, its first generated frame, but not at 72: the
+caption of its frames 64-87 is the one of most of them, the scene's chunk 3, and an event at 72
+is prompted 8 frames early. Where no event follows the prefix ("physics only"), the
+continuation follows from the prefix alone; where one does, only the captions tell of it.
 
     .venv/bin/python bench/physics_table.py                  # 50 scenes, the shipped toy model
     .venv/bin/python bench/physics_table.py --scenes 4       # quick look
@@ -58,6 +67,7 @@ SCORED = np.r_[GIVEN : GIVEN + 12, GIVEN + 16 : CHUNKS * CHUNK_FRAMES]  # 48..59
 V2V_SCORED = np.r_[0:12, V2V_FIRST_CHUNK_FRAMES : V2V_FIRST_CHUNK_FRAMES + 32]  # of its stream
 MODES = ("V2V", "I2V", "copy last frame", "ground truth (ceiling)")
 COMPARISONS = (("V2V", "copy last frame"), ("V2V", "I2V"))
+KINDS = ("physics only", f"event at frame {GIVEN}", f"event at frame {GIVEN + CHUNK_FRAMES}")
 PER_FRAME = (48, 50, 52, 56, 64, 72, 80, 88, 95)  # frames of SCORED shown in the per-frame table
 DIGITS = (3, 3, 3, 5)  # decimals per column: three IoUs, MSE
 COLUMNS = "spatial IoU ↑ | spatiotemporal IoU ↑ | weighted spatial IoU ↑ | MSE ↓"
@@ -73,6 +83,14 @@ def perturbed(spec: SceneSpec, rng: np.random.Generator) -> SceneSpec:
         for o in spec.objects
     )
     return dataclasses.replace(spec, objects=objects)
+
+
+def continuation_kind(spec: SceneSpec) -> str:
+    """What moves the objects after the prefix: physics alone, or an event (push, gravity
+    switch) at the first scored frame or one chunk later; one of KINDS."""
+    frames = sorted(e.chunk * CHUNK_FRAMES for e in spec.events)
+    after = [f for f in frames if f >= GIVEN]
+    return "physics only" if not after else f"event at frame {after[0]}"
 
 
 def generate(engine: Engine, params: list[SessionParams]) -> dict[str, list[np.ndarray]]:
@@ -103,6 +121,7 @@ def main() -> None:
     videos = [generate_video(args.first_seed + i, CHUNKS, size) for i in range(args.scenes)]
     start = time.perf_counter()
     rows: dict[str, list[Scores]] = {m: [] for m in MODES}
+    kinds = [continuation_kind(v.spec) for v in videos]
     per_frame: dict[str, list[np.ndarray]] = {m: [] for m in MODES}
     for b in range(0, len(videos), args.batch):
         batch = list(enumerate(videos))[b : b + args.batch]
@@ -165,6 +184,7 @@ def main() -> None:
             f"{m.weighted_spatial_iou:.3f} | {m.mse:.5f} |"
         )
     print_differences(rows)
+    print_differences_by_kind(rows, kinds)
     print_per_frame(per_frame)
 
 
@@ -173,18 +193,32 @@ def print_differences(rows: dict[str, list[Scores]]) -> None:
         "\nper-scene differences, mean ± 95 % confidence half-width "
         "(the first mode leads where an IoU difference is > 0 and the MSE difference < 0):\n"
     )
-    if len(rows["V2V"]) < 2:
-        print("(needs 2+ scenes)")
-        return
     print(f"| difference | {COLUMNS} |")
     print("|---|---|---|---|---|")
     for a, b in COMPARISONS:
-        d = paired_difference(rows[a], rows[b])
-        cells = [
-            f"{m:+.{digits}f} ± {h:.{digits}f}"
-            for m, h, digits in zip(d.mean.as_row(), d.half_width.as_row(), DIGITS, strict=True)
-        ]
-        print(f"| {a} − {b} | {' | '.join(cells)} |")
+        print(f"| {a} − {b} | {difference_cells(rows[a], rows[b])} |")
+
+
+def print_differences_by_kind(rows: dict[str, list[Scores]], kinds: list[str]) -> None:
+    print("\nthe same, by what moves the objects after the prefix:\n")
+    print(f"| difference | scenes | n | {COLUMNS} |")
+    print("|---|---|---|---|---|---|---|")
+    for a, b in COMPARISONS:
+        for kind in KINDS:
+            chosen = [i for i, k in enumerate(kinds) if k == kind]
+            cells = difference_cells([rows[a][i] for i in chosen], [rows[b][i] for i in chosen])
+            print(f"| {a} − {b} | {kind} | {len(chosen)} | {cells} |")
+
+
+def difference_cells(a: list[Scores], b: list[Scores]) -> str:
+    """The four columns of a - b, mean ± 95 % half-width; dashes below 2 scenes."""
+    if len(a) < 2:
+        return " | ".join(["–"] * len(DIGITS))
+    d = paired_difference(a, b)
+    return " | ".join(
+        f"{m:+.{digits}f} ± {h:.{digits}f}"
+        for m, h, digits in zip(d.mean.as_row(), d.half_width.as_row(), DIGITS, strict=True)
+    )
 
 
 def print_per_frame(per_frame: dict[str, list[np.ndarray]]) -> None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.physics_table import PER_FRAME, SCORED, V2V_FIRST_CHUNK_FRAMES, V2V_SCORED
+from bench.physics_table import (
+    KINDS,
+    PER_FRAME,
+    SCORED,
+    V2V_FIRST_CHUNK_FRAMES,
+    V2V_SCORED,
+    continuation_kind,
+)
+from model.toyworld.scenes import Event, ObjectSpec, SceneSpec
 from model.vae import video_frames_for
 from tests.bench import run_bench
 
@@ -19,10 +27,33 @@ def test_v2v_stream_frames_are_scored_against_the_same_times() -> None:
     assert set(PER_FRAME) <= set(SCORED)
 
 
+def test_continuation_kind_names_the_first_event_after_the_prefix() -> None:
+    ball = (ObjectSpec("ball", "red", 12.0, (32.0, 20.0)),)
+
+    def kind(*events: Event) -> str:
+        return continuation_kind(SceneSpec(64, 4, ball, events=events))
+
+    assert kind() == kind(Event(1, "gravity_on")) == "physics only"  # in the prefix: seen
+    assert kind(Event(2, "push", 0, (40.0, 0.0))) == "event at frame 48"
+    assert kind(Event(3, "gravity_on")) == "event at frame 72"
+    assert kind(Event(3, "gravity_off"), Event(2, "gravity_on")) == "event at frame 48"
+    assert KINDS == ("physics only", "event at frame 48", "event at frame 72")
+
+
 def test_two_scenes_print_the_table_the_differences_and_the_per_frame_curves() -> None:
     out = run_bench("physics_table.py", "--scenes", "2", "--batch", "2", "--threads", "1")
     firsts = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
     modes = ["| V2V", "| I2V", "| copy last frame", "| ground truth (ceiling)"]
     differences = ["| V2V − copy last frame", "| V2V − I2V"]
-    assert firsts == ["| mode", *modes, "| difference", *differences, "| mode", *modes]
+    by_kind = [d for d in differences for _ in KINDS]
+    assert firsts == [
+        "| mode",
+        *modes,
+        "| difference",
+        *differences,
+        "| difference",
+        *by_kind,
+        "| mode",
+        *modes,
+    ]
     assert all(f"frame {f}" in out for f in PER_FRAME)
