@@ -3,7 +3,8 @@
 Trains the toy world model (VAE, then DiT, then the VAE decoder on its own) on toyworld scenes
 and writes the model folder in the official layout. Resumable: the same command after a stop
 goes on from the last save, and a larger --dit-steps or --decoder-steps continues a finished
-run. --vae-from FOLDER trains the DiT alone on a finished folder's VAE. See docs/toyworld.md.
+run. --vae-from FOLDER trains the DiT alone on a finished folder's VAE; --dit-from FOLDER trains
+a finished folder's VAE decoder on (phase 4), keeping its DiT and encoder. See docs/toyworld.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name)
         )
-    for name in ("vae_lr", "dit_lr", "decoder_lr", "decoder_object_weight"):
+    floats = ("vae_lr", "dit_lr", "decoder_lr", "decoder_object_weight", "decoder_latent_noise")
+    for name in floats:
         parser.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
@@ -39,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a finished model folder: take its VAE and scale factor and train the DiT only "
         "(phase 3 of that folder's run; see docs/toyworld.md)",
+    )
+    parser.add_argument(
+        "--dit-from",
+        type=Path,
+        default=None,
+        help="a finished model folder: keep its DiT, encoder and scale factor and train its "
+        "VAE decoder on for --decoder-steps (phase 4; see docs/toyworld.md)",
     )
     return parser
 

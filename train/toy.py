@@ -23,6 +23,8 @@ stopped and restarted at any point (state in `<out>/train/state.pt`, saved every
    also teaches the decoder to paint objects too big and to leave the background noisy. The
    lighter weight gives crisper objects and a flatter background, from the encoder's latents
    and from the DiT's. (The weight trades MSE against the masks' IoUs: docs/toyworld.md.)
+   Noise is added to the latents (`decoder_latent_noise`, in the DiT's units), so the decoder
+   also paints clean objects from latents a little off the encoder's, as the DiT's samples are.
 
 The text side (tiny T5, tokenizer, special tokens) is the `tiny` preset's, deterministic from a
 seed and kept frozen: captions differ by their token embeddings, which is all the DiT needs.
@@ -30,7 +32,10 @@ seed and kept frozen: captions differ by their token embeddings, which is all th
 `vae_from` (`--vae-from FOLDER`) runs phase 3 alone on a finished folder's VAE and scale
 factor. Its encoder is phase 1's (phase 4 freezes it) and phase 4 never reads the DiT, so this is
 phase 3 of the same full run, bit for bit (a test checks it): a DiT recipe can be tried, or the
-DiT retrained, without paying for phases 1, 2 and 4 again.
+DiT retrained, without paying for phases 1, 2 and 4 again. `dit_from` (`--dit-from FOLDER`)
+runs phase 4 alone on a finished folder: its decoder trains on from where it is, for the
+folder's DiT, encoder and scale factor, which stay as they are. (Phase 1 cannot be rerun
+instead: today's code does not reproduce the shipped encoder, and the DiT is tied to it.)
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from model.checkpoint import init_random_, save_dit
+from model.checkpoint import init_random_, load_dit, save_dit
 from model.config import MagiConfig, RuntimeConfig, get_preset
 from model.dit import ChunkGroup, ChunkInput, VideoDiT
 from model.folder import folder_paths, read_config
@@ -123,6 +128,10 @@ class TrainConfig:
     decoder_batch: int = 12
     decoder_lr: float = 5e-4
     decoder_object_weight: float = 1.0  # phase 4: object pixels count 1 + this (phase 1: 10)
+    # phase 4: N(0, this^2) added to the latents, in the DiT's units (latent x scale factor):
+    # the DiT's samples are never exactly the encoder's latents, and a decoder that has only
+    # seen the encoder's paints their small errors as blotches and dark halos around objects
+    decoder_latent_noise: float = 0.3
     caption_dropout: float = 0.1  # per noisy chunk: null caption, adaLN null row
     null_sequence: float = 0.1  # whole sequence null (the sampler's null + context branch)
     alone: float = 0.15  # a noisy chunk alone at slot 0, null caption (the uncond branch)
@@ -131,6 +140,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     vae_from: Path | None = None  # a finished model folder: take its VAE, train the DiT only
+    dit_from: Path | None = None  # a finished model folder: train its VAE decoder on (phase 4)
 
 
 @dataclass
@@ -219,7 +229,7 @@ def train_decoder(
     cfg: TrainConfig, state: TrainState, vae: ViTVAE, opt: torch.optim.Optimizer, save
 ) -> None:
     """Phase 4: the decoder alone, on the frozen encoder's posterior means (the latents the DiT
-    was trained on), with cfg.decoder_object_weight."""
+    was trained on) plus cfg.decoder_latent_noise, with cfg.decoder_object_weight."""
     rng = np.random.default_rng(cfg.seed * 15485863 + state.step)
     bar = tqdm(
         total=cfg.decoder_steps, initial=state.step, desc="decoder", unit="step", mininterval=10
@@ -232,6 +242,8 @@ def train_decoder(
         x = vae_batch(rng, cfg.scenes, cfg.decoder_batch)
         with torch.no_grad():
             z = vae.encoder(x)[:, :LATENT_CHANNELS]
+        noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))
+        z = z + noise * (cfg.decoder_latent_noise / state.scale_factor)
         loss = weighted_mse(vae.decoder(z), x, cfg.decoder_object_weight)
         _step(loss, vae.decoder, opt, state, state.decoder_losses, bar)
         if state.step % cfg.save_every == 0:
@@ -442,6 +454,8 @@ def _cosine(peak: float, step: int, total: int, warmup: int = 50) -> float:
 
 def train(cfg: TrainConfig) -> TrainState:
     """Run (or resume) every phase and write the model folder to cfg.out."""
+    if cfg.vae_from is not None and cfg.dit_from is not None:
+        raise ValueError("give --vae-from or --dit-from, not both: together nothing is trained")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     work = out / "train"
@@ -467,13 +481,15 @@ def train(cfg: TrainConfig) -> TrainState:
         if "decoder_opt" in saved:  # states saved before phase 4 existed have none
             decoder_opt.load_state_dict(saved["decoder_opt"])
         if state.phase == "done":  # a bigger budget than last time: train on
-            if len(state.dit_losses) < cfg.dit_steps:
+            if len(state.dit_losses) < cfg.dit_steps and cfg.dit_from is None:
                 state.phase, state.step = "dit", len(state.dit_losses)
             elif len(state.decoder_losses) < cfg.decoder_steps and cfg.vae_from is None:
                 state.phase, state.step = "decoder", len(state.decoder_losses)
         print(f"resuming: phase {state.phase}, step {state.step}, {state.seconds:.0f} s so far")
     elif cfg.vae_from is not None:
         state = vae_from_folder(Path(cfg.vae_from), vae)
+    elif cfg.dit_from is not None:
+        state = dit_from_folder(Path(cfg.dit_from), dit, vae)
     started, seconds0 = time.perf_counter(), state.seconds
 
     def save() -> None:
@@ -551,6 +567,20 @@ def vae_from_folder(folder: Path, vae: ViTVAE) -> TrainState:
         scale_factor=config.runtime_config.scale_factor,
         psnr=first_psnr,  # after phase 1, as that run measured it
         decoder_psnr=vae_psnr(vae, PSNR_SEEDS),
+    )
+
+
+def dit_from_folder(folder: Path, dit: VideoDiT, vae: ViTVAE) -> TrainState:
+    """Load a finished folder's DiT and VAE into `dit` and `vae`; the state of a run about to
+    start phase 4 on them: its decoder trains on from the folder's, on the latents of the
+    folder's encoder (the ones its DiT learned), which stays frozen."""
+    config = read_config(folder)
+    dit.load_state_dict(load_dit(folder, config).state_dict())
+    vae.load_state_dict(load_vae(folder_paths(folder, config).vae).state_dict())
+    return TrainState(
+        phase="decoder",
+        scale_factor=config.runtime_config.scale_factor,
+        psnr=vae_psnr(vae, PSNR_SEEDS),  # the folder's VAE, before this phase 4
     )
 
 

@@ -86,6 +86,38 @@ def test_vae_from_trains_phase_3_of_the_same_run(tmp_path: Path) -> None:
     assert T.train(dataclasses.replace(tiny_run(dit_only), vae_from=full)).decoder_losses == []
 
 
+def test_dit_from_trains_the_folders_decoder_on_and_nothing_else(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    T.train(tiny_run(full))
+    decoder = tmp_path / "decoder"
+    state = T.train(dataclasses.replace(tiny_run(decoder, decoder_steps=3), dit_from=full))
+    assert state.phase == "done" and not state.vae_losses and not state.dit_losses
+    assert len(state.decoder_losses) == 3 and state.psnr > 0 and state.decoder_psnr > 0
+    a, b = load_model(full), load_model(decoder)
+    assert b.config.runtime_config.scale_factor == a.config.runtime_config.scale_factor
+    theirs = {f"vae.{k}": v for k, v in a.vae.state_dict().items()}
+    theirs |= {f"dit.{k}": v for k, v in a.dit.state_dict().items()}
+    ours = {f"vae.{k}": v for k, v in b.vae.state_dict().items()}
+    ours |= {f"dit.{k}": v for k, v in b.dit.state_dict().items()}
+    assert theirs.keys() == ours.keys()
+    moved = {k for k in theirs if not torch.equal(theirs[k], ours[k])}
+    assert moved and all(k.startswith("vae.decoder.") for k in moved)
+    # a rerun leaves the finished run as it is: no phase 3 starts, no more decoder steps
+    again = T.train(dataclasses.replace(tiny_run(decoder, decoder_steps=3), dit_from=full))
+    assert (again.dit_losses, len(again.decoder_losses)) == ([], 3)
+    with pytest.raises(ValueError, match="not both"):
+        T.train(dataclasses.replace(tiny_run(tmp_path / "both"), dit_from=full, vae_from=full))
+
+
+def test_decoder_latent_noise_changes_phase_4_only(tmp_path: Path) -> None:
+    quiet, noisy = tmp_path / "quiet", tmp_path / "noisy"
+    T.train(dataclasses.replace(tiny_run(quiet), decoder_latent_noise=0.0))
+    T.train(tiny_run(noisy))
+    a, b = saved_weights(quiet), saved_weights(noisy)
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("vae.decoder.") for k in moved)
+
+
 def test_stage_t_lands_on_the_samplers_time_grid() -> None:
     """Chunk at window stage j, k grid steps into it, sees grid[j * N / W + k]."""
     steps, window = 16, 4
