@@ -242,8 +242,9 @@ def train_decoder(
         x = vae_batch(rng, cfg.scenes, cfg.decoder_batch)
         with torch.no_grad():
             z = vae.encoder(x)[:, :LATENT_CHANNELS]
-        noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))
-        z = z + noise * (cfg.decoder_latent_noise / state.scale_factor)
+        if cfg.decoder_latent_noise > 0:  # drawn only when used: noise 0 is plain phase 4
+            noise = torch.from_numpy(rng.standard_normal(z.shape, dtype=np.float32))
+            z = z + noise * (cfg.decoder_latent_noise / state.scale_factor)
         loss = weighted_mse(vae.decoder(z), x, cfg.decoder_object_weight)
         _step(loss, vae.decoder, opt, state, state.decoder_losses, bar)
         if state.step % cfg.save_every == 0:
