@@ -559,14 +559,11 @@ def train(cfg: TrainConfig) -> TrainState:
 def vae_from_folder(folder: Path, vae: ViTVAE) -> TrainState:
     """Load a finished folder's VAE into `vae`; the state of a run about to start phase 3 with
     that folder's scale factor (so the latents are the ones its own phase 3 trained on)."""
-    config = read_config(folder)
-    vae.load_state_dict(load_vae(folder_paths(folder, config).vae).state_dict())
-    summary = folder / "train" / "summary.json"
-    first_psnr = json.loads(summary.read_text())["vae_psnr_db"] if summary.is_file() else 0.0
+    config, first_psnr = _load_folder_vae(folder, vae)
     return TrainState(
         phase="dit",
         scale_factor=config.runtime_config.scale_factor,
-        psnr=first_psnr,  # after phase 1, as that run measured it
+        psnr=first_psnr,
         decoder_psnr=vae_psnr(vae, PSNR_SEEDS),
     )
 
@@ -575,14 +572,21 @@ def dit_from_folder(folder: Path, dit: VideoDiT, vae: ViTVAE) -> TrainState:
     """Load a finished folder's DiT and VAE into `dit` and `vae`; the state of a run about to
     start phase 4 on them: its decoder trains on from the folder's, on the latents of the
     folder's encoder (the ones its DiT learned), which stays frozen."""
-    config = read_config(folder)
+    config, first_psnr = _load_folder_vae(folder, vae)
     dit.load_state_dict(load_dit(folder, config).state_dict())
-    vae.load_state_dict(load_vae(folder_paths(folder, config).vae).state_dict())
     return TrainState(
-        phase="decoder",
-        scale_factor=config.runtime_config.scale_factor,
-        psnr=vae_psnr(vae, PSNR_SEEDS),  # the folder's VAE, before this phase 4
+        phase="decoder", scale_factor=config.runtime_config.scale_factor, psnr=first_psnr
     )
+
+
+def _load_folder_vae(folder: Path, vae: ViTVAE) -> tuple[MagiConfig, float]:
+    """Load a finished folder's VAE into `vae`; the folder's config and its VAE PSNR after
+    phase 1, as its run measured it (0 where the folder keeps no summary)."""
+    config = read_config(folder)
+    vae.load_state_dict(load_vae(folder_paths(folder, config).vae).state_dict())
+    summary = folder / "train" / "summary.json"
+    first_psnr = json.loads(summary.read_text())["vae_psnr_db"] if summary.is_file() else 0.0
+    return config, first_psnr
 
 
 def write_folder(out: Path, config: MagiConfig, dit: VideoDiT, vae: ViTVAE) -> None:
