@@ -36,3 +36,24 @@ def tiny_folder(tmp_path_factory) -> Path:
     from model.folder import write_random
 
     return write_random("tiny", tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    from model.folder import load_model
+
+    return load_model(tiny_folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_distill_folder(tmp_path_factory) -> Path:
+    from model.folder import write_random
+
+    return write_random("tiny_distill", tmp_path_factory.mktemp("models") / "distill", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_distill_model(tiny_distill_folder):
+    from model.folder import load_model
+
+    return load_model(tiny_distill_folder)

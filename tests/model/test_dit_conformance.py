@@ -50,15 +50,15 @@ def test_rope_table_matches_official(official):
     model, tensors = official
     _, _, t, h, w = tensors["x"].shape
     table = model.rope.table(range(0, t), t, h // 2, w // 2)
-    assert _rel(table, tensors["mid.rope"]) < 1e-6
+    assert _rel(table, tensors["mid.rope"]) < 1e-5
 
 
 def test_timestep_and_condition_match_official(official):
     model, tensors = official
     t_emb = model.t_embedder(tensors["t"].flatten())
-    assert _rel(t_emb, tensors["mid.t_embedder.call0"]) < 1e-6
+    assert _rel(t_emb, tensors["mid.t_embedder.call0"]) < 1e-5
     cond = model._condition([_one_chunk(tensors)])
-    assert _rel(cond, tensors["mid.condition"][0]) < 1e-6
+    assert _rel(cond, tensors["mid.condition"][0]) < 1e-5
 
 
 def test_layer_outputs_match_official(official):
