@@ -41,7 +41,7 @@ run:
 		--cache $(RUN_DIR)/models > $(RUN_DIR)/server.log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT; \
 	for i in $$(seq 120); do grep -q "listening on" $(RUN_DIR)/server.log && break; sleep 1; done; \
-	$(PY) -m model.toyworld still --colour red --shape ball --out $(RUN_DIR)/start.png && \
+	$(PY) -m toyworld still --colour red --shape ball --out $(RUN_DIR)/start.png && \
 	$(PY) -m client generate --server 127.0.0.1:$(RUN_PORT) --retries 20 \
 		--image $(RUN_DIR)/start.png --prompt "a red ball moves to the right" \
 		--prompt-at "2:a red ball moves to the left" --chunks 4 --seed 0 \

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.engine import Engine  # noqa: E402
 from model.folder import MagiModel, load_model, write_random  # noqa: E402
-from scheduler.engine import Engine  # noqa: E402
 from scheduler.session import SessionParams  # noqa: E402
 
 PROMPTS = ["a red ball rolls to the left", "a blue box falls and bounces", "two balls collide"]
@@ -48,7 +48,7 @@ def run_batched(model: MagiModel, n: int, chunks: int, size: int) -> tuple[float
     start = time.perf_counter()
     while engine.scheduler.has_work():
         for done in engine.step():
-            engine.scheduler.pop_output(done.session_id)
+            engine.consumed(done.session_id)
         if engine.last_step is not None:
             steps += 1
             slots += engine.last_step.chunk_slots
@@ -68,7 +68,7 @@ def unbounded_memory(model: MagiModel, chunks: int, size: int) -> tuple[list[int
     while s.chunks_out < chunks:
         engine.step()
         while s.outputs:
-            engine.scheduler.pop_output(s.session_id)
+            engine.consumed(s.session_id)
         if s.forwards_served % dps == 1 and s.forwards_served > dps * (
             s.window.spec.window_size + 1
         ):

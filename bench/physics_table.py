@@ -45,19 +45,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.engine import Engine  # noqa: E402
 from model.folder import embedded_folder, load_model  # noqa: E402
-from model.toyworld import generate_video, video_from_spec  # noqa: E402
-from model.toyworld.scenes import CHUNK_FRAMES, SceneSpec  # noqa: E402
-from model.toyworld.score import (  # noqa: E402
+from model.vae import video_frames_for  # noqa: E402
+from scheduler.session import SessionParams  # noqa: E402
+from toyworld import generate_video, video_from_spec  # noqa: E402
+from toyworld.scenes import CHUNK_FRAMES, SceneSpec  # noqa: E402
+from toyworld.score import (  # noqa: E402
     Scores,
     frame_ious,
     mean_scores,
     paired_difference,
     score,
 )
-from model.vae import video_frames_for  # noqa: E402
-from scheduler.engine import Engine  # noqa: E402
-from scheduler.session import SessionParams  # noqa: E402
 
 HELD_OUT = 1_000_000  # first held-out seed; training uses seeds 0..scenes-1
 CHUNKS = 4

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client import AsyncClient  # noqa: E402
+from engine.engine import Engine  # noqa: E402
 from model.folder import load_model  # noqa: E402
-from scheduler.engine import Engine  # noqa: E402
 from scheduler.session import SessionParams  # noqa: E402
 
 SIZE = 64
@@ -57,7 +57,7 @@ def in_process(model, n: int, chunks: int, steps: int) -> tuple[float, float]:
     frames = 0
     while engine.scheduler.has_work():
         for done in engine.step():
-            engine.scheduler.pop_output(done.session_id)
+            engine.consumed(done.session_id)
             first.setdefault(done.session_id, time.perf_counter() - start)
             frames += len(done.frames)
     total = time.perf_counter() - start

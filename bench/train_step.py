@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.checkpoint import init_random_  # noqa: E402
 from model.dit import VideoDiT  # noqa: E402
-from model.text import SpecialTokens, TextEncoder, write_special_tokens, write_tiny_t5  # noqa: E402
+from model.text import SpecialTokens, TextEncoder, write_special_tokens  # noqa: E402
+from model.tiny_t5 import write_tiny_t5  # noqa: E402
 from train import toy as T  # noqa: E402
 
 

@@ -15,7 +15,8 @@ import torch
 from model.checkpoint import CheckpointError, load_dit, random_dit, save_dit, shard_map
 from model.config import MagiConfig, get_preset, preset_name
 from model.dit import VideoDiT
-from model.text import SpecialTokens, TextEncoder, t5_folder, write_special_tokens, write_tiny_t5
+from model.text import SpecialTokens, TextEncoder, t5_folder, write_special_tokens
+from model.tiny_t5 import write_tiny_t5
 from model.vae import VAEConfig, ViTVAE, load_vae, random_vae, save_vae
 
 CONFIG_FILE = "config.json"
@@ -54,7 +55,7 @@ def embedded_folder(name: str) -> Path:
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"{folder}: the embedded {name!r} model is missing (it ships in the repository's "
-            f"models/ folder; retrain it with `python -m model.toyworld train --out {folder}`)"
+            f"models/ folder; retrain it with `python -m train --out {folder}`)"
         )
     return folder
 

@@ -14,17 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from torch import Tensor
-
-from scheduler.plan import SessionForward, StepOutput, StepPlan
-from scheduler.session import (
-    LATENT_CHANNELS,
-    ChunkDone,
-    PromptEntry,
-    Session,
-    SessionState,
-    chunk_noise,
-)
+from scheduler.plan import SessionStep, StepOutput, StepPlan
+from scheduler.session import ChunkOut, PromptEntry, Session, SessionState
 
 
 @dataclass(frozen=True)
@@ -59,12 +50,12 @@ class RequestTooLarge(AdmissionRefused):
 
 
 class ChunkScheduler:
-    def __init__(self, config: SchedulerConfig, branches: int, chunk_width: int = 6) -> None:
+    def __init__(self, config: SchedulerConfig, branches: int) -> None:
         self.config = config
         self.branches = branches  # forward slots per chunk: 3 for cfg 3, about 1 for cfg 1
-        self.chunk_width = chunk_width  # latent frames per chunk
         self.sessions: dict[str, Session] = {}
         self._queue: deque[str] = deque()
+        self._freed: list[str] = []  # ended since the last plan; the next plan frees them
 
     # ---- requests from the outside ---------------------------------------------------------
 
@@ -134,9 +125,10 @@ class ChunkScheduler:
         if session is not None and session.finished:
             del self.sessions[session_id]
 
-    def pop_output(self, session_id: str) -> ChunkDone | None:
+    def consumed(self, session_id: str) -> None:
+        """The consumer took one more of this session's chunks: it may make another."""
         session = self.get(session_id)
-        return session.outputs.popleft() if session.outputs else None
+        session.unconsumed = max(0, session.unconsumed - 1)
 
     # ---- accounting ------------------------------------------------------------------------
 
@@ -154,11 +146,8 @@ class ChunkScheduler:
             s.estimated_bytes for s in self.sessions.values() if s.state is SessionState.RUNNING
         )
 
-    def used_bytes(self, session_id: str) -> int:
-        """KV cache and latents this session holds now."""
-        s = self.get(session_id)
-        kv = s.kv_cache.nbytes if s.kv_cache is not None else 0
-        return kv + s.latent_bytes()
+    def chunks_in_flight(self) -> int:
+        return sum(len(s.in_flight) for s in self.sessions.values() if not s.finished)
 
     def has_work(self) -> bool:
         return any(s.state is SessionState.RUNNING for s in self.sessions.values()) or bool(
@@ -167,9 +156,17 @@ class ChunkScheduler:
 
     # ---- one step --------------------------------------------------------------------------
 
+    def take_freed(self) -> tuple[str, ...]:
+        """Sessions that ended since the last plan (the engine frees their tensors)."""
+        freed, self._freed = tuple(self._freed), []
+        return freed
+
     def schedule(self) -> StepPlan:
+        """Invariant: each step moves every scheduled chunk one step along its time grid;
+        there is no prefill and no decode phase."""
         self._admit()
-        return self._pack()
+        forwards = self._pack()
+        return StepPlan(forwards, self.take_freed())
 
     def _admit(self) -> None:
         """First come, first served from the queue while the head fits the budget."""
@@ -183,14 +180,14 @@ class ChunkScheduler:
             self._queue.popleft()
             self._start(head)
 
-    def _pack(self) -> StepPlan:
+    def _pack(self) -> tuple[SessionStep, ...]:
         """Sessions served least first, skipping paused ones, until the forward is full."""
         ready = [
             s
             for s in self.sessions.values()
             if s.state is SessionState.RUNNING
             and not s.window.done
-            and len(s.outputs) < self.config.output_queue_chunks
+            and s.unconsumed < self.config.output_queue_chunks
         ]
         ready.sort(key=lambda s: (s.forwards_served, s.created_at))
         forwards, slots = [], 0
@@ -204,29 +201,30 @@ class ChunkScheduler:
                 continue
             if plan.entered is not None:
                 self._enter(session, plan.entered)
-            forwards.append(SessionForward(session.session_id, plan))
+            prompts = () if plan.prefix_extraction else plan.chunk_indices
+            forwards.append(
+                SessionStep(
+                    spec=session.spec,
+                    forward=plan,
+                    prompts=tuple((c, session.bound_prompts[c]) for c in prompts),
+                    kv_keep_from=session.window.oldest_needed_chunk(),
+                )
+            )
             slots += per_session
-        return StepPlan(tuple(forwards))
+        return tuple(forwards)
 
-    def update_from_output(self, step: StepPlan, output: StepOutput) -> list[ChunkDone]:
+    def update_from_output(self, step: StepPlan, output: StepOutput) -> list[ChunkOut]:
+        """Apply what the engine computed: count the forward, hand up finished chunks, end
+        sessions whose window drained."""
         done = []
         for forward in step.forwards:
             session = self.sessions[forward.session_id]
             if session.finished:  # cancelled while the step ran
                 continue
             session.forwards_served += 1
-            plan = forward.plan
-            for c in plan.chunk_indices:
-                if (session.session_id, c) in output.latents:
-                    session.latents[c] = output.latents[(session.session_id, c)]
-            if plan.clean_chunk is not None:  # its KV is cached now; the latent is not needed
-                session.latents.pop(plan.clean_chunk, None)
-            for c in plan.finished:
-                frames, decode_s = output.decoded[(session.session_id, c)]
-                latent = output.latents[(session.session_id, c)]
-                done.append(self._emit(session, c, frames, latent, decode_s))
-            if session.kv_cache is not None:
-                session.kv_cache.drop_before(session.window.oldest_needed_chunk())
+            for c in forward.forward.finished:
+                finished = output.finished[(session.session_id, c)]
+                done.append(self._emit(session, c, finished.frame_count, finished.decode_s))
             if session.window.done:
                 session.state = SessionState.FINISHED
                 self._free(session)
@@ -244,36 +242,35 @@ class ChunkScheduler:
         session.state = SessionState.RUNNING
 
     def _enter(self, session: Session, chunk: int) -> None:
-        """A chunk enters at pure noise; its prompt is fixed now."""
-        h8, w8 = session.params.height // 8, session.params.width // 8
-        shape = (LATENT_CHANNELS, self.chunk_width, h8, w8)
-        session.latents[chunk] = chunk_noise(session.params.seed, chunk, shape)
+        """A chunk enters at pure noise (the engine draws it from the plan); its prompt is
+        fixed now."""
         session.bound_prompts[chunk] = session.timeline.at(chunk)
         session.entered_at[chunk] = time.monotonic()
+        session.in_flight.add(chunk)
 
-    def _emit(
-        self, session: Session, chunk: int, frames: Tensor, latent: Tensor, decode_s: float
-    ) -> ChunkDone:
+    def _emit(self, session: Session, chunk: int, frame_count: int, decode_s: float) -> ChunkOut:
         entered = session.entered_at.pop(chunk, time.monotonic())
-        result = ChunkDone(
+        result = ChunkOut(
             session_id=session.session_id,
             chunk_index=chunk,
             output_index=session.chunks_out,
             first_frame=session.frames_out,
-            frames=frames,
-            latent=latent,
+            frame_count=frame_count,
             prompt=session.bound_prompts.pop(chunk),
             denoise_s=time.monotonic() - entered - decode_s,
             decode_s=decode_s,
         )
         session.chunks_out += 1
-        session.frames_out += frames.shape[0]
-        session.outputs.append(result)
+        session.frames_out += frame_count
+        session.unconsumed += 1
+        session.in_flight.discard(chunk)
         return result
 
     def _free(self, session: Session) -> None:
-        session.latents.clear()
-        if session.kv_cache is not None:
-            session.kv_cache.clear()
+        """The session holds nothing from now on; the next plan tells the engine to free it."""
+        session.in_flight.clear()
+        session.bound_prompts.clear()
+        session.entered_at.clear()
+        self._freed.append(session.session_id)
         if session.session_id in self._queue:
             self._queue.remove(session.session_id)

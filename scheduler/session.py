@@ -1,23 +1,21 @@
 """One generation session as the scheduler sees it: its request, prompt timeline and state.
 
-No DiT here: a session holds tensors (latents, its KV cache object) but every rule about them
-lives in the window (what runs when) and the runner (how it is computed).
+Bookkeeping only, and no torch: the tensors of a session (latents, prefix latents, KV cache,
+frames) are owned by the engine's runner, keyed by session id. Every rule about what runs when
+lives in the window; how it is computed lives in the engine.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from scheduler.window import Window
 
 MODES = ("t2v", "i2v", "v2v")
-LATENT_CHANNELS = 16  # VAE latent channels (the DiT's 24B input path duplicates them itself)
 
 
 @dataclass(frozen=True)
@@ -40,8 +38,8 @@ class SessionParams:
     width: int  # pixels, multiple of 16
     seed: int = 0  # the noise of chunk c comes from a generator keyed by (seed, c)
     mode: str = "t2v"  # t2v / i2v / v2v
-    image: Tensor | None = None  # i2v: uint8 (H, W, 3), already scaled to height x width
-    video: Tensor | None = None  # v2v: uint8 (T, H, W, 3) at 24 fps, scaled; its last frames
+    image: np.ndarray | None = None  # i2v: uint8 (H, W, 3), already scaled to height x width
+    video: np.ndarray | None = None  # v2v: uint8 (T, H, W, 3) at 24 fps, scaled; its last frames
     num_steps: int | None = None  # override of runtime_config.num_steps
     shortcut_mode: str | None = None  # override of engine_config.shortcut_mode (12 steps)
     text_scales: tuple[float, ...] | None = None  # override of runtime_config.text_scales
@@ -58,6 +56,25 @@ class SessionParams:
             raise ValueError("an image is given exactly when mode is i2v")
         if (self.mode == "v2v") != (self.video is not None):
             raise ValueError("a prefix video is given exactly when mode is v2v")
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What every engine step of a session needs besides its forward, fixed when it opens and
+    resolved against the model's defaults. Small and tensor-free: it travels in every plan."""
+
+    session_id: str
+    seed: int  # noise key: chunk c's noise comes from (seed, c)
+    mode: str  # t2v / i2v / v2v
+    height: int  # pixels
+    width: int  # pixels
+    num_steps: int  # Euler steps per chunk
+    shortcut_mode: str  # the 12-step shortcut grid's layout
+    text_scales: tuple[float, ...] | None  # None = the model's CFG text scales
+    prev_chunk_scales: tuple[float, ...] | None  # None = the model's
+    generated_total: int | None  # generated chunks (prefix excluded), None = unbounded
+    prefix_latent_frames: int  # latent frames of the i2v image / v2v prefix (official prefix_len)
+    prefix_chunks: int  # v2v clean prefix chunks, whose KV is extracted before denoising
 
 
 class PromptTimeline:
@@ -89,23 +106,29 @@ class PromptTimeline:
 
 
 class SessionState(enum.Enum):
+    """A session's lifecycle, the one spelling used by the scheduler, the engine process, the
+    Pipe and the server (the proto enum is mapped from it in server/convert.py)."""
+
     QUEUED = "queued"  # waiting for memory
     RUNNING = "running"
     FINISHED = "finished"
     CANCELLED = "cancelled"
     FAILED = "failed"
 
+    @property
+    def ended(self) -> bool:
+        return self in (SessionState.FINISHED, SessionState.CANCELLED, SessionState.FAILED)
 
-@dataclass
-class ChunkDone:
-    """One finished, decoded chunk handed up to the consumer."""
+
+@dataclass(frozen=True)
+class ChunkOut:
+    """The scheduler's record of one finished chunk (the engine adds its frames)."""
 
     session_id: str
     chunk_index: int  # global chunk index (v2v prefix chunks count)
     output_index: int  # 0-based among the chunks this session outputs
     first_frame: int  # index of the first frame in the session's output video
-    frames: Tensor  # uint8 (T, H, W, 3)
-    latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
+    frame_count: int
     prompt: PromptEntry  # the prompt that drove this chunk
     denoise_s: float  # wall time from the chunk entering the window to its last step
     decode_s: float  # VAE decode time
@@ -113,20 +136,17 @@ class ChunkDone:
 
 @dataclass
 class Session:
-    """Mutable scheduler-side state of one session."""
+    """Mutable scheduler-side state of one session: window, timeline and counters."""
 
-    params: SessionParams
+    spec: SessionSpec
     window: Window
     timeline: PromptTimeline
-    prefix_latent: Tensor | None  # (16, n, h, w) fp32: the i2v image / v2v prefix latents
-    prefix_latent_frames: int  # official prefix_len
     estimated_bytes: int  # what admission reserved for this session
     state: SessionState = SessionState.QUEUED
-    latents: dict[int, Tensor] = field(default_factory=dict)  # chunk -> (16, 6, h, w) fp32
     bound_prompts: dict[int, PromptEntry] = field(default_factory=dict)  # chunk -> its prompt
     entered_at: dict[int, float] = field(default_factory=dict)  # chunk -> time it entered
-    kv_cache: object | None = None  # model.kv_cache.KVCache, created by the runner
-    outputs: deque[ChunkDone] = field(default_factory=deque)  # decoded, not yet consumed
+    in_flight: set[int] = field(default_factory=set)  # chunks in the window, not yet output
+    unconsumed: int = 0  # chunks handed up that the consumer has not taken yet
     forwards_served: int = 0  # fairness: forwards this session has had
     chunks_out: int = 0  # chunks handed up so far
     frames_out: int = 0  # frames handed up so far
@@ -135,7 +155,7 @@ class Session:
 
     @property
     def session_id(self) -> str:
-        return self.params.session_id
+        return self.spec.session_id
 
     @property
     def prefix_chunks(self) -> int:
@@ -143,16 +163,4 @@ class Session:
 
     @property
     def finished(self) -> bool:
-        return self.state in (SessionState.FINISHED, SessionState.CANCELLED, SessionState.FAILED)
-
-    def latent_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.latents.values())
-
-
-def chunk_noise(seed: int, chunk_index: int, shape: tuple[int, ...]) -> Tensor:
-    """Noise of one chunk from a generator keyed by (seed, chunk index), so a chunk's noise
-    depends neither on the other sessions nor on how long this one runs. (The official code
-    draws the whole video's noise in one call; a streaming session cannot.)"""
-    key = (seed * 0x9E3779B97F4A7C15 + chunk_index * 0xBF58476D1CE4E5B9) % (1 << 63)
-    gen = torch.Generator().manual_seed(key)
-    return torch.randn(shape, generator=gen, dtype=torch.float32)
+        return self.state.ended

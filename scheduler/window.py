@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from scheduler.timegrid import kv_chunk_range, kv_lookback
 
-if TYPE_CHECKING:
-    from model.config import RuntimeConfig
+
+class RuntimeLike(Protocol):
+    """The fields of a model's `runtime_config` that fix a window (model.config.RuntimeConfig
+    has them; the scheduler does not import the model)."""
+
+    num_steps: int
+    window_size: int
+    noise2clean_kvrange: Sequence[int]
+    clean_chunk_kvrange: int
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ class WindowSpec:
 
     @classmethod
     def from_runtime(
-        cls, runtime: RuntimeConfig, num_chunks: int | None, prefix_chunks: int = 0
+        cls, runtime: RuntimeLike, num_chunks: int | None, prefix_chunks: int = 0
     ) -> WindowSpec:
         """The spec a `runtime_config` implies for one session."""
         return cls(
@@ -345,3 +353,15 @@ class Window:
         a stage's sub-step 0, whose forward no longer reads the older chunk.
         """
         return range(self.oldest_needed_chunk(), self._cached_end)
+
+
+def max_cached_chunks(spec: WindowSpec) -> int:
+    """Most clean chunks whose KV is held at once: simulated over the first stages of an
+    unbounded window of this shape (the steady state repeats from then on)."""
+    window = Window(dataclasses.replace(spec, num_chunks=None))
+    most = spec.prefix_chunks
+    for _ in range(spec.steps_per_stage * (spec.window_size + max(spec.noise2clean_kvrange) + 2)):
+        plan = window.next_forward()
+        written = 1 if plan is not None and plan.clean_chunk is not None else 0
+        most = max(most, len(window.reachable_cached_chunks()) + written)
+    return most

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engine.engine import ChunkDone, Engine
 from model.group import (
     GroupForward,
     GroupLost,
@@ -37,9 +38,8 @@ from model.group import (
     load_rank_vae,
     serve_follower,
 )
-from scheduler.engine import Engine
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
-from scheduler.session import ChunkDone, SessionParams, SessionState
+from scheduler.session import SessionParams, SessionState
 from server import ipc, logs
 from server.config import WorkerConfig
 from server.logs import event
@@ -224,10 +224,10 @@ class WorkerLoop:
             self._update_prompt(command)
         elif isinstance(command, ipc.CancelSession):
             if command.session_id in self.sched.sessions:
-                self.sched.cancel(command.session_id)
+                self.engine.cancel(command.session_id)
         elif isinstance(command, ipc.Consumed):
             if command.session_id in self.sched.sessions:
-                self.sched.pop_output(command.session_id)
+                self.engine.consumed(command.session_id)
 
     def _open(self, cmd: ipc.OpenSession) -> None:
         try:
@@ -239,8 +239,8 @@ class WorkerLoop:
                 width=cmd.width,
                 seed=cmd.seed,
                 mode=cmd.mode,
-                image=None if cmd.image is None else torch.from_numpy(cmd.image),
-                video=None if cmd.video is None else torch.from_numpy(cmd.video),
+                image=cmd.image,
+                video=cmd.video,
                 num_steps=cmd.num_steps,
                 shortcut_mode=cmd.shortcut_mode,
                 text_scales=cmd.text_scales,
@@ -301,7 +301,7 @@ class WorkerLoop:
             logger.exception("engine step failed")
             for sid, session in list(self.sched.sessions.items()):
                 if session.state is SessionState.RUNNING:
-                    self.sched.cancel(sid, SessionState.FAILED, f"engine step failed: {e}")
+                    self.engine.cancel(sid, SessionState.FAILED, f"engine step failed: {e}")
             return
         stats = self.engine.last_step
         if stats is None:  # everyone is paused or waiting: block until a command arrives
@@ -397,7 +397,7 @@ class WorkerLoop:
                 running=len(running),
                 waiting=self.sched.queued_count(),
                 reserved_bytes=self.sched.reserved_bytes(),
-                kv_cache_bytes=sum(s.kv_cache.nbytes for s in running if s.kv_cache is not None),
-                chunks_in_flight=sum(len(s.latents) for s in running),
+                kv_cache_bytes=self.engine.kv_cache_bytes(),
+                chunks_in_flight=self.sched.chunks_in_flight(),
             )
         )

@@ -64,13 +64,13 @@ from model.text import (
     TextEncoder,
     chunk_caption,
     write_special_tokens,
-    write_tiny_t5,
 )
-from model.toyworld.plot import write_loss_plot
-from model.toyworld.scenes import BACKGROUND
-from model.toyworld.video import generate_video
+from model.tiny_t5 import write_tiny_t5
 from model.vae import VAEConfig, ViTVAE, load_vae, random_vae, save_vae
 from scheduler.window import WindowSpec, forward_count, plan_forward
+from toyworld.plot import write_loss_plot
+from toyworld.scenes import BACKGROUND
+from toyworld.video import generate_video
 
 SIZE = 64  # frame side, px: 8 x 8 latent pixels, 4 x 4 DiT tokens per latent frame
 CHUNKS = 4  # chunks per training sequence: the sampler's window

@@ -12,9 +12,9 @@ from bench.physics_table import (
     V2V_SCORED,
     continuation_kind,
 )
-from model.toyworld.scenes import Event, ObjectSpec, SceneSpec
 from model.vae import video_frames_for
 from tests.bench import run_bench
+from toyworld.scenes import Event, ObjectSpec, SceneSpec
 
 
 def test_v2v_stream_frames_are_scored_against_the_same_times() -> None:

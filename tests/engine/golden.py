@@ -84,7 +84,7 @@ Chunks = dict[str, list[tuple[np.ndarray, np.ndarray]]]  # sid -> (frames, laten
 
 def run_case(model, requests: tuple[Request, ...]) -> Chunks:
     """Every session's output chunks in order: (uint8 frames, fp32 clean latent)."""
-    from scheduler.engine import Engine
+    from engine.engine import Engine
     from scheduler.session import SessionParams
 
     engine = Engine(model)
@@ -104,18 +104,18 @@ def run_case(model, requests: tuple[Request, ...]) -> Chunks:
                     SIZE,
                     seed=r.seed,
                     mode=r.mode,
-                    image=None if r.image_seed is None else _frames(1, r.image_seed)[0],
-                    video=_frames(r.video_frames, 9) if r.video_frames else None,
+                    image=None if r.image_seed is None else _frames(1, r.image_seed)[0].numpy(),
+                    video=_frames(r.video_frames, 9).numpy() if r.video_frames else None,
                     text_scales=r.text_scales,
                 )
             )
             live[r.sid] = r
         for d in engine.step():
-            engine.scheduler.pop_output(d.session_id)
+            engine.consumed(d.session_id)
             out[d.session_id].append((d.frames.numpy().copy(), d.latent.numpy().copy()))
             r = live[d.session_id]
             if r.num_chunks is None and len(out[d.session_id]) >= r.take:
-                engine.scheduler.cancel(d.session_id)
+                engine.cancel(d.session_id)
         step += 1
     return out
 

@@ -26,8 +26,8 @@ from model.text import (
     duration_index,
     null_caption,
     write_special_tokens,
-    write_tiny_t5,
 )
+from model.tiny_t5 import write_tiny_t5
 
 C = 64  # tiny T5 width, equal to the tiny DiT preset's caption_channels
 REPO = Path(__file__).resolve().parents[2]

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from engine.engine import Engine
 from model.folder import load_model
 from model.parallel import free_port
 from proto import video_generation_pb2 as pb
-from scheduler.engine import Engine
 from scheduler.session import SessionParams
 from server.__main__ import _configure, build_parser
 from tests.server.conftest import REPO, health_status

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from engine.sampling import time_grid
 from model.folder import load_model
-from scheduler.timegrid import time_grid
 from train import toy as T
 
 
@@ -131,7 +131,8 @@ def test_stage_t_lands_on_the_samplers_time_grid() -> None:
 
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory: pytest.TempPathFactory) -> T.Captions:
-    from model.text import SpecialTokens, TextEncoder, write_special_tokens, write_tiny_t5
+    from model.text import SpecialTokens, TextEncoder, write_special_tokens
+    from model.tiny_t5 import write_tiny_t5
 
     folder = tmp_path_factory.mktemp("text")
     write_tiny_t5(folder / "t5", d_model=64, seed=2)

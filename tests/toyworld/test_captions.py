@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from model.toyworld import (
+from toyworld import (
     PALETTE,
     Event,
     ObjectSpec,

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from model.toyworld import (
+from toyworld import (
     CHUNK_FRAMES,
     PALETTE,
     ObjectSpec,

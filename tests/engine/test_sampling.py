@@ -5,17 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.sampling import NEARLY_CLEAN_BLEND, cfg_scales, mix_cfg, time_grid
 from model.config import EngineConfig, RuntimeConfig
 from scheduler.timegrid import (
-    NEARLY_CLEAN_BLEND,
-    cfg_scales,
     kv_chunk_range,
     kv_lookback,
-    mix_cfg,
     nearly_clean,
     step_intervals,
     step_size_value,
-    time_grid,
 )
 
 RT = RuntimeConfig()

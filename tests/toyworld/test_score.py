@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.toyworld import generate_video
-from model.toyworld.score import (
+from toyworld import generate_video
+from toyworld.score import (
     Scores,
     centroids,
     colour_masks,

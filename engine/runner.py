@@ -1,48 +1,65 @@
 """The runner computes what the scheduler planned: one packed DiT forward per engine step.
 
-For every session in the step it assembles the official forward (reference §4.4): the clean
-re-forward, the in-flight chunks with their kv ranges over the session's KV cache, the CFG
-branches (§4.7: text+context, null+context, uncond) or the distilled path with its nearly-clean
-copy; all sessions' chunks go into one `VideoDiT.forward`. Then it mixes the branches, takes the
-Euler step per chunk and VAE-decodes the chunks that became clean.
+It owns every tensor of every session, keyed by session id, on the engine's device: in-flight
+latents, the i2v/v2v prefix latents, the KV cache, the text embeddings (cached by text). A plan
+is all it reads besides them. For every session in the step it assembles the official forward
+(reference §4.4): the clean re-forward, the in-flight chunks with their kv ranges over the
+session's KV cache, the CFG branches (§4.7: text+context, null+context, uncond) or the distilled
+path with its nearly-clean copy; all sessions' chunks go into one `VideoDiT.forward`. Then it
+mixes the branches, takes the Euler step per chunk and VAE-decodes the chunks that became clean.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from engine.sampling import NEARLY_CLEAN_BLEND, cfg_scales, chunk_noise, mix_cfg, time_grid
 from model.dit import ChunkGroup, ChunkInput
 from model.folder import MagiModel
 from model.kv_cache import KVCache
 from model.text import PromptEmbedding, TextConditioning, chunk_caption, null_caption
 from model.vae import encode_frames, pipeline_tile_frames, to_uint8_frames
-from scheduler.plan import SessionForward, StepOutput, StepPlan
-from scheduler.session import Session, SessionParams
-from scheduler.timegrid import (
-    NEARLY_CLEAN_BLEND,
-    cfg_scales,
-    mix_cfg,
-    nearly_clean,
-    step_intervals,
-    step_size_value,
-    time_grid,
-)
+from scheduler.plan import FinishedChunk, SessionStep, StepOutput, StepPlan
+from scheduler.session import PromptEntry, SessionParams, SessionSpec
+from scheduler.timegrid import nearly_clean, step_intervals, step_size_value
 from scheduler.window import ForwardPlan
 
 V2V_PREFIX_FRAMES = 32  # video frames of a v2v prefix (official prefix_frame): 8 latents
+LATENT_CHANNELS = 16  # VAE latent channels (the DiT's 24B input path duplicates them itself)
+
+
+@dataclass
+class SessionTensors:
+    """Everything of one session that is a tensor, on the engine's device."""
+
+    prefix: Tensor | None  # (16, n, h, w) fp32: the i2v image / v2v prefix latents
+    cache: KVCache  # clean chunks' K|V, per layer
+    latents: dict[int, Tensor] = field(default_factory=dict)  # chunk -> (16, 6, h, w) fp32
+
+    @property
+    def nbytes(self) -> int:
+        held = [*self.latents.values(), *([] if self.prefix is None else [self.prefix])]
+        return self.cache.nbytes + sum(t.numel() * t.element_size() for t in held)
+
+
+@dataclass
+class Produced:
+    """A chunk that became clean this step: its frames and latent, for the consumer."""
+
+    frames: Tensor  # uint8 (T, H, W, 3), on the host
+    latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
 
 
 @dataclass
 class _Assembled:
     """A session's groups in the packed forward and how to read its velocities back."""
 
-    forward: SessionForward
-    session: Session
+    step: SessionStep
     inputs: dict[int, Tensor]  # chunk -> latent fed to the forward (prefix pasted)
     first_group: int  # index of its first group in the packed list
     roles: dict[str, list[int]]  # "ctx_text" / "ctx_null" / "uncond" / "copy" -> group offsets
@@ -111,7 +128,7 @@ class DitForward(Protocol):
 
 
 class ModelRunner:
-    """Owns the model on this worker; stateless across steps apart from caches of text."""
+    """Owns the model and every session's tensors on this engine."""
 
     def __init__(
         self,
@@ -127,22 +144,34 @@ class ModelRunner:
         self._null = null_caption(model.dit.y_embedder.null_caption_embedding.detach())
         self._null_tokens = _visible(self._null)
         self._grids: dict[tuple[int, str], Tensor] = {}
+        self.sessions: dict[str, SessionTensors] = {}
+        self.device = model.dit.y_embedder.null_caption_embedding.device
 
-    # ---- session set-up -------------------------------------------------------------------
+    # ---- sessions -------------------------------------------------------------------------
 
-    def new_cache(self) -> KVCache:
-        if self.dit is not None:
-            return self.dit.new_cache()
-        return KVCache(self.model.config.model_config.num_layers)
+    def open(self, params: SessionParams) -> int:
+        """Encode the session's prefix and make its cache; returns the prefix's latent frames."""
+        prefix = self._encode_prefix(params)
+        cache = self.dit.new_cache() if self.dit is not None else None
+        cache = cache or KVCache(self.model.config.model_config.num_layers)
+        self.sessions[params.session_id] = SessionTensors(prefix, cache)
+        return 0 if prefix is None else prefix.shape[1]
 
-    def encode_prefix(self, params: SessionParams) -> Tensor | None:
+    def free(self, session_id: str) -> None:
+        """Drop everything the session holds (idempotent)."""
+        held = self.sessions.pop(session_id, None)
+        if held is not None:
+            held.latents.clear()
+            held.cache.clear()
+
+    def _encode_prefix(self, params: SessionParams) -> Tensor | None:
         """i2v: the image's latent (16, 1, h, w); v2v: the prefix video's latents (16, n, h, w).
         Both x scale factor, fp32 (reference §4.9)."""
         if params.mode == "i2v":
-            frames = params.image[None]
+            frames = torch.as_tensor(params.image, device=self.device)[None]
         elif params.mode == "v2v":
             # continue from the END of the given video (the reference script takes its start)
-            frames = params.video[-V2V_PREFIX_FRAMES:]
+            frames = torch.as_tensor(params.video[-V2V_PREFIX_FRAMES:], device=self.device)
         else:
             return None
         latent = encode_frames(self.model.vae, frames, self.rc.scale_factor, self.rc.fps)
@@ -157,45 +186,67 @@ class ModelRunner:
     # ---- one engine step ------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, step: StepPlan, sessions: dict[str, Session]) -> StepOutput:
+    def execute(self, plan: StepPlan) -> tuple[StepOutput, dict[tuple[str, int], Produced]]:
+        """Run one step: free what the plan frees, draw entering chunks' noise, run the packed
+        forward, take the Euler steps, evict unreachable KV, decode the chunks that finished."""
+        for session_id in plan.freed:
+            self.free(session_id)
         out = StepOutput()
+        if not plan.forwards:
+            return out, {}
         t0 = time.perf_counter()
+        for step in plan.forwards:
+            self._enter(step)
         groups: list[ChunkGroup] = []
-        assembled = [self._assemble(f, sessions[f.session_id], groups) for f in step.forwards]
+        assembled = [self._assemble(step, groups) for step in plan.forwards]
         out.chunks_in_forward = sum(len(g.chunks) for g in groups)
         t1 = time.perf_counter()
         velocities = (self.model.dit if self.dit is None else self.dit)(groups)
         t2 = time.perf_counter()
         finished = []
         for a in assembled:
-            if a.forward.plan.prefix_extraction:
-                continue  # only the KV written into the cache is kept
-            for c, latent in self._update(a, velocities).items():
-                out.latents[(a.session.session_id, c)] = latent
-                if c in a.forward.plan.finished:
-                    finished.append((a.session, c, latent))
+            forward, held = a.step.forward, self.sessions[a.step.session_id]
+            if not forward.prefix_extraction:  # (there only the KV written to the cache counts)
+                for c, latent in self._update(a, velocities).items():
+                    held.latents[c] = latent
+                    if c in forward.finished:
+                        finished.append((a.step.spec, c, latent))
+            if forward.clean_chunk is not None:  # its KV is cached now; the latent is not needed
+                held.latents.pop(forward.clean_chunk, None)
+            held.cache.drop_before(a.step.kv_keep_from)
         t3 = time.perf_counter()
-        out.decoded = self._decode_all(finished)
+        produced = self._decode_all(finished)
+        for key, p in produced.items():
+            out.finished[key] = FinishedChunk(p.frames.shape[0], p.decode_s)
         out.dit_s, out.decode_s = t2 - t1, time.perf_counter() - t3
         out.assemble_s = (t1 - t0) + (t3 - t2)
-        return out
+        return out, {key: Produced(p.frames, p.latent) for key, p in produced.items()}
 
-    def _assemble(
-        self, forward: SessionForward, session: Session, groups: list[ChunkGroup]
-    ) -> _Assembled:
+    def _enter(self, step: SessionStep) -> None:
+        """The chunk entering the window starts as pure noise keyed by (seed, chunk)."""
+        c, spec = step.forward.entered, step.spec
+        if c is not None:
+            shape = (LATENT_CHANNELS, self.rc.chunk_width, spec.height // 8, spec.width // 8)
+            self.sessions[spec.session_id].latents[c] = chunk_noise(
+                spec.seed, c, shape, self.device
+            )
+
+    def _assemble(self, step: SessionStep, groups: list[ChunkGroup]) -> _Assembled:
         """Append this session's branches to `groups` (reference §4.4, §4.7)."""
-        lay = self._layout(forward.plan, session)
-        branches = self._cfg3(lay, session) if self.rc.cfg_number == 3 else self._cfg1(lay, session)
+        lay = self._layout(step)
+        prompts = dict(step.prompts)
+        cfg = self._cfg3 if self.rc.cfg_number == 3 else self._cfg1
+        branches = cfg(lay, step, prompts)
         first, roles = len(groups), {}
         for role, group in branches:
             roles.setdefault(role, []).append(len(groups) - first)
             groups.append(group)
-        return _Assembled(forward, session, lay.inputs, first, roles)
+        return _Assembled(step, lay.inputs, first, roles)
 
-    def _layout(self, plan: ForwardPlan, session: Session) -> _Layout:
-        params = session.params
-        num_steps, shortcut_mode = self._sampling(params)
-        grid = self.grid(num_steps, shortcut_mode)
+    def _layout(self, step: SessionStep) -> _Layout:
+        plan, spec = step.forward, step.spec
+        held = self.sessions[spec.session_id]
+        grid = self.grid(spec.num_steps, spec.shortcut_mode)
         noisy = [c.chunk_index for c in plan.chunks]
         clean = [plan.clean_chunk] if plan.clean_chunk is not None else []
         t_of = {c.chunk_index: float(grid[c.grid_index]) for c in plan.chunks}
@@ -208,30 +259,35 @@ class ModelRunner:
         forward_chunks = clean + noisy
         slice_point = forward_chunks[0]
         lo = min(min(kv_first.values()), slice_point)
-        interval = step_intervals(num_steps, shortcut_mode)[plan.sub_step]
+        interval = step_intervals(spec.num_steps, spec.shortcut_mode)[plan.sub_step]
         return _Layout(
             plan=plan,
             noisy=noisy,
             forward_chunks=forward_chunks,
             inputs={
-                c: self._input_latent(session, c, plan.prefix_extraction) for c in forward_chunks
+                c: self._input_latent(spec, held, c, plan.prefix_extraction) for c in forward_chunks
             },
             t_of=t_of,
             kv_first=kv_first,
             lo=lo,
             cached=list(range(lo, slice_point)),
-            tokens=self.rc.chunk_width * (params.height // 16) * (params.width // 16),
+            tokens=self.rc.chunk_width * (spec.height // 16) * (spec.width // 16),
             width=self.rc.chunk_width,
-            step_size=step_size_value(num_steps, interval),
-            cache=session.kv_cache,
+            step_size=step_size_value(spec.num_steps, interval),
+            cache=held.cache,
         )
 
-    def _cfg3(self, lay: _Layout, session: Session) -> list[tuple[str, ChunkGroup]]:
+    def _cfg3(
+        self, lay: _Layout, step: SessionStep, prompts: dict[int, PromptEntry]
+    ) -> list[tuple[str, ChunkGroup]]:
         """Text+context (row -2, no write), null+context (row -1, writes the clean chunk's
         KV), and each noisy chunk alone without context or text at time positions 0..5."""
         text = [
             lay.chunk(
-                c, self._null_tokens if lay.is_clean(c) else self._prompt(session, c), False, False
+                c,
+                self._null_tokens if lay.is_clean(c) else self._prompt(step.spec, prompts, c),
+                False,
+                False,
             )
             for c in lay.forward_chunks
         ]
@@ -244,13 +300,15 @@ class ModelRunner:
         ]
         return [("ctx_text", lay.group(text)), ("ctx_null", lay.group(null)), *uncond]
 
-    def _cfg1(self, lay: _Layout, session: Session) -> list[tuple[str, ChunkGroup]]:
+    def _cfg1(
+        self, lay: _Layout, step: SessionStep, prompts: dict[int, PromptEntry]
+    ) -> list[tuple[str, ChunkGroup]]:
         """One branch that writes the cache; while the oldest chunk is nearly clean, a self-only
         copy of it one slot after the newest (blended 0.7 / 0.3 in `_update`)."""
         branch = [
             lay.chunk(
                 c,
-                self._null_tokens if lay.is_clean(c) else self._prompt(session, c),
+                self._null_tokens if lay.is_clean(c) else self._prompt(step.spec, prompts, c),
                 False,
                 lay.is_clean(c),
             )
@@ -261,14 +319,14 @@ class ModelRunner:
         threshold = self.ec.distill_nearly_clean_chunk_threshold
         if not lay.plan.prefix_extraction and nearly_clean(lay.t_of[oldest], threshold):
             slot = lay.forward_chunks[0] + len(lay.forward_chunks)
-            copy = lay.alone(oldest, self._prompt(session, oldest), False, slot=slot)
+            copy = lay.alone(oldest, self._prompt(step.spec, prompts, oldest), False, slot=slot)
             out.append(("copy", ChunkGroup([copy])))
         return out
 
     def _update(self, a: _Assembled, velocities: list[list[Tensor]]) -> dict[int, Tensor]:
         """Mix the branches per chunk and take its Euler step: x + v * (t[k+1] - t[k])."""
-        plan, params = a.forward.plan, a.session.params
-        grid = self.grid(*self._sampling(params))
+        plan, spec = a.step.forward, a.step.spec
+        grid = self.grid(spec.num_steps, spec.shortcut_mode)
         offset = 1 if plan.clean_chunk is not None else 0  # the clean chunk's output is discarded
         rc = self.rc
         out = {}
@@ -281,8 +339,8 @@ class ModelRunner:
                 s_p, s_t = cfg_scales(
                     float(grid[k]),
                     rc.cfg_t_range,
-                    params.prev_chunk_scales or rc.prev_chunk_scales,
-                    params.text_scales or rc.text_scales,
+                    spec.prev_chunk_scales or rc.prev_chunk_scales,
+                    spec.text_scales or rc.text_scales,
                 )
                 v = mix_cfg(v_u, v_c, v_ct, s_p, s_t)
             else:
@@ -295,52 +353,46 @@ class ModelRunner:
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _sampling(self, params: SessionParams) -> tuple[int, str]:
-        return (
-            params.num_steps or self.rc.num_steps,
-            params.shortcut_mode or self.ec.shortcut_mode,
-        )
-
-    def _input_latent(self, session: Session, c: int, prefix_extraction: bool) -> Tensor:
+    def _input_latent(
+        self, spec: SessionSpec, held: SessionTensors, c: int, prefix_extraction: bool
+    ) -> Tensor:
         """The chunk's latent with prefix frames pasted in (every forward, §4.4 step 5)."""
         width = self.rc.chunk_width
-        prefix = session.prefix_latent
+        prefix = held.prefix
         if prefix_extraction:
             return prefix[:, width * c : width * (c + 1)]
-        x = session.latents[c]
-        n = min(session.prefix_latent_frames - width * c, width)
+        x = held.latents[c]
+        n = min(spec.prefix_latent_frames - width * c, width)
         if prefix is None or n <= 0:
             return x
         x = x.clone()
         x[:, :n] = prefix[:, width * c : width * c + n]
         return x
 
-    def _prompt(self, session: Session, c: int) -> Tensor:
-        entry = session.bound_prompts[c]
-        generated_total = session.params.num_chunks
+    def _prompt(self, spec: SessionSpec, prompts: dict[int, PromptEntry], c: int) -> Tensor:
         caption = chunk_caption(
-            self.model.text.encode(entry.text),
+            self.model.text.encode(prompts[c].text),
             self.model.special_tokens,
             self.text_conditioning,
-            c - session.prefix_chunks,
-            generated_total,
+            c - spec.prefix_chunks,
+            spec.generated_total,
         )
         return _visible(caption)
 
     def _decode_all(
-        self, finished: list[tuple[Session, int, Tensor]]
-    ) -> dict[tuple[str, int], tuple[Tensor, float]]:
+        self, finished: list[tuple[SessionSpec, int, Tensor]]
+    ) -> dict[tuple[str, int], _Decoded]:
         """uint8 frames of the chunks that became clean; chunks of one latent shape (most
         sessions' chunks) are decoded as one batch. Prefix latents are not output, except the
         i2v image frame (§4.6 `real_start`)."""
         width = self.rc.chunk_width
-        by_shape: dict[tuple[int, ...], list[tuple[str, int, Tensor]]] = {}
-        for session, c, latent in finished:
+        by_shape: dict[tuple[int, ...], list[tuple[str, int, Tensor, Tensor]]] = {}
+        for spec, c, latent in finished:
             start = width * c
-            if session.params.mode == "v2v":
-                start = max(start, session.prefix_latent_frames)
+            if spec.mode == "v2v":
+                start = max(start, spec.prefix_latent_frames)
             z = latent[:, start - width * c :]
-            by_shape.setdefault(tuple(z.shape), []).append((session.session_id, c, z))
+            by_shape.setdefault(tuple(z.shape), []).append((spec.session_id, c, z, latent))
         decoded = {}
         for members in by_shape.values():
             t0 = time.perf_counter()
@@ -350,11 +402,18 @@ class ModelRunner:
                 video = self.dit.decode(z, tile_frames)
             else:
                 video = self.model.vae.tiled_decode(z, tile_frames=tile_frames)
-            frames = to_uint8_frames(video).unflatten(0, (len(members), -1))
+            frames = to_uint8_frames(video).unflatten(0, (len(members), -1)).cpu()
             seconds = (time.perf_counter() - t0) / len(members)
-            for (sid, c, _), f in zip(members, frames, strict=True):
-                decoded[(sid, c)] = (f, seconds)
+            for (sid, c, _, latent), f in zip(members, frames, strict=True):
+                decoded[(sid, c)] = _Decoded(f, latent, seconds)
         return decoded
+
+
+@dataclass
+class _Decoded:
+    frames: Tensor
+    latent: Tensor
+    decode_s: float
 
 
 def _visible(caption: PromptEmbedding) -> Tensor:

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from engine.engine import Engine
 from model.config import preset_name
 from model.folder import MagiModel, embedded_folder, load_model
-from model.toyworld import ObjectSpec, still_frame
-from model.toyworld.score import centroids
-from scheduler.engine import Engine
 from scheduler.session import SessionParams
+from toyworld import ObjectSpec, still_frame
+from toyworld.score import centroids
 
 MB = 1 << 20
 

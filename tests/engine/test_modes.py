@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.engine import Engine
+from engine.runner import ModelRunner
 from model.config import MagiConfig
 from model.vae import encode_frames
-from scheduler.engine import Engine
-from scheduler.runner import ModelRunner
 from scheduler.session import SessionParams
-from tests.scheduler.test_reference_sampler import engine_latents, official_loop
+from tests.engine.test_reference_sampler import engine_latents, official_loop
 
 
 def frames(n: int, seed: int) -> torch.Tensor:
@@ -22,17 +22,18 @@ def frames(n: int, seed: int) -> torch.Tensor:
 
 
 def test_i2v_pastes_the_image_latent_into_chunk_0_before_every_forward(tiny_model, monkeypatch):
-    image = frames(1, 0)[0]
+    image = frames(1, 0)[0].numpy()
     engine = Engine(tiny_model)
     session = engine.open(SessionParams("i", ((0, "a cat"),), 2, 64, 64, mode="i2v", image=image))
-    image_latent = encode_frames(tiny_model.vae, image[None])[0]
-    assert session.prefix_latent_frames == 1 and session.prefix_chunks == 0
-    assert torch.equal(session.prefix_latent, image_latent.float())
+    image_latent = encode_frames(tiny_model.vae, torch.from_numpy(image)[None])[0]
+    prefix = engine.runner.sessions["i"].prefix
+    assert session.spec.prefix_latent_frames == 1 and session.prefix_chunks == 0
+    assert torch.equal(prefix, image_latent.float())
     fed = []
     original = ModelRunner._input_latent
 
-    def spy(self, s, c, prefix_extraction):
-        x = original(self, s, c, prefix_extraction)
+    def spy(self, spec, held, c, prefix_extraction):
+        x = original(self, spec, held, c, prefix_extraction)
         fed.append((c, x))
         return x
 
@@ -41,18 +42,20 @@ def test_i2v_pastes_the_image_latent_into_chunk_0_before_every_forward(tiny_mode
     chunk0 = [x for c, x in fed if c == 0]
     # every denoising step, plus its clean re-forward (whose input is pasted as officially)
     assert len(chunk0) == tiny_model.config.runtime_config.num_steps + 1
-    assert all(torch.equal(x[:, 0], session.prefix_latent[:, 0]) for x in chunk0)
-    assert all(not torch.equal(x[:, 0], session.prefix_latent[:, 0]) for c, x in fed if c == 1)
+    assert all(torch.equal(x[:, 0], prefix[:, 0]) for x in chunk0)
+    assert all(not torch.equal(x[:, 0], prefix[:, 0]) for c, x in fed if c == 1)
     assert [len(d.frames) for d in done] == [24, 24]  # the image frame is output (4 frames)
 
 
 def test_v2v_continues_from_the_end_of_the_video_and_outputs_after_the_prefix(tiny_model):
     video = frames(40, 1)
     engine = Engine(tiny_model)
-    session = engine.open(SessionParams("v", ((0, "more"),), 2, 64, 64, mode="v2v", video=video))
-    assert session.prefix_latent_frames == 8 and session.prefix_chunks == 1
+    session = engine.open(
+        SessionParams("v", ((0, "more"),), 2, 64, 64, mode="v2v", video=video.numpy())
+    )
+    assert session.spec.prefix_latent_frames == 8 and session.prefix_chunks == 1
     want_prefix = encode_frames(tiny_model.vae, video[-32:])[0].float()
-    assert torch.equal(session.prefix_latent, want_prefix)
+    assert torch.equal(engine.runner.sessions["v"].prefix, want_prefix)
     first_plan = session.window.next_forward()
     assert first_plan.prefix_extraction and first_plan.chunk_indices == (0,)
     session.window = type(session.window)(session.window.spec)  # rewind the peek
@@ -66,11 +69,12 @@ def test_v2v_continues_from_the_end_of_the_video_and_outputs_after_the_prefix(ti
 def test_v2v_prefix_kv_is_extracted_before_the_first_denoising_forward(tiny_model):
     engine = Engine(tiny_model)
     session = engine.open(
-        SessionParams("v", ((0, "more"),), 1, 64, 64, mode="v2v", video=frames(32, 2))
+        SessionParams("v", ((0, "more"),), 1, 64, 64, mode="v2v", video=frames(32, 2).numpy())
     )
     engine.step()  # the extraction forward
-    assert session.kv_cache.chunk_indices == [0]
-    assert session.forwards_served == 1 and not session.latents.get(0)
+    held = engine.runner.sessions["v"]
+    assert held.cache.chunk_indices == [0]
+    assert session.forwards_served == 1 and not held.latents.get(0)
 
 
 @pytest.mark.parametrize("window", [1, 2])
@@ -107,7 +111,7 @@ def test_generate_command_writes_the_frames_of_one_session(tiny_folder, tmp_path
         [
             sys.executable,
             "-m",
-            "scheduler",
+            "engine",
             "generate",
             "--model",
             str(tiny_folder),

@@ -1,4 +1,4 @@
-"""python -m model.toyworld sample --seed S --chunks N --out FILE.mp4
+"""python -m toyworld sample --seed S --chunks N --out FILE.mp4
 
 `sample` writes FILE.mp4 (H.264, 24 fps) and FILE.json (captions per chunk, the scene spec,
 contacts). `bench` times dataset generation. `strip` makes a PNG of frames of a video. `still`
@@ -100,7 +100,7 @@ def _strip(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m model.toyworld",
+        prog="python -m toyworld",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model.toyworld import Event, ObjectSpec, PhysicsSpec, SceneSpec, simulate
+from toyworld import Event, ObjectSpec, PhysicsSpec, SceneSpec, simulate
 
 
 def _mass(o: ObjectSpec) -> float:

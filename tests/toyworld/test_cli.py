@@ -1,4 +1,4 @@
-"""python -m model.toyworld sample: an MP4 with 24 frames per chunk, captions in a JSON."""
+"""python -m toyworld sample: an MP4 with 24 frames per chunk, captions in a JSON."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 
-from model.toyworld import PALETTE, generate_video
-from model.toyworld.__main__ import main
-from model.toyworld.score import centroids
+from toyworld import PALETTE, generate_video
+from toyworld.__main__ import main
+from toyworld.score import centroids
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -43,7 +43,7 @@ def test_sample_writes_mp4_json_and_npz(tmp_path: Path) -> None:
 
 def test_module_entry_point(tmp_path: Path) -> None:
     out = tmp_path / "s.mp4"
-    cmd = [sys.executable, "-m", "model.toyworld", "sample", "--seed", "3", "--chunks", "1"]
+    cmd = [sys.executable, "-m", "toyworld", "sample", "--seed", "3", "--chunks", "1"]
     done = subprocess.run(
         [*cmd, "--out", str(out), "--size", "96"], cwd=REPO, capture_output=True, text=True
     )

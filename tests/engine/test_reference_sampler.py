@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from engine.engine import Engine
+from engine.sampling import chunk_noise, time_grid
 from model.dit import ChunkGroup, ChunkInput
 from model.kv_cache import KVCache
 from model.text import TextConditioning, chunk_caption, null_caption
-from scheduler.engine import Engine
-from scheduler.session import SessionParams, chunk_noise
-from scheduler.timegrid import step_intervals, step_size_value, time_grid
+from scheduler.session import SessionParams
+from scheduler.timegrid import step_intervals, step_size_value
 
 H = W = 64
 
@@ -29,7 +30,10 @@ def official_loop(model, prompt: str, num_chunks: int, seed: int) -> list[torch.
     dps = n_steps // win
     grid = time_grid(n_steps, ec.shortcut_mode)
     np_ = width * (H // 16) * (W // 16)
-    x = [chunk_noise(seed, c, (16, width, H // 8, W // 8)) for c in range(num_chunks)]
+    x = [
+        chunk_noise(seed, c, (16, width, H // 8, W // 8), torch.device("cpu"))
+        for c in range(num_chunks)
+    ]
     cache = KVCache(cfg.model_config.num_layers)
     null = visible(null_caption(model.dit.y_embedder.null_caption_embedding.detach()))
     text = [

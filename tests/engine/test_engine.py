@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scheduler.engine import Engine
+from engine.engine import Engine
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
 from scheduler.session import SessionParams, SessionState
 
@@ -38,7 +38,7 @@ def test_t2v_session_outputs_every_chunk_in_order_with_its_frames(tiny_model):
     assert all(d.prompt.text == "a red ball rolls" and d.prompt.version == 1 for d in done)
     session = engine.scheduler.get("s")
     assert session.state is SessionState.FINISHED
-    assert engine.scheduler.used_bytes("s") == 0
+    assert engine.used_bytes("s") == 0 and "s" not in engine.runner.sessions
 
 
 def test_session_is_reproducible_and_depends_on_its_seed(tiny_model):
@@ -77,7 +77,7 @@ def test_batched_sessions_equal_each_session_alone(tiny_model):
         produced = engine.step()
         done += produced
         for d in produced:
-            engine.scheduler.pop_output(d.session_id)
+            engine.consumed(d.session_id)
     done += engine.run_until_idle()
     for p in requests:
         got = latents_by_chunk(done, p.session_id)
@@ -115,9 +115,9 @@ def test_prompt_switch_needs_no_kv_recompute(tiny_model):
         session = engine.open(params("k", chunks=None, prompts=timeline))
         for _ in range(9):  # chunk 0 is re-forwarded clean at step 8 (stage 4, sub-step 0)
             engine.step()
-            for _ in range(len(session.outputs)):
-                engine.scheduler.pop_output("k")
-        caches.append(session.kv_cache)
+            for _ in range(session.unconsumed):
+                engine.consumed("k")
+        caches.append(engine.runner.sessions["k"].cache)
     assert caches[0].chunk_indices == caches[1].chunk_indices == [0]
     for layer in range(3):
         assert torch.equal(caches[0].read(layer, [0]), caches[1].read(layer, [0]))
@@ -132,10 +132,10 @@ def test_cancel_mid_window_frees_everything_and_leaves_others_unchanged(tiny_mod
     for _ in range(9):
         done += engine.step()
         for d in done[-2:]:
-            engine.scheduler.pop_output(d.session_id)
-    assert engine.scheduler.used_bytes("a") > 0
-    engine.scheduler.cancel("a")
-    assert engine.scheduler.used_bytes("a") == 0
+            engine.consumed(d.session_id)
+    assert engine.used_bytes("a") > 0
+    engine.cancel("a")
+    assert engine.used_bytes("a") == 0 and "a" not in engine.runner.sessions
     assert engine.scheduler.get("a").state is SessionState.CANCELLED
     done += engine.run_until_idle()
     got = latents_by_chunk(done, "b")
@@ -183,7 +183,7 @@ def test_fair_under_load_every_session_advances_at_the_same_rate(tiny_model):
     for _ in range(36):
         for d in engine.step():
             chunks[d.session_id] += 1
-            engine.scheduler.pop_output(d.session_id)
+            engine.consumed(d.session_id)
     assert max(chunks.values()) - min(chunks.values()) <= 1
     served = [engine.scheduler.get(s).forwards_served for s in "xyz"]
     assert max(served) - min(served) <= 1
@@ -196,9 +196,9 @@ def test_a_lagging_consumer_pauses_its_session_and_others_go_on(tiny_model):
     for _ in range(30):
         for d in engine.step():
             if d.session_id == "fast":
-                engine.scheduler.pop_output("fast")
+                engine.consumed("fast")
     slow = engine.scheduler.get("slow")
-    assert len(slow.outputs) == 2  # the bound: it stopped producing
+    assert slow.unconsumed == 2  # the bound: it stopped producing
     assert engine.scheduler.get("fast").chunks_out > slow.chunks_out
 
 
@@ -208,11 +208,11 @@ def test_unbounded_session_memory_is_flat_once_the_window_is_full(tiny_model):
     samples = []
     for step in range(60):
         engine.step()
-        while session.outputs:
-            engine.scheduler.pop_output("u")
+        while session.unconsumed:
+            engine.consumed("u")
         if step % 2 == 0 and step > 10:  # after sub-step 0 of a stage: window full
-            samples.append(engine.scheduler.used_bytes("u"))
-            assert len(session.kv_cache.chunk_indices) == 1
+            samples.append(engine.used_bytes("u"))
+            assert len(engine.runner.sessions["u"].cache.chunk_indices) == 1
     assert max(samples) == min(samples)
     assert session.chunks_out >= 20
     assert max(samples) <= session.estimated_bytes

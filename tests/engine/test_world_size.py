@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.engine import Engine
 from model import parallel
 from model.folder import read_config
 from model.group import (
@@ -16,7 +17,6 @@ from model.group import (
     load_rank_vae,
     serve_follower,
 )
-from scheduler.engine import Engine
 from scheduler.session import SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"

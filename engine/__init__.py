@@ -1,0 +1,1 @@
+"""The engine process: runs the scheduler's plans on the model and owns every tensor."""

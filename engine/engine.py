@@ -1,0 +1,208 @@
+"""The engine loop: schedule, execute, apply. Usable in-process (tests, benchmarks) and what the
+engine process runs; it knows nothing of gRPC.
+
+The scheduler decides (torch-free bookkeeping) and emits a self-contained `StepPlan`; the runner
+computes it on tensors it owns; the scheduler applies the plain `StepOutput`. Chunks come back
+as `ChunkDone` with their frames.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from engine.runner import LATENT_CHANNELS, DitForward, ModelRunner
+from model.folder import MagiModel
+from scheduler.scheduler import ChunkScheduler, SchedulerConfig
+from scheduler.session import (
+    PromptEntry,
+    PromptTimeline,
+    Session,
+    SessionParams,
+    SessionSpec,
+    SessionState,
+)
+from scheduler.window import Window, WindowSpec, max_cached_chunks
+
+
+@dataclass
+class ChunkDone:
+    """One finished, decoded chunk handed up to the consumer."""
+
+    session_id: str
+    chunk_index: int  # global chunk index (v2v prefix chunks count)
+    output_index: int  # 0-based among the chunks this session outputs
+    first_frame: int  # index of the first frame in the session's output video
+    frames: Tensor  # uint8 (T, H, W, 3), on the host
+    latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
+    prompt: PromptEntry  # the prompt that drove this chunk
+    denoise_s: float  # wall time from the chunk entering the window to its last step
+    decode_s: float  # VAE decode time
+
+
+@dataclass
+class StepStats:
+    """Where one engine step's time went (for metrics and bench/batching.py)."""
+
+    sessions: int  # sessions in the forward
+    chunk_slots: int  # chunks packed into the forward, CFG branches included
+    dit_s: float
+    decode_s: float
+    schedule_s: float  # scheduling and bookkeeping outside the runner
+    assemble_s: float  # building the packed forward, mixing, Euler updates
+
+
+class Engine:
+    def __init__(
+        self,
+        model: MagiModel,
+        config: SchedulerConfig | None = None,
+        dit: DitForward | None = None,  # a worker group's forward (engine.ranks); None: model.dit
+    ) -> None:
+        self.model = model
+        self.runner = ModelRunner(model, dit=dit)
+        rc = model.config.runtime_config
+        branches = 3 if rc.cfg_number == 3 else 2  # cfg 1: the nearly-clean copy at most
+        self.scheduler = ChunkScheduler(config or SchedulerConfig(), branches)
+        self.last_step: StepStats | None = None
+
+    # ---- sessions -------------------------------------------------------------------------
+
+    def open(self, params: SessionParams) -> Session:
+        """Create a session: encode its prefix, size its window, reserve its memory. Raises
+        AdmissionRefused when full and ValueError for a request the model cannot serve."""
+        rc, ec = self.model.config.runtime_config, self.model.config.engine_config
+        existing = self.scheduler.sessions.get(params.session_id)
+        if existing is not None and not existing.finished:
+            raise ValueError(f"session id {params.session_id!r} is already in use")
+        num_steps = params.num_steps or rc.num_steps
+        window = WindowSpec(
+            num_steps=num_steps,
+            window_size=rc.window_size,
+            num_chunks=None,
+            noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
+            clean_chunk_kvrange=rc.clean_chunk_kvrange,
+        )  # checks the step count before any work
+        prefix_frames = self.runner.open(params)
+        try:
+            prefix_chunks = prefix_frames // rc.chunk_width if params.mode == "v2v" else 0
+            total = None if params.num_chunks is None else prefix_chunks + params.num_chunks
+            window = WindowSpec(
+                num_steps=num_steps,
+                window_size=rc.window_size,
+                num_chunks=total,
+                prefix_chunks=prefix_chunks,
+                noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
+                clean_chunk_kvrange=rc.clean_chunk_kvrange,
+            )
+            spec = SessionSpec(
+                session_id=params.session_id,
+                seed=params.seed,
+                mode=params.mode,
+                height=params.height,
+                width=params.width,
+                num_steps=num_steps,
+                shortcut_mode=params.shortcut_mode or ec.shortcut_mode,
+                text_scales=params.text_scales,
+                prev_chunk_scales=params.prev_chunk_scales,
+                generated_total=params.num_chunks,
+                prefix_latent_frames=prefix_frames,
+                prefix_chunks=prefix_chunks,
+            )
+            session = Session(
+                spec=spec,
+                window=Window(window),
+                timeline=PromptTimeline(params.prompts, first_chunk=prefix_chunks),
+                estimated_bytes=self.session_bytes(spec, window),
+            )
+            self.scheduler.add(session)
+        except Exception:
+            self.runner.free(params.session_id)
+            raise
+        return session
+
+    def cancel(
+        self,
+        session_id: str,
+        state: SessionState = SessionState.CANCELLED,
+        error: str | None = None,
+    ) -> None:
+        """End a session now and free all its tensors; it leaves the next forward."""
+        self.scheduler.cancel(session_id, state, error)
+        self.runner.free(session_id)
+
+    def consumed(self, session_id: str) -> None:
+        self.scheduler.consumed(session_id)
+
+    def session_bytes(self, spec: SessionSpec, window: WindowSpec) -> int:
+        """Most memory a session holds at once: the clean chunks its kv ranges can reach (KV of
+        every layer) plus the latents in flight and the one awaiting its clean re-forward."""
+        mc, rc = self.model.config.model_config, self.model.config.runtime_config
+        h8, w8 = spec.height // 8, spec.width // 8
+        tokens = rc.chunk_width * (h8 // mc.patch_size) * (w8 // mc.patch_size)
+        kv_per_chunk = mc.num_layers * tokens * mc.num_query_groups * 2 * mc.kv_channels
+        kv_per_chunk *= mc.dtype.itemsize
+        latent_per_chunk = LATENT_CHANNELS * rc.chunk_width * h8 * w8 * 4
+        return (
+            max_cached_chunks(window) * kv_per_chunk + (window.window_size + 1) * latent_per_chunk
+        )
+
+    def used_bytes(self, session_id: str) -> int:
+        """Tensors this session holds now (KV cache, latents, prefix)."""
+        held = self.runner.sessions.get(session_id)
+        return 0 if held is None else held.nbytes
+
+    def kv_cache_bytes(self) -> int:
+        return sum(held.cache.nbytes for held in self.runner.sessions.values())
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def step(self) -> list[ChunkDone]:
+        """One engine step: every scheduled chunk moves one step along its time grid."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.forwards:
+            self.runner.execute(plan)  # frees what ended, if anything
+            self.last_step = None
+            return []
+        t1 = time.perf_counter()
+        output, produced = self.runner.execute(plan)
+        t2 = time.perf_counter()
+        done = [
+            ChunkDone(
+                session_id=out.session_id,
+                chunk_index=out.chunk_index,
+                output_index=out.output_index,
+                first_frame=out.first_frame,
+                frames=produced[(out.session_id, out.chunk_index)].frames,
+                latent=produced[(out.session_id, out.chunk_index)].latent,
+                prompt=out.prompt,
+                denoise_s=out.denoise_s,
+                decode_s=out.decode_s,
+            )
+            for out in self.scheduler.update_from_output(plan, output)
+        ]
+        for session_id in self.scheduler.take_freed():  # finished this step: free at once
+            self.runner.free(session_id)
+        t3 = time.perf_counter()
+        self.last_step = StepStats(
+            sessions=len(plan.forwards),
+            chunk_slots=output.chunks_in_forward,
+            dit_s=output.dit_s,
+            decode_s=output.decode_s,
+            schedule_s=(t1 - t0) + (t3 - t2),
+            assemble_s=output.assemble_s,
+        )
+        return done
+
+    def run_until_idle(self) -> list[ChunkDone]:
+        """Step until no session has work, consuming outputs as they come (tests, CLI)."""
+        done: list[ChunkDone] = []
+        while self.scheduler.has_work():
+            produced = self.step()
+            for item in produced:
+                self.consumed(item.session_id)
+            done.extend(produced)
+        return done
