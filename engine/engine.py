@@ -15,6 +15,7 @@ from torch import Tensor
 
 from engine.runner import LATENT_CHANNELS, DitForward, ModelRunner
 from model.folder import MagiModel
+from model.text import TextConditioning
 from scheduler.scheduler import ChunkScheduler, SchedulerConfig
 from scheduler.session import (
     PromptEntry,
@@ -60,9 +61,11 @@ class Engine:
         model: MagiModel,
         config: SchedulerConfig | None = None,
         dit: DitForward | None = None,  # a worker group's forward (engine.ranks); None: model.dit
+        *,
+        text_conditioning: TextConditioning | None = None,  # None: TextConditioning() defaults
     ) -> None:
         self.model = model
-        self.runner = ModelRunner(model, dit=dit)
+        self.runner = ModelRunner(model, text_conditioning=text_conditioning, dit=dit)
         rc = model.config.runtime_config
         branches = 3 if rc.cfg_number == 3 else 2  # cfg 1: the nearly-clean copy at most
         self.scheduler = ChunkScheduler(config or SchedulerConfig(), branches)

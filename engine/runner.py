@@ -141,7 +141,13 @@ class ModelRunner:
         self.rc = model.config.runtime_config
         self.ec = model.config.engine_config
         self.text_conditioning = text_conditioning or TextConditioning()
-        self._null = null_caption(model.dit.y_embedder.null_caption_embedding.detach())
+        # Every null-caption slot reads it: null and uncond branches, the clean re-forward and
+        # the v2v prefix forward all take the null half y[1] that NEG_PROMPT changes (§4.4, §4.10).
+        self._null = null_caption(
+            model.dit.y_embedder.null_caption_embedding.detach(),
+            model.special_tokens,
+            self.text_conditioning,
+        )
         self._null_tokens = _visible(self._null)
         self._grids: dict[tuple[int, str], Tensor] = {}
         self.sessions: dict[str, SessionTensors] = {}

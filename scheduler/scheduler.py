@@ -70,6 +70,11 @@ class ChunkScheduler:
                 f"latents, more than the whole budget ({budget / 2**20:.0f} MiB): ask for a "
                 "smaller size"
             )
+        if sid in self._freed:
+            # an ended session's id reused before the next plan: the engine freed the old
+            # session when it ended (Engine.cancel / Engine.step), and a free left in the plan
+            # would now free the new one
+            self._freed.remove(sid)
         if not self._queue and self._fits(session):
             self._start(session)
         elif len(self._queue) < self.config.max_queued:

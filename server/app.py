@@ -22,13 +22,14 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
+from scheduler.session import SessionState
 from server.config import MAX_SEND_BYTES, ServerConfig
 from server.encode import VideoEncoding
 from server.interceptors import StatusInterceptor
 from server.logs import event
 from server.metrics import Metrics
 from server.service import VideoGenerationService
-from server.sessions import FAILED, SessionManager
+from server.sessions import SessionManager
 from server.supervisor import Supervisor
 from server.validation import ServedModel
 
@@ -162,7 +163,7 @@ class App:
                 session.id,
                 f"the server is shutting down and the {self.config.grace_period_s:g}"
                 " s grace period ran out; retry on another replica",
-                state=FAILED,
+                state=SessionState.FAILED,
                 code=grpc.StatusCode.UNAVAILABLE,
             )
         # Streams still open get to send their `finished` event before the port closes.

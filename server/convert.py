@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from proto import video_generation_pb2 as pb
+from scheduler.session import SessionState
 from server import ipc
 from server.config import Limits
 from server.sessions import LiveSession
 from server.validation import MIN_SIZE_PX, MODES, SHORTCUT_MODES, SIZE_MULTIPLE_PX, ServedModel
 
 STATES = {
-    "queued": pb.SESSION_STATE_QUEUED,
-    "running": pb.SESSION_STATE_RUNNING,
-    "finished": pb.SESSION_STATE_FINISHED,
-    "cancelled": pb.SESSION_STATE_CANCELLED,
-    "failed": pb.SESSION_STATE_FAILED,
+    SessionState.QUEUED: pb.SESSION_STATE_QUEUED,
+    SessionState.RUNNING: pb.SESSION_STATE_RUNNING,
+    SessionState.FINISHED: pb.SESSION_STATE_FINISHED,
+    SessionState.CANCELLED: pb.SESSION_STATE_CANCELLED,
+    SessionState.FAILED: pb.SESSION_STATE_FAILED,
 }
 _MODE_ENUM = {name: value for value, name in MODES.items()}
 _SHORTCUT_ENUM = {name: value for value, name in SHORTCUT_MODES.items()}
@@ -145,7 +146,7 @@ def session_info(session: LiveSession, model: ServedModel) -> pb.SessionInfo:
     return pb.SessionInfo(
         session_id=session.id,
         state=STATES[session.state],
-        queue_position=session.queue_position if session.state == "queued" else 0,
+        queue_position=session.queue_position if session.state is SessionState.QUEUED else 0,
         stats=stats(session),
         prompt_version=session.prompt_version,
         timeline=timeline(session.timeline),

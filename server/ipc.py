@@ -10,26 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+from scheduler.session import SessionParams, SessionState
 
 # ---- commands: server -> worker -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class OpenSession:
-    session_id: str
-    prompts: tuple[tuple[int, str], ...]  # (from_chunk, text), output indices, first at 0
-    num_chunks: int | None  # None = until cancelled
-    height: int  # pixels
-    width: int  # pixels
-    seed: int
-    mode: str  # t2v / i2v / v2v
-    image: np.ndarray | None = None  # i2v: uint8 (H, W, 3), already scaled
-    video: np.ndarray | None = None  # v2v: uint8 (T, H, W, 3) at the model fps, scaled
-    num_steps: int | None = None  # None = the model's default
-    shortcut_mode: str | None = None  # None = the model's default
-    text_scales: tuple[float, ...] | None = None  # None = the model's CFG text scales
-    prev_chunk_scales: tuple[float, ...] | None = None  # None = the model's
+    request: SessionParams  # the validated request record, as the engine opens it
 
 
 @dataclass(frozen=True)
@@ -94,7 +82,7 @@ class SessionProgress:
     """Sent when a session's state, queue place or next steerable chunk changes."""
 
     session_id: str
-    state: str  # scheduler SessionState value: queued / running
+    state: SessionState  # QUEUED / RUNNING
     queue_position: int  # 1-based while queued, else 0
     next_steerable_chunk: int | None  # output index a prompt pushed now would first steer
 
@@ -118,7 +106,7 @@ class ChunkReady:
 @dataclass(frozen=True)
 class SessionEnded:
     session_id: str
-    state: str  # finished / cancelled / failed
+    state: SessionState  # FINISHED / CANCELLED / FAILED
     error: str | None = None
 
 

@@ -19,13 +19,14 @@ import numpy as np
 
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
+from scheduler.session import SessionState
 from server import convert, ipc
 from server.config import Limits
 from server.encode import VideoEncoding, encode_fmp4_chunk, split_raw_frames
 from server.errors import InvalidRequest, NotSteerable, ServiceError, SessionFailed, Unavailable
 from server.interceptors import deadline_passed
 from server.metrics import Metrics
-from server.sessions import FAILED, LiveSession, SessionEnd, SessionManager
+from server.sessions import LiveSession, SessionEnd, SessionManager
 from server.validation import (
     GenerateSpec,
     ServedModel,
@@ -151,7 +152,7 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
                 raise item
             elif isinstance(item, SessionEnd):
                 yield convert.finished(session)
-                if item.state == FAILED:
+                if item.state == SessionState.FAILED:
                     raise SessionFailed(item.code, item.message)
                 return
 

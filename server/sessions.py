@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from scheduler.session import SessionParams, SessionState
 from server import ipc
 from server.errors import (
     InvalidRequest,
@@ -34,20 +35,19 @@ from server.validation import GenerateSpec, PromptSpec
 
 logger = logging.getLogger(__name__)
 
-QUEUED, RUNNING, FINISHED, CANCELLED, FAILED = (
-    "queued",
-    "running",
-    "finished",
-    "cancelled",
-    "failed",
-)
+
+# How an engine-side end reaches the client; FAILED (an engine error) is INTERNAL.
+_END_CODES = {
+    SessionState.FINISHED: grpc.StatusCode.OK,
+    SessionState.CANCELLED: grpc.StatusCode.CANCELLED,
+}
 
 
 @dataclass(frozen=True)
 class SessionEnd:
     """The last item of a session's event queue."""
 
-    state: str  # finished / cancelled / failed
+    state: SessionState  # FINISHED / CANCELLED / FAILED
     code: grpc.StatusCode
     message: str
 
@@ -59,7 +59,7 @@ class LiveSession:
         self.id = session_id
         self.spec = spec
         self.seed = seed
-        self.state = QUEUED
+        self.state = SessionState.QUEUED
         self.queue_position = 0
         self.next_steerable_chunk: int | None = 0
         self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(spec.prompts))
@@ -128,7 +128,7 @@ class SessionManager:
                 raise RuntimeError(f"the engine could not open the session: {answer.message}")
             raise InvalidRequest("request", answer.message)
         session.queue_position = answer.queue_position
-        session.state = QUEUED if answer.queue_position else RUNNING
+        session.state = SessionState.QUEUED if answer.queue_position else SessionState.RUNNING
         self._refresh_gauges()
         event(
             logger,
@@ -200,7 +200,7 @@ class SessionManager:
         self,
         session_id: str,
         reason: str,
-        state: str = CANCELLED,
+        state: SessionState = SessionState.CANCELLED,
         code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
     ) -> str:
         """End a session now (the worker frees it within one step); its state afterwards."""
@@ -285,9 +285,10 @@ class SessionManager:
             self.metrics.frames_generated.inc(message.frame_count)
             session.push(message)
         elif isinstance(message, ipc.SessionEnded):
-            code = {FINISHED: grpc.StatusCode.OK, CANCELLED: grpc.StatusCode.CANCELLED}.get(
-                message.state, grpc.StatusCode.INTERNAL
-            )
+            code = {
+                SessionState.FINISHED: grpc.StatusCode.OK,
+                SessionState.CANCELLED: grpc.StatusCode.CANCELLED,
+            }.get(message.state, grpc.StatusCode.INTERNAL)
             self._end(session, message.state, code, message.error or "")
 
     @staticmethod
@@ -296,7 +297,7 @@ class SessionManager:
             reply.set_result(message)
 
     def _progress(self, session: LiveSession, progress: ipc.SessionProgress) -> None:
-        admitted = session.state == QUEUED and progress.state == RUNNING
+        admitted = session.state == SessionState.QUEUED and progress.state == SessionState.RUNNING
         session.state = progress.state
         session.queue_position = progress.queue_position
         session.next_steerable_chunk = progress.next_steerable_chunk
@@ -310,7 +311,7 @@ class SessionManager:
             if not reply.done():
                 reply.set_exception(Unavailable(message))
         for session in self.live():
-            self._end(session, FAILED, grpc.StatusCode.UNAVAILABLE, message)
+            self._end(session, SessionState.FAILED, grpc.StatusCode.UNAVAILABLE, message)
 
     def _end(self, session: LiveSession, state: str, code: grpc.StatusCode, message: str) -> None:
         session.end = SessionEnd(state, code, message)
@@ -332,26 +333,29 @@ class SessionManager:
 
     def _refresh_gauges(self) -> None:
         live = self.live()
-        self.metrics.sessions_active.set(sum(s.state == RUNNING for s in live))
-        self.metrics.sessions_queued.set(sum(s.state == QUEUED for s in live))
+        self.metrics.sessions_active.set(sum(s.state == SessionState.RUNNING for s in live))
+        self.metrics.sessions_queued.set(sum(s.state == SessionState.QUEUED for s in live))
 
 
 def _open_command(
     session: LiveSession, image: np.ndarray | None, video: np.ndarray | None
 ) -> ipc.OpenSession:
+    """The request record the engine opens, built once here and passed down unchanged."""
     spec = session.spec
     return ipc.OpenSession(
-        session_id=session.id,
-        prompts=spec.prompts,
-        num_chunks=spec.num_chunks,
-        height=spec.height,
-        width=spec.width,
-        seed=session.seed,
-        mode=spec.mode,
-        image=image,
-        video=video,
-        num_steps=spec.num_steps,
-        shortcut_mode=spec.shortcut_mode,
-        text_scales=spec.text_scales,
-        prev_chunk_scales=spec.prev_chunk_scales,
+        SessionParams(
+            session_id=session.id,
+            prompts=spec.prompts,
+            num_chunks=spec.num_chunks,
+            height=spec.height,
+            width=spec.width,
+            seed=session.seed,
+            mode=spec.mode,
+            image=image,
+            video=video,
+            num_steps=spec.num_steps,
+            shortcut_mode=spec.shortcut_mode,
+            text_scales=spec.text_scales,
+            prev_chunk_scales=spec.prev_chunk_scales,
+        )
     )

@@ -39,7 +39,7 @@ from model.group import (
     serve_follower,
 )
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
-from scheduler.session import SessionParams, SessionState
+from scheduler.session import SessionState
 from server import ipc, logs
 from server.config import WorkerConfig
 from server.logs import event
@@ -230,39 +230,25 @@ class WorkerLoop:
                 self.engine.consumed(command.session_id)
 
     def _open(self, cmd: ipc.OpenSession) -> None:
+        sid = cmd.request.session_id
         try:
-            params = SessionParams(
-                session_id=cmd.session_id,
-                prompts=cmd.prompts,
-                num_chunks=cmd.num_chunks,
-                height=cmd.height,
-                width=cmd.width,
-                seed=cmd.seed,
-                mode=cmd.mode,
-                image=cmd.image,
-                video=cmd.video,
-                num_steps=cmd.num_steps,
-                shortcut_mode=cmd.shortcut_mode,
-                text_scales=cmd.text_scales,
-                prev_chunk_scales=cmd.prev_chunk_scales,
-            )
-            self.engine.open(params)
+            self.engine.open(cmd.request)
         except RequestTooLarge as e:  # can never fit the budget: retrying will not help
-            self.conn.send(ipc.OpenRefused(cmd.session_id, "invalid", str(e)))
+            self.conn.send(ipc.OpenRefused(sid, "invalid", str(e)))
             return
         except AdmissionRefused as e:
-            self.conn.send(ipc.OpenRefused(cmd.session_id, "full", str(e)))
+            self.conn.send(ipc.OpenRefused(sid, "full", str(e)))
             return
         except ValueError as e:
-            self.conn.send(ipc.OpenRefused(cmd.session_id, "invalid", str(e)))
+            self.conn.send(ipc.OpenRefused(sid, "invalid", str(e)))
             return
         except Exception as e:  # e.g. out of memory encoding a prefix: refuse this one only
-            logger.exception("opening session %s failed", cmd.session_id)
-            self.conn.send(ipc.OpenRefused(cmd.session_id, "internal", f"{type(e).__name__}: {e}"))
+            logger.exception("opening session %s failed", sid)
+            self.conn.send(ipc.OpenRefused(sid, "internal", f"{type(e).__name__}: {e}"))
             return
-        self.tracks[cmd.session_id] = _Track(checked=time.monotonic())
-        position = self.sched.queue_position(cmd.session_id)
-        self.conn.send(ipc.SessionOpened(cmd.session_id, 0 if position is None else position + 1))
+        self.tracks[sid] = _Track(checked=time.monotonic())
+        position = self.sched.queue_position(sid)
+        self.conn.send(ipc.SessionOpened(sid, 0 if position is None else position + 1))
 
     def _update_prompt(self, cmd: ipc.UpdatePrompt) -> None:
         session = self.sched.sessions.get(cmd.session_id)
@@ -365,7 +351,7 @@ class WorkerLoop:
         for sid in list(self.tracks):
             session = self.sched.sessions[sid]
             if session.finished:
-                self.conn.send(ipc.SessionEnded(sid, session.state.value, session.error))
+                self.conn.send(ipc.SessionEnded(sid, session.state, session.error))
                 self.sched.forget(sid)
                 del self.tracks[sid]
                 self.last_heartbeat = 0.0  # memory was freed: say so now
@@ -374,7 +360,7 @@ class WorkerLoop:
             nxt = session.window.next_entering_chunk()
             progress = ipc.SessionProgress(
                 sid,
-                session.state.value,
+                session.state,
                 0 if position is None else position + 1,
                 None if nxt is None else nxt - session.prefix_chunks,
             )

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from scheduler.session import SessionParams, SessionState
 from server import ipc
 from server.config import WorkerConfig
 from server.worker import WorkerLoop, _load_engine
@@ -55,7 +56,7 @@ def of(kind, events):
 
 
 def open_cmd(sid: str, chunks: int | None, mode: str = "t2v", **fields) -> ipc.OpenSession:
-    return ipc.OpenSession(sid, PROMPTS, chunks, 32, 32, seed=1, mode=mode, **fields)
+    return ipc.OpenSession(SessionParams(sid, PROMPTS, chunks, 32, 32, seed=1, mode=mode, **fields))
 
 
 def test_a_session_streams_its_chunks_as_bytes_then_ends(worker):
@@ -72,7 +73,7 @@ def test_a_session_streams_its_chunks_as_bytes_then_ends(worker):
         (1, 24, 24),
     ]
     assert all(len(c.frames) == 24 * 32 * 32 * 3 and c.prompt_version == 1 for c in chunks)
-    assert events[-1].state == "finished"
+    assert events[-1].state is SessionState.FINISHED
     assert of(ipc.StepDone, events) and of(ipc.SessionProgress, events)
 
 
@@ -86,7 +87,7 @@ def test_an_unconsumed_session_pauses_after_two_chunks_and_resumes(worker):
     until(conn, ipc.ChunkReady, chunk_index=2)
     conn.send(ipc.CancelSession("p"))
     events = until(conn, ipc.SessionEnded, session_id="p")
-    assert events[-1].state == "cancelled"
+    assert events[-1].state is SessionState.CANCELLED
     beat = until(conn, ipc.Heartbeat)[-1]
     assert beat.running == 0 and beat.reserved_bytes == 0 and beat.kv_cache_bytes == 0
 
@@ -125,7 +126,7 @@ def test_sessions_past_the_cap_wait_and_past_the_queue_are_refused(worker):
     refused = until(conn, ipc.OpenRefused, session_id="d")[-1]
     assert refused.reason == "full" and "queue bound 1" in refused.message
     conn.send(ipc.CancelSession("a"))
-    until(conn, ipc.SessionProgress, session_id="c", state="running")
+    until(conn, ipc.SessionProgress, session_id="c", state=SessionState.RUNNING)
     for sid in "bc":
         conn.send(ipc.CancelSession(sid))
 
@@ -135,7 +136,7 @@ def test_a_failing_step_fails_the_running_sessions_not_the_worker(worker, monkey
     monkeypatch.setattr(loop.engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     conn.send(open_cmd("f", 2))
     ended = until(conn, ipc.SessionEnded, session_id="f")[-1]
-    assert ended.state == "failed" and "boom" in ended.error
+    assert ended.state is SessionState.FAILED and "boom" in ended.error
     until(conn, ipc.Heartbeat)  # still alive
 
 
