@@ -49,13 +49,19 @@ from proto import video_generation_pb2_grpc as pb_grpc
 class AsyncClient:
     """One grpc.aio channel; create it inside the event loop that uses it."""
 
-    def __init__(self, target: ConnectOptions | str) -> None:
+    def __init__(
+        self,
+        target: ConnectOptions | str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """`credentials`: made from `options.tls` when None. The sync Client makes them on the
+        caller's thread, so a missing PEM file fails at `Client(...)`, not at its first call."""
         self.options = connect_options(target)
         opts = channel_options(self.options)
         if self.options.tls is None:
             self._channel = grpc.aio.insecure_channel(self.options.target, options=opts)
         else:
-            creds = channel_credentials(self.options.tls)
+            creds = credentials or channel_credentials(self.options.tls)
             self._channel = grpc.aio.secure_channel(self.options.target, creds, options=opts)
         self.stub = pb_grpc.VideoGenerationStub(self._channel)
         self.metadata = call_metadata(self.options)
@@ -151,19 +157,34 @@ class AsyncClient:
                 await asyncio.sleep(delay)
                 continue
             if first is grpc.aio.EOF or first.WhichOneof("event") != "started":
+                # INTERNAL, not UNKNOWN: a stream that ends with status OK (EOF) before
+                # `started`, or opens with another event, is the server breaking the
+                # protocol, as are the Assembler's errors. The status says nothing failed, so
+                # there is nothing to retry either.
+                session_id = await _header_id(call)  # read before cancel() discards it
                 call.cancel()
+                what = "ended" if first is grpc.aio.EOF else f"began with {_kind(first)}"
                 raise MagiError(
                     grpc.StatusCode.INTERNAL,
-                    "protocol error: the stream did not begin with `started`",
+                    f"protocol error: the stream {what} before its `started` event",
+                    session_id,
                 )
             return call, started_of(first)
+
+
+def _kind(message: pb.GenerateEvent) -> str:
+    return message.WhichOneof("event") or "an empty event"
 
 
 async def _header_id(call: grpc.aio.Call | None) -> str | None:
     if call is None:
         return None
     try:
-        return session_id_from(await call.initial_metadata())
+        found = session_id_from(await call.initial_metadata())
+        if found is None and call.done():
+            # a call that ends at once may come back trailers-only: its headers arrive there
+            found = session_id_from(await call.trailing_metadata())
+        return found
     except grpc.RpcError:
         return None
 
@@ -176,6 +197,9 @@ class _AsyncStreamBase(abc.ABC):
         self.started: Started | None = None
         self._call: grpc.aio.Call | None = None
         self._assembler: Assembler | None = None
+        # a pusher task (or the sync face's threads) may start the stream as the reader does:
+        # one of them opens the call, the others wait for its `started`
+        self._start_lock = asyncio.Lock()
 
     @property
     def session_id(self) -> str | None:
@@ -189,10 +213,12 @@ class _AsyncStreamBase(abc.ABC):
     async def start(self) -> Started:
         """Opens the call (retrying UNAVAILABLE) and waits for `started`. Iterating does this
         too; await it to know the session id before the first chunk."""
-        if self.started is None:
-            self._call, self.started = await self._open()
-            raw = self.started.params.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
-            self._assembler = Assembler(raw=raw, session_id=self.started.session_id)
+        async with self._start_lock:
+            if self.started is None:
+                self._call, started = await self._open()
+                raw = started.params.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
+                self._assembler = Assembler(raw=raw, session_id=started.session_id)
+                self.started = started  # last: a set `started` means the rest is ready
         return self.started
 
     @abc.abstractmethod
@@ -263,6 +289,9 @@ class AsyncInteractStream(_AsyncStreamBase):
         super().__init__(client)
         self._start_event = start
         self._texts: deque[str] = deque()  # pushed texts awaiting their ack
+        # grpc.aio allows one write in flight; pushes from several tasks (or the sync face's
+        # threads) take turns, so the texts queue and the request stream keep one order
+        self._write_lock = asyncio.Lock()
 
     async def _open(self) -> tuple[grpc.aio.Call, Started]:
         async def start(timeout: float | None) -> grpc.aio.Call:
@@ -288,18 +317,21 @@ class AsyncInteractStream(_AsyncStreamBase):
         """Sends a prompt; its Ack comes out of the iteration."""
         event = prompt_event(text, from_chunk, replace_later)
         await self.start()
-        self._texts.append(text)  # before the write: the ack may come back before it returns
-        await self._write(event)
+        async with self._write_lock:
+            self._texts.append(text)  # before the write: the ack may come back before it returns
+            await self._write(event)
 
     async def cancel(self) -> None:
         """Ends the session; the stream then ends with a CANCELLED `finished`."""
         await self.start()
-        await self._write(cancel_event())
+        async with self._write_lock:
+            await self._write(cancel_event())
 
     async def done_writing(self) -> None:
         """Half-closes: no more prompts. The session still runs to its num_chunks."""
         await self.start()
-        await self._call.done_writing()
+        async with self._write_lock:
+            await self._call.done_writing()
 
     async def _write(self, event: pb.ClientEvent) -> None:
         try:

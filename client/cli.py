@@ -7,6 +7,9 @@ output holds every chunk that arrived).
 
 Arguments are checked and inputs read before a channel is opened, so a usage error never
 reaches the server. Environment variables are read here only.
+
+This module is the CLI's top: it imports client.commands (the calls), and both import
+client.exits (the exit codes); nothing imports back.
 """
 
 from __future__ import annotations
@@ -17,30 +20,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from client.events import MagiError
+from client import commands
+from client.commands import StreamPlan
+from client.exits import EXIT_USAGE
 from client.options import ConnectOptions, GenerateOptions, RetryPolicy, TlsOptions
 
-EXIT_OK, EXIT_LOCAL, EXIT_USAGE, EXIT_REFUSED, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
-# The server answered and said no: what to change is in the message. Everything else
-# (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL, ...) means the call itself failed.
-REFUSED = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNIMPLEMENTED,
-    }
-)
 DEFAULT_SERVER = "localhost:50051"
 
 
@@ -48,26 +34,16 @@ class UsageError(ValueError):
     """A bad argument found before any call; exit 2."""
 
 
-def exit_code(code: grpc.StatusCode) -> int:
-    return EXIT_REFUSED if code in REFUSED else EXIT_FAILED
-
-
-def report(error: MagiError) -> int:
-    """Prints the status code and the server's message; returns the exit code."""
-    print(f"magi-client: {error.code.name}: {error.message}", file=sys.stderr)
-    return exit_code(error.code)
-
-
 # ---- arguments -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magi-client", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conn = _connection_parser()
-    gen = commands.add_parser("generate", parents=[conn], help="generate a video into a file")
+    gen = subcommands.add_parser("generate", parents=[conn], help="generate a video into a file")
     _generation_args(gen, live=False)
-    live = commands.add_parser(
+    live = subcommands.add_parser(
         "live",
         parents=[conn],
         help="generate while reading prompts from standard input",
@@ -75,12 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         "steers from chunk N. Without --prompt the first line starts the video.",
     )
     _generation_args(live, live=True)
-    models = commands.add_parser("models", parents=[conn], help="list the served models")
+    models = subcommands.add_parser("models", parents=[conn], help="list the served models")
     models.add_argument("--json", action="store_true", help="print the reply as JSON")
-    status = commands.add_parser("status", parents=[conn], help="show a session")
+    status = subcommands.add_parser("status", parents=[conn], help="show a session")
     status.add_argument("session", metavar="SESSION")
     status.add_argument("--json", action="store_true", help="print the reply as JSON")
-    cancel = commands.add_parser("cancel", parents=[conn], help="cancel a session")
+    cancel = subcommands.add_parser("cancel", parents=[conn], help="cancel a session")
     cancel.add_argument("session", metavar="SESSION")
     return parser
 
@@ -184,18 +160,6 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         default="png",
         help="DIR/frame_NNNNNN.png per frame or DIR/chunk_NNNN.npy per chunk",
     )
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """A checked generate / live command: what to ask for and where to write it."""
-
-    options: GenerateOptions | None  # None: live waits for its first prompt on stdin
-    out: Path
-    raw_dir: Path | None
-    raw_format: str
-    chunks: int
-    fields: dict  # GenerateOptions fields other than prompts (live builds it later)
 
 
 def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
@@ -334,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPlan | None) -> int:
-    from client import commands  # the async runners; imported after the checks pass
-
     if args.command == "generate":
         return await commands.generate(connect, plan)
     if args.command == "live":

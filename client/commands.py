@@ -12,21 +12,21 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf import json_format
 
 from client.aio import AsyncClient, AsyncGenerateStream, AsyncInteractStream
-from client.cli import (
+from client.events import STATE_NAMES, Ack, MagiError, Started
+from client.exits import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_LOCAL,
     EXIT_OK,
     EXIT_USAGE,
-    StreamPlan,
     exit_code,
     report,
 )
-from client.events import STATE_NAMES, Ack, MagiError, Started
 from client.options import ConnectOptions, GenerateOptions
 from client.progress import Progress
 from client.writers import ChunkWriter, Fmp4Writer, NpyWriter, PngWriter, RawMp4Writer
@@ -44,6 +44,19 @@ def err(text: str) -> None:
 
 
 # ---- generate and live -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """A checked generate / live command (client.cli builds it): what to ask for and where to
+    write it."""
+
+    options: GenerateOptions | None  # None: live waits for its first prompt on stdin
+    out: Path
+    raw_dir: Path | None
+    raw_format: str
+    chunks: int
+    fields: dict  # GenerateOptions fields other than prompts (live builds it later)
 
 
 async def generate(connect: ConnectOptions, plan: StreamPlan) -> int:

@@ -56,9 +56,13 @@ class Script:
     unavailable_first: int = 0  # StreamGenerate / Interact calls refused with UNAVAILABLE
     refuse: tuple[grpc.StatusCode, str] | None = None  # every stream refused with this
     break_after_started: bool = False  # UNAVAILABLE right after `started`
+    # what the stream opens with: "started" (the protocol), "nothing" (ends OK at once) or
+    # "chunk" (a chunk where `started` belongs, then ends OK)
+    opening: str = "started"
     chunk_delay_s: float = 0.0  # pause before each chunk
     hold_after_chunks: int | None = None  # stop sending after this many chunks, until cancelled
     calls: Counter = field(default_factory=Counter)  # RPC name -> calls received
+    broken: int = 0  # streams the client broke (cancelled, closed) before they ended
     cancelled: list[str] = field(default_factory=list)  # CancelSession session ids
     metadata: list[dict] = field(default_factory=list)  # each stream call's metadata
     requests: list[pb.GenerateRequest] = field(default_factory=list)
@@ -70,13 +74,21 @@ class FakeService(pb_grpc.VideoGenerationServicer):
         self._cancel = asyncio.Event()
 
     async def StreamGenerate(self, request, context):
-        async for event in self._session("StreamGenerate", request, context):
-            yield event
+        try:
+            async for event in self._session("StreamGenerate", request, context):
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):  # at an await, or at a yield
+            self.script.broken += 1
+            raise
 
     async def Interact(self, request_iterator, context):
         first = await anext(aiter(request_iterator))
-        async for event in self._session("Interact", first.start, context):
-            yield event
+        try:
+            async for event in self._session("Interact", first.start, context):
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            self.script.broken += 1
+            raise
 
     async def _session(self, name, request, context):
         s = self.script
@@ -89,6 +101,11 @@ class FakeService(pb_grpc.VideoGenerationServicer):
             await context.abort(*s.refuse)
         await context.send_initial_metadata((("x-session-id", SESSION),))
         width, height = request.width_px or 64, request.height_px or 64
+        if s.opening == "nothing":
+            return
+        if s.opening == "chunk":
+            yield next(chunk_events(request, 0, width, height))
+            return
         yield pb.GenerateEvent(
             started=pb.SessionStarted(
                 session_id=SESSION,
