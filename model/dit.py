@@ -9,12 +9,20 @@ laid out as the official sampler lays it out this is exactly `VideoDiTModel.forw
 Sections of `forward` follow reference §3: 1 patch embed, 2 RoPE, 3 timestep, 4 caption and
 condition, 5 layers, 6 final layer and unpatchify. Activations are sequence-first `(S, D)` (the
 official batch axis of 1 is dropped), tokens in `(T, H, W)` row-major order per chunk.
+
+There is one forward. Context parallelism is applied from outside through a `Seam` passed to it:
+the points where the tokens are split after embedding, where Q|K|V go from the token split to
+the head split and back around self-attention, where each layer's weights come from, and where
+the output is gathered along the sequence. The base `Seam` is the identity (one device);
+model/parallel.py's `UlyssesSeam` is the context-parallel one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,23 @@ TIMESTEP_FREQ_DIM = 256  # sinusoid width of the timestep embedder
 TIMESTEP_RESCALE = 1000  # t in [0, 1] is scaled by this inside the sinusoid
 LINEAR_PROJ_BLOCKS = 8  # hard-coded "hn=8" of the linear_proj input permutation (§3.9)
 ROPE_REFERENCE_AREA = 16 * 16  # spatial RoPE coordinates are rescaled to this many patches
+
+# The precision map (§3.12): the modules the official `_high_precision_promoter` keeps in fp32,
+# as `named_modules` patterns (fnmatch, `*` = a layer index). Everything else keeps the params
+# dtype. The fp32 compute regions (linear_proj under fp32 autocast, the gated residual adds and
+# post-norms, the final linear) are in the formulas themselves.
+FP32_MODULES = (
+    "x_embedder",
+    "t_embedder",
+    "y_embedder",
+    "rope",
+    "videodit_blocks.layers.*.self_attention.q_layernorm",
+    "videodit_blocks.layers.*.self_attention.k_layernorm",
+    "videodit_blocks.layers.*.self_attn_post_norm",
+    "videodit_blocks.layers.*.mlp_post_norm",
+    "videodit_blocks.final_layernorm",
+    "final_linear",
+)
 
 
 @dataclass
@@ -237,16 +262,62 @@ def _gate_add(x: Tensor, residual: Tensor, gate: Tensor, post_norm: LayerNorm1p)
 
 @dataclass
 class _Packed:
-    """Per-forward bookkeeping shared by all layers (built once in `forward`)."""
+    """Per-forward bookkeeping shared by all layers (built once in `run`). Self-attention sees
+    the whole packed sequence (S tokens); the token-wise ops see this device's slice `[lo, hi)`
+    of it (s tokens; the whole sequence unless a `Seam` splits it)."""
 
     groups: list[ChunkGroup]
-    rope: Tensor  # (S, 6*bands) fp32
-    token_gates_row: Tensor  # (S,) chunk index of every query token
     group_spans: list[tuple[int, int]]  # per group: its tokens in the packed sequence
     group_first_chunk: list[int]  # per group: index of its first chunk in `chunk_spans`
     chunk_spans: list[tuple[int, int]]  # per chunk: its tokens in the packed sequence
     text: Tensor  # (Lt, D) projected caption tokens of all chunks
-    text_spans: list[tuple[int, int]]  # per chunk: its rows of `text`
+    # this device's slice of the tokens
+    rope: Tensor  # (s, 6*bands) fp32
+    gate_rows: Tensor  # (s,) chunk index of every token
+    local_chunk_spans: list[tuple[int, int]]  # pieces of chunks in the slice, slice coordinates
+    local_text_spans: list[tuple[int, int]]  # the rows of `text` of each piece's chunk
+
+
+class Seam:
+    """Where context parallelism cuts into the forward, applied from outside (model/parallel.py).
+    This base class is the identity: one device computes every token with every head, running
+    the model's own layers. `VideoDiT.run` calls the hooks in this order: `token_range` once
+    after the embeddings; per layer, `layers` hands out the layer, `to_heads` runs before
+    self-attention and `to_tokens` after it; `gather_output` once after the final linear."""
+
+    def token_range(self, length: int) -> tuple[int, int]:
+        """The tokens `[lo, hi)` of the packed sequence (of `length`) this device computes."""
+        return 0, length
+
+    def layers(self, layers: nn.ModuleList) -> Iterable[TransformerLayer]:
+        """The transformer layers to run, in order (a sharded runtime gathers their weights)."""
+        return layers
+
+    def to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (s, Hq, hd), k and v (s, G, hd) of this device's tokens -> the same for all S
+        tokens and this device's heads. The k and v returned are what the KV cache holds."""
+        return q, k, v
+
+    def to_tokens(self, o: Tensor) -> Tensor:
+        """Self-attention output (S, heads, hd) of this device's heads -> (s, Hq, hd)."""
+        return o
+
+    def gather_output(self, out: Tensor) -> Tensor:
+        """The final linear's output (s, pT*pH*pW*C) of this device's tokens -> all S tokens."""
+        return out
+
+
+def _local_spans(
+    spans: list[tuple[int, int]], lo: int, hi: int
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The parts of packed spans inside `[lo, hi)`, shifted to the slice; and which spans."""
+    out, which = [], []
+    for i, (a, b) in enumerate(spans):
+        a, b = max(a, lo), min(b, hi)
+        if b > a:
+            out.append((a - lo, b - lo))
+            which.append(i)
+    return out, which
 
 
 class TransformerLayer(nn.Module):
@@ -259,18 +330,27 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, cfg.layernorm_epsilon, cfg.dtype)
 
     def forward(
-        self, h: Tensor, gates: Tensor, p: _Packed, layer: int, backend: AttentionBackend
+        self,
+        h: Tensor,
+        gates: Tensor,
+        p: _Packed,
+        layer: int,
+        backend: AttentionBackend,
+        seam: Seam,
     ) -> Tensor:
-        """One layer over the packed sequence (S, D). The three steps are separate methods so
-        model/parallel.py can run the same layer with its all-to-alls around self-attention."""
+        """One layer (§3.6) over this device's tokens h (s, D); the seam moves self-attention's
+        inputs to the head split and its output back (the identity on one device)."""
+        # 2-3. pre-LayerNorm, Q/K/V of this device's tokens with all heads: q (s, Hq, hd)
         a, q, k, v = self.attention_inputs(h, p.rope)
-        o_sa = self.self_attend(q, k, v, p, layer, backend)
-        rows = gates[p.token_gates_row]
-        return self.finish(h, a, o_sa, rows, p.chunk_spans, p.text, p.text_spans, backend)
+        # 3. self-attention of this device's heads over the full key sequences: (S, h, hd)
+        q, k, v = seam.to_heads(q, k, v)
+        o_sa = seam.to_tokens(self.self_attend(q, k, v, p, layer, backend))  # (s, Hq, hd)
+        # 4-8. cross-attention, projection, gated residuals, MLP: token-wise
+        return self.finish(h, a, o_sa, gates[p.gate_rows], p, backend)
 
     def attention_inputs(self, h: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Shared pre-LayerNorm `a` (S, D) and the self-attention q (S, Hq, hd), k and v
-        (S, G, hd); q and k QK-normed and rotated in fp32."""
+        """Shared pre-LayerNorm `a` (s, D) and the self-attention q (s, Hq, hd), k and v
+        (s, G, hd) of this device's tokens; q and k QK-normed and rotated in fp32."""
         sa = self.self_attention
         a = sa.linear_qkv.layer_norm(h)
         q = sa.qk(sa.linear_qkv.q, sa.q_layernorm, a, rope)
@@ -285,7 +365,8 @@ class TransformerLayer(nn.Module):
 
         All groups' key sequences are packed one after another, each chunk's key range shifted
         to its group's place, so one backend call covers every chunk of every session. The
-        chunks that ask for it have their K|V written to their group's cache first."""
+        chunks that ask for it have their K|V written to their group's cache first. q, k, v
+        hold all S tokens (and, under a splitting seam, this device's heads only)."""
         hd = self.self_attention.hd
         kv_parts, k_ranges, offset = [], [], 0
         sizes = [s1 - s0 for s0, s1 in p.group_spans]  # the groups tile the packed sequence
@@ -310,19 +391,17 @@ class TransformerLayer(nn.Module):
         a: Tensor,
         o_sa: Tensor,
         gate_rows: Tensor,
-        chunk_spans: list[tuple[int, int]],
-        text: Tensor,
-        text_spans: list[tuple[int, int]],
+        p: _Packed,
         backend: AttentionBackend,
     ) -> Tensor:
-        """Cross-attention, the projection, the gated residuals and the MLP, token-wise:
-        `chunk_spans` are the query tokens of each chunk within `h`, `gate_rows` (S, 2D)."""
+        """Cross-attention, the projection, the gated residuals and the MLP over this device's
+        tokens h (s, D); `gate_rows` (s, 2D)."""
         sa = self.self_attention
         s = h.shape[0]
-        # cross-attention: each chunk's queries over its own caption tokens
+        # cross-attention: each chunk's queries (its piece in the slice) over its caption tokens
         qx = sa.q_layernorm_xattn(sa.linear_qkv.qx(a).reshape(s, -1, sa.hd))
-        kx, vx = sa.cross_kv(text)
-        o_xa = backend.ranged(qx, kx, vx, chunk_spans, text_spans)
+        kx, vx = sa.cross_kv(p.text)
+        o_xa = backend.ranged(qx, kx, vx, p.local_chunk_spans, p.local_text_spans)
         # output projection over the [SA_0, XA_0, ..., SA_7, XA_7] interleave (§3.9)
         o = torch.cat([o_sa.reshape(s, -1), o_xa.reshape(s, -1)], dim=-1)
         o = o.reshape(s, 2, LINEAR_PROJ_BLOCKS, -1).transpose(1, 2).reshape(s, -1)
@@ -386,77 +465,54 @@ class VideoDiT(nn.Module):
         self.final_linear = FinalLinear(cfg)
 
     def promote_high_precision(self) -> VideoDiT:
-        """fp32 for the modules the official `_high_precision_promoter` promotes (§3.12)."""
-        for module in (
-            self.x_embedder,
-            self.y_embedder,
-            self.t_embedder,
-            self.final_linear,
-            self.rope,
-        ):
-            module.float()
-        for layer in self.videodit_blocks.layers:
-            sa = layer.self_attention
-            for module in (
-                sa.q_layernorm,
-                sa.k_layernorm,
-                layer.self_attn_post_norm,
-                layer.mlp_post_norm,
-            ):
+        """fp32 for the modules the official `_high_precision_promoter` promotes (§3.12):
+        those named by `FP32_MODULES`."""
+        for name, module in self.named_modules():
+            if any(fnmatchcase(name, pattern) for pattern in FP32_MODULES):
                 module.float()
-        self.videodit_blocks.final_layernorm.float()
         return self
 
     @torch.inference_mode()
-    def forward(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
-        """Velocities, per group per chunk, each (C_out, T, H, W) fp32."""
-        return self.run(groups)
+    def forward(self, groups: list[ChunkGroup], seam: Seam | None = None) -> list[list[Tensor]]:
+        """Velocities, per group per chunk, each (C_out, T, H, W) fp32. `seam`: how a context-
+        parallel runtime splits the forward (model/parallel.py); None runs it all here."""
+        return self.run(groups, seam)
 
-    def run(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
+    def run(self, groups: list[ChunkGroup], seam: Seam | None = None) -> list[list[Tensor]]:
         """The forward without inference mode, so training can take gradients through it."""
-        tokens, grids, condition, packed = self.prepare(groups)
-        # 5. transformer layers over the packed sequence (S, D)
-        h = torch.cat(tokens).to(self.cfg.dtype)
-        for i, layer in enumerate(self.videodit_blocks.layers):
-            gates = layer.ada_modulate_layer(condition)
-            h = layer(h, gates, packed, i, self.backend)
-        h = self.videodit_blocks.final_layernorm(h.float())
-        # 6. final linear (fp32), then unpatchify per chunk
-        out = F.linear(h.float(), self.final_linear.linear.weight.float())
-        return self.velocities(out, grids, packed, groups)
-
-    def prepare(
-        self, groups: list[ChunkGroup]
-    ) -> tuple[list[Tensor], list[tuple[int, int, int]], Tensor, _Packed]:
-        """Sections 1-4: per-chunk tokens (fp32) and grids, the condition rows, and the packed
-        bookkeeping every layer shares (also what model/parallel.py starts from)."""
+        if seam is None:
+            seam = Seam()
         chunks = [c for g in groups for c in g.chunks]
         # 1. x_embedder: each chunk (C, T, H, W) -> tokens (T*Hp*Wp, D), in fp32
         tokens, grids = self._embed_latents(chunks)
-        # 2. RoPE table per chunk, at the chunk's own time slot
+        # 2. RoPE table per chunk, at the chunk's own time slot: (S, 6*bands)
         rope = self._rope_tables(chunks, grids)
-        # 3 + 4. condition per chunk: t_emb (+ step-size emb) + adaLN text row, cast to params dtype
+        # 3 + 4. condition per chunk: t_emb (+ step-size emb) + adaLN text row: (n_chunks, Dc)
         condition = self._condition(chunks)
-        gates_rows = torch.repeat_interleave(
-            torch.arange(len(chunks)), torch.tensor([t.shape[0] for t in tokens])
-        )
         text, text_spans = self._caption_tokens(chunks)
-        return (
-            tokens,
-            grids,
-            condition,
-            self._pack(groups, tokens, rope, gates_rows, text, text_spans),
-        )
+        # 5. transformer layers over this device's slice (s, D) of the packed sequence (S, D)
+        lo, hi = seam.token_range(sum(t.shape[0] for t in tokens))
+        packed = self._pack(groups, tokens, rope, text, text_spans, lo, hi)
+        h = torch.cat(tokens)[lo:hi].to(self.cfg.dtype)
+        layers = self.videodit_blocks.layers
+        for i, layer in enumerate(seam.layers(layers)):
+            # adaLN gates from the model's own layer i: a seam may hand out a gathered copy
+            gates = layers[i].ada_modulate_layer(condition)  # (n_chunks, 2D)
+            h = layer(h, gates, packed, i, self.backend, seam)
+        h = self.videodit_blocks.final_layernorm(h.float())
+        # 6. final linear (fp32): (s, pT*pH*pW*C), gathered to (S, ...), unpatchified per chunk
+        out = F.linear(h.float(), self.final_linear.linear.weight.float())
+        return self._velocities(seam.gather_output(out), grids, packed.chunk_spans, groups)
 
-    def velocities(
+    def _velocities(
         self,
         out: Tensor,
         grids: list[tuple[int, int, int]],
-        packed: _Packed,
+        chunk_spans: list[tuple[int, int]],
         groups: list[ChunkGroup],
     ) -> list[list[Tensor]]:
         """The final linear's output (S, pT*pH*pW*C) unpatchified per chunk, grouped as given."""
-        sizes = [s1 - s0 for s0, s1 in packed.chunk_spans]  # the chunks tile the sequence
+        sizes = [s1 - s0 for s0, s1 in chunk_spans]  # the chunks tile the sequence
         velocities = [
             self._unpatchify(rows, grid) for rows, grid in zip(out.split(sizes), grids, strict=True)
         ]
@@ -525,7 +581,8 @@ class VideoDiT(nn.Module):
         )
         return text.to(self.cfg.dtype), spans
 
-    def _pack(self, groups, tokens, rope, gates_rows, text, text_spans) -> _Packed:
+    def _pack(self, groups, tokens, rope, text, text_spans, lo: int, hi: int) -> _Packed:
+        """The layers' bookkeeping; token-wise parts for this device's tokens `[lo, hi)`."""
         chunk_spans, group_spans, first = [], [], []
         start, i = 0, 0
         for group in groups:
@@ -538,7 +595,21 @@ class VideoDiT(nn.Module):
                 start += tokens[i].shape[0]
                 i += 1
             group_spans.append((g0, start))
-        return _Packed(groups, rope, gates_rows, group_spans, first, chunk_spans, text, text_spans)
+        gate_rows = torch.repeat_interleave(
+            torch.arange(len(tokens)), torch.tensor([t.shape[0] for t in tokens])
+        )
+        local_chunks, which = _local_spans(chunk_spans, lo, hi)
+        return _Packed(
+            groups,
+            group_spans,
+            first,
+            chunk_spans,
+            text,
+            rope[lo:hi],
+            gate_rows[lo:hi],
+            local_chunks,
+            [text_spans[i] for i in which],
+        )
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """(T*Hp*Wp, pT*pH*pW*C) -> (C, T*pT, Hp*pH, Wp*pW); channel fastest within a token."""

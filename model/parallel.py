@@ -1,7 +1,8 @@
 """Ulysses context parallelism for the packed DiT forward (reference §7.1, `cp_ulysses`).
 
-The model stays single-device: this module drives `VideoDiT`'s own submodules and weights from
-outside, and is the plain `model(groups)` when the world size is 1 (no process group needed).
+The model stays single-device and has one forward: this module applies the parallelism from
+outside, as a `UlyssesSeam` (a `model.dit.Seam`) passed into `VideoDiT.forward`, and is the plain
+`model(groups)` when the world size is 1 (no process group needed).
 
 With `N` ranks, every rank holds all weights (or a `ShardedDiT`, below) and runs the same
 `ulysses_forward(model, groups, process_group)` on the same chunk groups. After embedding, the
@@ -24,30 +25,26 @@ Head split: rank r owns query heads `[r Hq/N, (r+1) Hq/N)`; with GQA (head h rea
 
 Sharded weights: `ulysses_forward` also takes a `model.sharding.ShardedDiT` (each rank holding
 1/N of the transformer layers' weights, loaded by `load_dit_shard`); then every layer's weights
-are all-gathered just before it runs (the next layer's gather overlapping), and nothing else
-changes. `split_tiled_decode` spreads the VAE's decode tiles over the ranks.
+are all-gathered just before it runs (the next layer's gather overlapping; `UlyssesSeam.layers`),
+and nothing else changes. `split_tiled_decode` spreads the VAE's decode tiles over the ranks.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from model.dit import ChunkGroup, TransformerLayer, VideoDiT
+from model.dit import ChunkGroup, Seam, TransformerLayer, VideoDiT
 from model.sharding import ShardedDiT
-from model.vae import DEFAULT_FPS, ViTVAE
-from model.vae import _plan as _vae_plan
-from model.vae import _tiled as _vae_tiled
+from model.vae import DEFAULT_FPS, ViTVAE, cut_tiles, stitch_tiles, tile_plan
 
 
 @dataclass
@@ -121,32 +118,72 @@ def heads_to_seq(x: Tensor, sizes: list[int], rank: int, group: dist.ProcessGrou
     return recv.reshape(n, s, h, hd).transpose(0, 1).reshape(s, n * h, hd)
 
 
-def _local_spans(
-    spans: list[tuple[int, int]], lo: int, hi: int
-) -> tuple[list[tuple[int, int]], list[int]]:
-    """The parts of packed spans inside `[lo, hi)`, shifted to the slice; and which spans."""
-    out, which = [], []
-    for i, (a, b) in enumerate(spans):
-        a, b = max(a, lo), min(b, hi)
-        if b > a:
-            out.append((a - lo, b - lo))
-            which.append(i)
-    return out, which
+class UlyssesSeam(Seam):
+    """The Ulysses split of one forward on this rank of `group` (build one per forward: it keeps
+    the token split that `token_range` chose). `sharded`: this rank's `ShardedDiT`, whose layers
+    it gathers; `stats` gets the bytes this rank sends."""
 
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        stats: CommStats | None = None,
+        sharded: ShardedDiT | None = None,
+    ) -> None:
+        self.group, self.stats, self.sharded = group, stats, sharded
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.sizes: list[int] = []  # every rank's token count, set by token_range
 
-@dataclass
-class _ShardContext:
-    group: dist.ProcessGroup | None
-    world: int
-    rank: int
-    sizes: list[int]
-    lo: int
-    hi: int
-    chunk_spans: list[tuple[int, int]]  # local pieces of chunks, in slice coordinates
-    text_spans: list[tuple[int, int]]  # their caption rows
-    stats: CommStats | None
+    def token_range(self, length: int) -> tuple[int, int]:
+        bounds = shard_bounds(length, self.world)
+        self.sizes = [b - a for a, b in bounds]
+        return bounds[self.rank]
 
-    def count(self, kind: str, x: Tensor, rows: int, exclude_own: bool = True) -> None:
+    def layers(self, layers: nn.ModuleList) -> Iterator[TransformerLayer]:
+        # a ShardedDiT's gathered scratch layers (their adaLN is not layer i's; the model
+        # takes the gates from its own layer i, whose adaLN every rank holds)
+        if self.sharded is not None:
+            layers = self.sharded.gathered_layers(self.group, self.stats)
+        for layer in layers:
+            if self.stats is not None:
+                self.stats.layers += 1
+            yield layer
+
+    def to_heads(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        n, hd = self.world, q.shape[2]
+        k, v = local_kv_heads(k, n), local_kv_heads(v, n)
+        # one fused all-to-all: per destination rank, [its query heads | its K heads | its V heads]
+        s, hq, gk = q.shape[0], q.shape[1], k.shape[1]
+        qkv = torch.cat(
+            [
+                q.reshape(s, n, hq // n, hd),
+                k.reshape(s, n, gk // n, hd),
+                v.reshape(s, n, gk // n, hd),
+            ],
+            dim=2,
+        ).reshape(s, -1, hd)
+        full = seq_to_heads(qkv, self.sizes, self.group)  # (S, Hq/N + 2 G'/N, hd)
+        self._count("qkv_all_to_all", qkv, s)
+        q_full, k_full, v_full = full.split([hq // n, gk // n, gk // n], dim=1)
+        return q_full.contiguous(), k_full, v_full
+
+    def to_tokens(self, o: Tensor) -> Tensor:
+        out = heads_to_seq(o, self.sizes, self.rank, self.group)  # (s_r, Hq, hd)
+        self._count("out_all_to_all", o, o.shape[0] - self.sizes[self.rank], exclude_own=False)
+        return out
+
+    def gather_output(self, out: Tensor) -> Tensor:
+        # all-gather along the sequence (uneven shards: pad to the largest)
+        width, biggest = out.shape[1], max(self.sizes)
+        padded = out.new_zeros(biggest, width)
+        padded[: out.shape[0]] = out
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded, group=self.group)
+        if self.stats is not None:
+            self.stats.output_all_gather += out.numel() * out.element_size() * (self.world - 1)
+        return torch.cat([g[:size] for g, size in zip(gathered, self.sizes, strict=True)])
+
+    def _count(self, kind: str, x: Tensor, rows: int, exclude_own: bool = True) -> None:
         """Add the bytes of `rows` rows of `x` sent to other ranks (`exclude_own`: `x` goes to
         all N ranks evenly, own share excluded; else `rows` are exactly the rows sent away)."""
         if self.stats is None:
@@ -158,42 +195,6 @@ class _ShardContext:
             self.stats.per_layer.append(sent)
         else:
             self.stats.per_layer[-1] += sent
-
-
-def _layer_forward(
-    layer: TransformerLayer,
-    h: Tensor,
-    gates: Tensor,
-    p,  # model.dit._Packed of the whole forward
-    index: int,
-    model: VideoDiT,
-    ctx: _ShardContext,
-) -> Tensor:
-    """`TransformerLayer.forward` on this rank's token slice `h` (s_r, D); self-attention runs
-    on the full sequence for this rank's heads between two all-to-alls."""
-    sa = layer.self_attention
-    n, rank, lo, hi = ctx.world, ctx.rank, ctx.lo, ctx.hi
-    a, q, k, v = layer.attention_inputs(h, p.rope[lo:hi])  # q (s_r, Hq, hd)
-    k, v = local_kv_heads(k, n), local_kv_heads(v, n)
-    # one fused all-to-all: per destination rank, [its query heads | its K heads | its V heads]
-    s, hq, gk = q.shape[0], q.shape[1], k.shape[1]
-    qkv = torch.cat(
-        [
-            q.reshape(s, n, hq // n, sa.hd),
-            k.reshape(s, n, gk // n, sa.hd),
-            v.reshape(s, n, gk // n, sa.hd),
-        ],
-        dim=2,
-    ).reshape(s, -1, sa.hd)
-    full = seq_to_heads(qkv, ctx.sizes, ctx.group)  # (S, Hq/N + 2 G'/N, hd)
-    ctx.count("qkv_all_to_all", qkv, s)
-    q_full, k_full, v_full = full.split([hq // n, gk // n, gk // n], dim=1)
-    # exactly the single-rank self-attention, with this rank's heads over the full sequence
-    o_full = layer.self_attend(q_full.contiguous(), k_full, v_full, p, index, model.backend)
-    o_sa = heads_to_seq(o_full, ctx.sizes, rank, ctx.group)  # (s_r, Hq, hd)
-    ctx.count("out_all_to_all", o_full, o_full.shape[0] - s, exclude_own=False)
-    rows = gates[p.token_gates_row[lo:hi]]
-    return layer.finish(h, a, o_sa, rows, ctx.chunk_spans, p.text, ctx.text_spans, model.backend)
 
 
 @torch.inference_mode()
@@ -220,47 +221,8 @@ def ulysses_forward(
         model = sharded.dit
     if world == 1:
         return model(groups)
-    cfg = model.cfg
-    check_head_split(cfg.num_attention_heads, cfg.num_query_groups, world)
-    rank = dist.get_rank(process_group)
-    # embeddings, RoPE, condition, captions: cheap, computed in full on every rank (replicated)
-    tokens, grids, condition, packed = model.prepare(groups)
-    bounds = shard_bounds(packed.rope.shape[0], world)
-    lo, hi = bounds[rank]
-    local_chunks, which = _local_spans(packed.chunk_spans, lo, hi)
-    ctx = _ShardContext(
-        group=process_group,
-        world=world,
-        rank=rank,
-        sizes=[b - a for a, b in bounds],
-        lo=lo,
-        hi=hi,
-        chunk_spans=local_chunks,
-        text_spans=[packed.text_spans[i] for i in which],
-        stats=stats,
-    )
-    h = torch.cat(tokens)[lo:hi].to(cfg.dtype)
-    layers = model.videodit_blocks.layers
-    if sharded is not None:
-        layers = sharded.gathered_layers(process_group, stats)
-    for i, layer in enumerate(layers):
-        # adaLN projections are replicated: the model's own layer holds them also when sharded
-        gates = model.videodit_blocks.layers[i].ada_modulate_layer(condition)
-        h = _layer_forward(layer, h, gates, packed, i, model, ctx)
-        if stats is not None:
-            stats.layers += 1
-    h = model.videodit_blocks.final_layernorm(h.float())
-    out = F.linear(h.float(), model.final_linear.linear.weight.float())  # (s_r, out)
-    # all-gather along the sequence (uneven shards: pad to the largest)
-    width, biggest = out.shape[1], max(ctx.sizes)
-    padded = out.new_zeros(biggest, width)
-    padded[: out.shape[0]] = out
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=process_group)
-    if stats is not None:
-        stats.output_all_gather += out.numel() * out.element_size() * (world - 1)
-    out = torch.cat([g[:size] for g, size in zip(gathered, ctx.sizes, strict=True)])
-    return model.velocities(out, grids, packed, groups)
+    check_head_split(model.cfg.num_attention_heads, model.cfg.num_query_groups, world)
+    return model(groups, UlyssesSeam(process_group, stats, sharded))
 
 
 def qkv_bytes_per_layer(
@@ -300,35 +262,28 @@ def split_tiled_decode(
     if world == 1:
         return vae.tiled_decode(z, tile_frames, tile_px, spatial_overlap, temporal_overlap)
     rank = dist.get_rank(process_group)
-    plan = _vae_plan(vae.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, True)
-    # the tiles in `_tiled`'s order
-    starts = [range(0, z.shape[2 + axis], plan.stride[axis]) for axis in range(3)]
-    st, sh, sw = plan.size
-    tiles = [
-        z[:, :, t0 : t0 + st, h0 : h0 + sh, w0 : w0 + sw]
-        for t0, h0, w0 in itertools.product(*starts)
-    ]
-    mine = {k: vae.decode(tile) for k, tile in enumerate(tiles) if k % world == rank}
+    plan = tile_plan(vae.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, True)
+    tiles = list(cut_tiles(z, plan).items())  # in `tiled_decode`'s order
+    mine = {k: vae.decode(tile) for k, (_, tile) in enumerate(tiles) if k % world == rank}
     peer = dist.get_global_rank(process_group, root) if process_group is not None else root
     if rank != root:
         for out in mine.values():  # in tile order, as root receives them
             dist.send(torch.tensor(out.shape, dtype=torch.int64), peer, group=process_group)
             dist.send(out.contiguous(), peer, group=process_group)
         return None
-    outs = []
-    for k in range(len(tiles)):
+    outs = {}
+    for k, (key, _) in enumerate(tiles):
         owner = k % world
         if owner == rank:
-            outs.append(mine[k])
+            outs[key] = mine[k]
             continue
         src = dist.get_global_rank(process_group, owner)
         shape = torch.empty(5, dtype=torch.int64)
         dist.recv(shape, src, group=process_group)
         out = torch.empty(shape.tolist(), dtype=vae.dtype)
         dist.recv(out, src, group=process_group)
-        outs.append(out)
-    decoded = iter(outs)
-    return _vae_tiled(z, lambda _tile: next(decoded), plan, chained=False)
+        outs[key] = out
+    return stitch_tiles(outs, plan, chained=False)
 
 
 # --- launching ranks -----------------------------------------------------------------------

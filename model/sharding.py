@@ -1,10 +1,10 @@
 """Weight sharding of the DiT's transformer layers over N ranks (FSDP / ZeRO-3 style), on top of
 the Ulysses context parallelism of model/parallel.py (issue 6).
 
-Sharded: every transformer layer's parameters except its `ada_modulate_layer` (all that
-`TransformerLayer.attention_inputs / self_attend / finish` use). Replicated, loaded in full on
-every rank: the embeddings, timestep / caption projections, RoPE bands, the per-layer adaLN
-projections (small: `Dc x 2D` per layer), the final LayerNorm and linear.
+Sharded: every transformer layer's parameters except its `ada_modulate_layer` (all that the
+layer's forward uses once its gates are computed). Replicated, loaded in full on every rank: the
+embeddings, timestep / caption projections, RoPE bands, the per-layer adaLN projections (small:
+`Dc x 2D` per layer), the final LayerNorm and linear.
 
 Layout: per layer and per runtime dtype, the layer's sharded parameters (state-dict order) are
 flattened one after another into one flat vector of `L` elements, padded to `Lp = ceil(L / N) N`;
@@ -15,10 +15,11 @@ fp32 scales and promoted norms, bf16 norms and cross-attention KV).
 Loading (`load_dit_shard`) reads from the safetensors shards only the byte ranges of each tensor
 that fall into the rank's slices, with `readinto` straight into the slice (converted first where
 the runtime dtype differs from the file's, i.e. the fp32-promoted norms); no rank ever holds a
-whole layer stack. Forward (`ShardedDiT.gathered_layers`, driven by `parallel.ulysses_forward`):
-before layer i runs, its flat vectors are all-gathered (one `all_gather_single` per dtype) into a
-scratch `TransformerLayer` whose parameters are views into the gathered buffers; two scratch
-layers per layer kind alternate, so the gather of layer i+1 runs (async) while layer i computes.
+whole layer stack. Forward (`ShardedDiT.gathered_layers`, which `parallel.UlyssesSeam.layers`
+hands to the model's one layer loop): before layer i runs, its flat vectors are all-gathered (one
+`all_gather_single` per dtype) into a scratch `TransformerLayer` whose parameters are views into
+the gathered buffers; two scratch layers per layer kind alternate, so the gather of layer i+1
+runs (async) while layer i computes.
 The gathered values are exactly the file's, so the result is bit-identical to the unsharded
 context-parallel forward.
 

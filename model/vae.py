@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,7 +391,7 @@ class TilePlan:
                 )
 
 
-def _plan(
+def tile_plan(
     config: VAEConfig,
     tile_frames: int,
     tile_px: int,
@@ -445,21 +444,27 @@ def _blend_into(a: Tensor, b: Tensor, dim: int, extent: int) -> None:
     head.copy_((tail.float() * w_a).to(b.dtype) + (head.float() * w_b).to(b.dtype))
 
 
-def _tiled(x: Tensor, fn: Callable[[Tensor], Tensor], plan: TilePlan, chained: bool) -> Tensor:
-    """Run `fn` on tiles of x (N, C, T, H, W), blend each output with its previous neighbour along
-    t, then h, then w, crop it to plan.keep and stitch the crops.
+def cut_tiles(x: Tensor, plan: TilePlan) -> dict[tuple[int, int, int], Tensor]:
+    """The tiles of x (N, C, T, H, W), keyed by their (t, h, w) place in the tile grid, in raster
+    order (the order the tiles are run in; edge tiles are smaller)."""
+    starts = [range(0, x.shape[2 + axis], plan.stride[axis]) for axis in range(3)]
+    st, sh, sw = plan.size
+    places = itertools.product(*(range(len(s)) for s in starts))
+    return {
+        key: x[:, :, t0 : t0 + st, h0 : h0 + sh, w0 : w0 + sw]
+        for key, (t0, h0, w0) in zip(places, itertools.product(*starts), strict=True)
+    }
+
+
+def stitch_tiles(outs: dict[tuple[int, int, int], Tensor], plan: TilePlan, chained: bool) -> Tensor:
+    """Blend each tile's output (keyed as `cut_tiles` keys them, in its order) with its previous
+    neighbour along t, then h, then w, crop it to plan.keep and stitch the crops.
 
     chained=False (decode): a tile is blended as a copy, against its neighbours' raw outputs.
     chained=True (encode): tiles are blended in place in raster order, so a neighbour has already
     been blended itself when it is used.
     """
-    starts = [range(0, x.shape[2 + axis], plan.stride[axis]) for axis in range(3)]
-    counts = [len(s) for s in starts]
-    outs: dict[tuple[int, ...], Tensor] = {}
-    for key in itertools.product(*(range(n) for n in counts)):
-        t0, h0, w0 = (starts[axis][key[axis]] for axis in range(3))
-        st, sh, sw = plan.size
-        outs[key] = fn(x[:, :, t0 : t0 + st, h0 : h0 + sh, w0 : w0 + sw])
+    counts = [max(key[axis] for key in outs) + 1 for axis in range(3)]
     crops: dict[tuple[int, ...], Tensor] = {}
     for key, raw in outs.items():
         tile = raw if chained else raw.clone()
@@ -544,9 +549,12 @@ class ViTVAE(nn.Module):
         """The pipeline's encode: `encode_mean` on tiles of tile_frames x tile_px x tile_px pixels,
         blended in place (chained) over overlap x tile latents, cropped, stitched. The defaults
         are the pipeline's at 24 fps (MAGI-1's own API defaults differ; reference §5.2)."""
-        plan = _plan(self.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, False)
+        plan = tile_plan(
+            self.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, False
+        )
         self._check_encode_tiles(x, plan)
-        return _tiled(x, self.encode_mean, plan, chained=True)
+        outs = {key: self.encode_mean(tile) for key, tile in cut_tiles(x, plan).items()}
+        return stitch_tiles(outs, plan, chained=True)
 
     @torch.no_grad()
     def tiled_decode(
@@ -560,8 +568,9 @@ class ViTVAE(nn.Module):
         """The pipeline's decode: `decode` on tiles of tile_frames/4 x tile_px/8 x tile_px/8
         latents; each tile's copy is blended with its raw neighbours over overlap x tile pixels,
         cropped, stitched. Defaults are the pipeline's at 24 fps (3-latent, 256-px tiles)."""
-        plan = _plan(self.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, True)
-        return _tiled(z, self.decode, plan, chained=False)
+        plan = tile_plan(self.config, tile_frames, tile_px, spatial_overlap, temporal_overlap, True)
+        outs = {key: self.decode(tile) for key, tile in cut_tiles(z, plan).items()}
+        return stitch_tiles(outs, plan, chained=False)
 
     def _check_encode_tiles(self, x: Tensor, plan: TilePlan) -> None:
         """Refuse inputs whose last tile the encoder cannot take (the official code crashes in

@@ -307,3 +307,26 @@ def test_bf16_weights_follow_the_precision_map_and_stay_close_to_fp32(gated):
     b = fp32([ChunkGroup([chunk()])])[0][0]
     assert a.dtype == torch.float32
     assert float((a - b).norm() / b.norm()) < 0.03
+
+
+def test_every_fp32_pattern_names_a_module_and_only_those_are_promoted():
+    """The precision map is data (`FP32_MODULES`): a renamed module would silently stay bf16, so
+    every pattern must name at least one module; every other parameter keeps the params dtype."""
+    import dataclasses
+    from fnmatch import fnmatchcase
+
+    from model.checkpoint import build_dit_meta
+    from model.config import get_preset
+    from model.dit import FP32_MODULES
+
+    base = get_preset("tiny")
+    mc = dataclasses.replace(base.model_config, params_dtype="torch.bfloat16")
+    model = build_dit_meta(MagiConfig(mc, base.runtime_config, base.engine_config))
+    model.promote_high_precision()
+    names = [name for name, _ in model.named_modules()]
+    for pattern in FP32_MODULES:
+        assert any(fnmatchcase(n, pattern) for n in names), pattern
+    for key, param in model.named_parameters():
+        parents = [key.rsplit(".", k)[0] for k in range(1, key.count(".") + 1)]
+        promoted = any(fnmatchcase(p, pat) for p in parents for pat in FP32_MODULES)
+        assert param.dtype == (torch.float32 if promoted else torch.bfloat16), key

@@ -9,7 +9,7 @@ import torch
 from model import parallel
 from model.checkpoint import random_dit
 from model.config import get_preset
-from model.dit import ChunkGroup, ChunkInput
+from model.dit import ChunkGroup, ChunkInput, Seam
 from model.kv_cache import KVCache
 from tests.model.test_kv_cache import CHUNK_FRAMES, clean_chunk, window_chunks
 
@@ -76,6 +76,53 @@ def test_world_size_one_is_the_plain_forward():
     a = parallel.ulysses_forward(model, groups)[0][0]
     b = model(groups)[0][0]
     assert torch.equal(a, b)
+
+
+class RecordingSeam(Seam):
+    """The identity seam, noting which hook ran with which shapes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def token_range(self, length):
+        self.calls.append(("token_range", length))
+        return super().token_range(length)
+
+    def layers(self, layers):
+        self.calls.append(("layers", len(layers)))
+        return super().layers(layers)
+
+    def to_heads(self, q, k, v):
+        self.calls.append(("to_heads", tuple(q.shape), tuple(k.shape)))
+        return super().to_heads(q, k, v)
+
+    def to_tokens(self, o):
+        self.calls.append(("to_tokens", tuple(o.shape)))
+        return super().to_tokens(o)
+
+    def gather_output(self, out):
+        self.calls.append(("gather_output", tuple(out.shape)))
+        return super().gather_output(out)
+
+
+def test_the_one_forward_calls_each_seam_hook_at_its_point():
+    """The forward's split points: the token split once, the layer source once, the head split
+    and its inverse around every layer's self-attention, the output gather once."""
+    model = random_dit(get_preset("tiny"), seed=0).eval()
+    tiny = get_preset("tiny").model_config
+    gen = torch.Generator().manual_seed(3)
+    groups = [ChunkGroup([lone_chunk(gen)])]
+    seam = RecordingSeam()
+    assert torch.equal(model(groups, seam)[0][0], model(groups)[0][0])
+    s, hq, g, hd = 90, tiny.num_attention_heads, tiny.num_query_groups, tiny.kv_channels
+    per_layer = [("to_heads", (s, hq, hd), (s, g, hd)), ("to_tokens", (s, hq, hd))]
+    out = 4 * tiny.out_channels
+    assert seam.calls == [
+        ("token_range", s),
+        ("layers", tiny.num_layers),
+        *per_layer * tiny.num_layers,
+        ("gather_output", (s, out)),
+    ]
 
 
 def test_shard_bounds_give_first_ranks_the_extra_tokens():
