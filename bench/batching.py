@@ -67,12 +67,12 @@ def unbounded_memory(model: MagiModel, chunks: int, size: int) -> tuple[list[int
     dps = s.window.spec.steps_per_stage
     while s.chunks_out < chunks:
         engine.step()
-        while s.outputs:
+        while s.unconsumed:
             engine.consumed(s.session_id)
         if s.forwards_served % dps == 1 and s.forwards_served > dps * (
             s.window.spec.window_size + 1
         ):
-            samples.append(engine.scheduler.used_bytes(s.session_id))
+            samples.append(engine.used_bytes(s.session_id))
     return samples, s.estimated_bytes
 
 

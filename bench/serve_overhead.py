@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from client import AsyncClient  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from model.folder import load_model  # noqa: E402
 from scheduler.session import SessionParams  # noqa: E402
+from tests.serverproc import ServerProcess  # noqa: E402
 
 SIZE = 64
 
@@ -36,11 +36,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
 def in_process(model, n: int, chunks: int, steps: int) -> tuple[float, float]:
@@ -96,44 +91,23 @@ async def back_to_back(target: str, sessions: int, pids: list[int]) -> list[list
     return samples
 
 
-def start_server(cache: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAGISTREAM_TORCH_THREADS": str(threads)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "--model",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--cache",
-            str(cache),
-            "--x264-preset",
-            "ultrafast",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+def start_server(tmp: Path, threads: int) -> ServerProcess:
+    """A tiny-model server with its cache under tmp: `threads` torch threads, the server's
+    default encode threads (2), the fastest x264 preset. `with` waits until it listens."""
+    return ServerProcess(
+        tmp,
+        *("--torch-threads", str(threads), "--encode-threads", "2"),
+        model="tiny",
+        stop_timeout_s=60,
     )
-    for line in proc.stdout:
-        if line.startswith("listening on "):
-            return proc, line.split()[-1]
-    raise RuntimeError("the server did not start")
 
 
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        proc, target = start_server(Path(tmp), args.threads)
-        try:
+        with start_server(Path(tmp), args.threads) as server:
+            target = server.address
             await through_server(target, 1, 1, args.steps)  # waits for the worker; warm-up
-            model = load_model(Path(tmp) / "models" / "tiny")
+            model = load_model(server.cache / "models" / "tiny")
             in_process(model, 1, 1, args.steps)  # warm-up
             print(f"\n{SIZE}x{SIZE}, {args.chunks} chunks per stream, {args.steps} steps, fMP4")
             print(
@@ -148,9 +122,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     f"{served_fps / local_fps:16.2f}x | {local_first:24.3f} | "
                     f"{served_first:8.3f} | {served_first / local_first:.2f}x"
                 )
-            # the worker is the big child (the others are multiprocessing helpers)
-            worker = max(children(proc.pid), key=rss_mib)
-            pids = [proc.pid, worker]
+            pids = [server.pid, server.worker_pid()]
             samples = await back_to_back(target, args.sessions, pids)
             for who, column in zip(["server", "worker"], zip(*samples, strict=True), strict=False):
                 lo, hi = min(column[1:] or column), max(column[1:] or column)
@@ -159,9 +131,6 @@ async def main_async(args: argparse.Namespace) -> None:
                     f"{column[0]:.0f} MiB after the first, {lo:.0f}..{hi:.0f} MiB after that "
                     f"(spread {100 * (hi - lo) / hi:.1f}%)"
                 )
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
 
 
 def main() -> int:

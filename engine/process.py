@@ -7,7 +7,7 @@ refuses (memory, queue bound) and reports.
 
 With a worker group (`--world-size N`) this is rank 0, and ranks 1..N-1 run `follower_main`:
 they join the same torch.distributed group, load their DiT and run rank 0's forwards
-(model.group). Their Pipe only says ready (or failed) and, by closing, that they died.
+(engine.ranks). Their Pipe only says ready (or failed) and, by closing, that they died.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+from engine import ipc, logs
 from engine.engine import ChunkDone, Engine
-from model.group import (
+from engine.launch import WorkerConfig
+from engine.logs import event
+from engine.ranks import (
     GroupForward,
     GroupLost,
     RankGroup,
@@ -40,9 +43,6 @@ from model.group import (
 )
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
 from scheduler.session import SessionState
-from server import ipc, logs
-from server.config import WorkerConfig
-from server.logs import event
 
 logger = logging.getLogger(__name__)
 

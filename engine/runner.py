@@ -117,7 +117,7 @@ class _Layout:
 
 
 class DitForward(Protocol):
-    """What runs the packed DiT forward in place of `model.dit` (model.group.GroupForward: all
+    """What runs the packed DiT forward in place of `model.dit` (engine.ranks.GroupForward: all
     ranks of a worker group), makes the caches it can use, and decodes latents."""
 
     def __call__(self, groups: list[ChunkGroup]) -> list[list[Tensor]]: ...

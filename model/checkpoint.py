@@ -18,16 +18,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from model.config import MagiConfig
+from model.config import CheckpointError, MagiConfig  # noqa: F401  (CheckpointError: re-exported)
 from model.dit import VideoDiT
 from model.fp8 import quantize_linear
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A model folder that cannot be loaded; the message says what is wrong and where."""
 
 
 def build_dit_meta(config: MagiConfig) -> VideoDiT:

@@ -11,11 +11,21 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16}
+# torch is imported only where a dtype object is asked for: the server process reads configs to
+# validate requests at the edge and never loads torch.
+_DTYPES = ("torch.float32", "torch.bfloat16")
+CONFIG_FILE = "config.json"
+EMBEDDED_MODELS = Path(__file__).resolve().parents[1] / "models"
+EMBEDDED = ("toy",)  # presets whose trained weights ship in the repository's models/
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message says what is wrong and where."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,9 @@ class ModelConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.params_dtype]
+        import torch
+
+        return getattr(torch, self.params_dtype.removeprefix("torch."))
 
     @property
     def cond_dim(self) -> int:
@@ -348,3 +360,36 @@ def preset_name(config: MagiConfig) -> str | None:
         ):
             return name
     return None
+
+
+def read_config(folder: str | Path) -> MagiConfig:
+    """The config.json of a model folder; CheckpointError when it is missing or malformed."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a model folder)")
+    try:
+        return MagiConfig.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from e
+
+
+def embedded_folder(name: str) -> Path:
+    """The shipped folder of an embedded preset (`toy`): models/<name> in the repository."""
+    if name not in EMBEDDED:
+        raise CheckpointError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
+    folder = EMBEDDED_MODELS / name
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{folder}: the embedded {name!r} model is missing (it ships in the repository's "
+            f"models/ folder; retrain it with `python -m train --out {folder}`)"
+        )
+    return folder
+
+
+def check_head_split(num_heads: int, num_groups: int, world_size: int) -> None:
+    if num_heads % world_size:
+        raise ValueError(f"{num_heads} query heads do not split over {world_size} ranks")
+    if num_groups % world_size and world_size % num_groups:
+        raise ValueError(
+            f"{num_groups} KV groups and {world_size} ranks: one must divide the other"
+        )

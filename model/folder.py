@@ -13,16 +13,21 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import CheckpointError, load_dit, random_dit, save_dit, shard_map
-from model.config import MagiConfig, get_preset, preset_name
+from model.config import (  # noqa: F401  (read_config, embedded_folder: re-exported)
+    CONFIG_FILE,
+    EMBEDDED,
+    MagiConfig,
+    embedded_folder,
+    get_preset,
+    preset_name,
+    read_config,
+)
 from model.dit import VideoDiT
 from model.text import SpecialTokens, TextEncoder, t5_folder, write_special_tokens
 from model.tiny_t5 import write_tiny_t5
 from model.vae import VAEConfig, ViTVAE, load_vae, random_vae, save_vae
 
-CONFIG_FILE = "config.json"
 # Model folders shipped in the repository (trained by the project), by preset name.
-EMBEDDED_MODELS = Path(__file__).resolve().parents[1] / "models"
-EMBEDDED = ("toy",)
 SPECIAL_TOKENS_FILE = "special_tokens.npz"
 
 
@@ -45,29 +50,6 @@ class FolderPaths:
     vae: Path
     t5: Path  # holds t5-v1_1-xxl/
     special_tokens: Path
-
-
-def embedded_folder(name: str) -> Path:
-    """The shipped folder of an embedded preset (`toy`): models/<name> in the repository."""
-    if name not in EMBEDDED:
-        raise CheckpointError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
-    folder = EMBEDDED_MODELS / name
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(
-            f"{folder}: the embedded {name!r} model is missing (it ships in the repository's "
-            f"models/ folder; retrain it with `python -m train --out {folder}`)"
-        )
-    return folder
-
-
-def read_config(folder: str | Path) -> MagiConfig:
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE} (not a model folder)")
-    try:
-        return MagiConfig.from_json(path)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(str(e)) from e
 
 
 def folder_paths(folder: str | Path, config: MagiConfig) -> FolderPaths:

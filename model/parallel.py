@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from model.config import check_head_split
 from model.dit import ChunkGroup, Seam, TransformerLayer, VideoDiT
 from model.sharding import ShardedDiT
 from model.vae import DEFAULT_FPS, ViTVAE, cut_tiles, stitch_tiles, tile_plan
@@ -77,15 +78,6 @@ def shard_bounds(length: int, world_size: int) -> list[tuple[int, int]]:
         bounds.append((start, start + size))
         start += size
     return bounds
-
-
-def check_head_split(num_heads: int, num_groups: int, world_size: int) -> None:
-    if num_heads % world_size:
-        raise ValueError(f"{num_heads} query heads do not split over {world_size} ranks")
-    if num_groups % world_size and world_size % num_groups:
-        raise ValueError(
-            f"{num_groups} KV groups and {world_size} ranks: one must divide the other"
-        )
 
 
 def local_kv_heads(kv: Tensor, world_size: int) -> Tensor:

@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     import uvloop
 
-    from server import logs
+    from engine import logs
     from server.app import serve
 
     try:
@@ -114,9 +114,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, VideoEncoding]:
-    from model.config import get_preset
-    from model.folder import read_config
-    from model.parallel import check_head_split
+    from model.config import check_head_split, get_preset, read_config
     from server.config import GroupConfig, Limits, ServerConfig, WorkerConfig, resolve_model
     from server.encode import VideoEncoding
     from server.validation import ServedModel

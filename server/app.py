@@ -20,13 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from engine.logs import event
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from scheduler.session import SessionState
 from server.config import MAX_SEND_BYTES, ServerConfig
 from server.encode import VideoEncoding
 from server.interceptors import StatusInterceptor
-from server.logs import event
 from server.metrics import Metrics
 from server.service import VideoGenerationService
 from server.sessions import SessionManager

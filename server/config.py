@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.launch import GroupConfig, WorkerConfig  # noqa: F401  (re-exported for callers)
+
 # gRPC's default receive limit on clients; a RAW_RGB24 frame must fit in one message.
 GRPC_MESSAGE_BYTES = 4 << 20
 # What the server may send: an fMP4 chunk of noisy 720p content can pass 4 MiB, and a Chunk
@@ -33,70 +35,6 @@ class Limits:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.max_width_px % 16 or self.max_height_px % 16:
             raise ValueError("max width and height must be multiples of 16")
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    """The worker group: `world_size` ranks over `nnodes` hosts, the same number on each. Node 0
-    runs ranks 0..k-1 (rank 0 runs the engine); node n runs ranks n*k..(n+1)*k-1, followers
-    only. Ranks meet at master_addr:master_port (rank 0's host)."""
-
-    world_size: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0 = a free port on each group start (single host only)
-    timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
-
-    def __post_init__(self) -> None:
-        if self.world_size < 1 or self.nnodes < 1 or self.world_size % self.nnodes:
-            raise ValueError(
-                f"--world-size {self.world_size} must be a positive multiple of "
-                f"--nnodes {self.nnodes} (the same number of ranks on every node)"
-            )
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
-        if self.nnodes > 1 and self.master_port == 0:
-            raise ValueError("a group over several nodes needs --master-port (MASTER_PORT)")
-        if self.timeout_s <= 0:
-            raise ValueError("the group timeout must be > 0")
-
-    @property
-    def ranks_per_node(self) -> int:
-        return self.world_size // self.nnodes
-
-    @property
-    def local_ranks(self) -> range:
-        """The global ranks this node runs."""
-        k = self.ranks_per_node
-        return range(self.node_rank * k, (self.node_rank + 1) * k)
-
-    @property
-    def leads(self) -> bool:
-        """Whether this node runs rank 0 (the engine, the sessions)."""
-        return self.node_rank == 0
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What the engine process is started with (passed to it when it is spawned)."""
-
-    model_folder: Path  # a model folder (config.json + weights)
-    write_preset: str | None = None  # write this random-weight preset there first if missing
-    memory_budget_bytes: int = 8 << 30  # KV cache + latents of all running sessions
-    max_sessions: int = 8  # sessions generating at once; more wait in the queue
-    queue_size: int = 16  # sessions waiting for a slot or memory; one more is refused
-    max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts)
-    torch_threads: int = 1  # intra-op threads of the worker; 0 = torch's default
-    heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
-    log_level: str = "info"  # the worker logs like the server, to the same stderr
-    group: GroupConfig = field(default_factory=GroupConfig)  # ranks (one process each)
-
-    def __post_init__(self) -> None:
-        if self.memory_budget_bytes <= 0 or self.max_sessions < 1 or self.queue_size < 0:
-            raise ValueError("memory budget and max_sessions must be > 0, queue_size >= 0")
-        if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:
-            raise ValueError("torch_threads must be >= 0 and heartbeat_interval_s > 0")
 
 
 @dataclass(frozen=True)
@@ -129,9 +67,7 @@ def resolve_model(value: str, cache_dir: Path) -> tuple[str, Path, str | None]:
     """(name, folder, preset to write there first) for --model: a model folder, the embedded
     trained `toy` model (shipped in the repository's models/), or a preset with embedded random
     weights (`tiny*`), kept under cache_dir/models/<preset>."""
-    from model.checkpoint import CheckpointError
-    from model.config import PRESETS
-    from model.folder import EMBEDDED, embedded_folder
+    from model.config import EMBEDDED, PRESETS, CheckpointError, embedded_folder
 
     embedded = ", ".join([*EMBEDDED, *(p for p in PRESETS if p.startswith("tiny"))])
     path = Path(value).expanduser()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from engine import ipc
 from proto import video_generation_pb2 as pb
 from scheduler.session import SessionState
-from server import ipc
 from server.config import Limits
 from server.sessions import LiveSession
 from server.validation import MIN_SIZE_PX, MODES, SHORTCUT_MODES, SIZE_MULTIPLE_PX, ServedModel

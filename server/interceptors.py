@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from engine.logs import event
 from server.errors import ServiceError, status_of
-from server.logs import event
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)

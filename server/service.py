@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from engine import ipc
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from scheduler.session import SessionState
-from server import convert, ipc
+from server import convert
 from server.config import Limits
 from server.encode import VideoEncoding, encode_fmp4_chunk, split_raw_frames
 from server.errors import InvalidRequest, NotSteerable, ServiceError, SessionFailed, Unavailable

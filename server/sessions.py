@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from engine import ipc
+from engine.logs import event
 from scheduler.session import SessionParams, SessionState
-from server import ipc
 from server.errors import (
     InvalidRequest,
     NotSteerable,
@@ -28,7 +29,6 @@ from server.errors import (
     SessionNotFound,
     Unavailable,
 )
-from server.logs import event
 from server.metrics import Metrics
 from server.supervisor import Supervisor
 from server.validation import GenerateSpec, PromptSpec

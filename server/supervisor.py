@@ -23,14 +23,12 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from model.group import RankSpec
-from model.parallel import free_port
-from server import ipc
+from engine import ipc
+from engine.launch import RankSpec, free_port, run_follower, run_worker
+from engine.logs import event
 from server.config import WorkerConfig
 from server.errors import Unavailable
-from server.logs import event
 from server.metrics import Metrics
-from server.worker import follower_main, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ class WorkerProcess:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe(duplex=True)
         self.rank = 0 if rank is None else rank.rank
-        target = worker_main if self.rank == 0 else follower_main
+        target = run_worker if self.rank == 0 else run_follower
         self.process = context.Process(
             target=target,
             args=(child, config, rank) if rank is not None else (child, config),

@@ -1,5 +1,6 @@
-"""Imports go one way (docs/design.md §6): client -> proto only; server -> scheduler;
-engine -> scheduler, model; scheduler and toyworld need no torch; model needs nothing above it.
+"""Imports go one way (docs/design.md §6): client -> proto only; server -> scheduler, and the
+engine's torch-free interface (ipc, launch, logs) and model configs; engine -> scheduler, model;
+scheduler and toyworld need no torch; model needs nothing above it.
 
 Checked statically with `ast` over every .py file of each package (imports inside functions
 count: they run in the same process), and, for the torch-free packages, by importing them in a
@@ -12,8 +13,6 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("client", "engine", "model", "proto", "scheduler", "server", "toyworld", "train")
@@ -101,13 +100,42 @@ def test_engine_imports_no_server_and_no_client():
     assert violations("engine", {"server", "client", "train", "toyworld"}) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/ still imports torch through worker.py, supervisor.py and validation.py: "
-    "issue 17's next step",
-)
-def test_server_imports_no_torch_model_or_engine():
-    assert violations("server", {"torch", "model", "engine", "client", "train", "toyworld"}) == []
+# The server process speaks to the engine process through these torch-free modules, and reads
+# model configs to validate requests; nothing else of engine/ or model/ may load in it.
+SERVER_MAY_USE = ("engine.ipc", "engine.launch", "engine.logs", "model.config")
+
+
+def imported_modules(source: str) -> dict[str, list[int]]:
+    """Dotted module -> lines, `from a import b` counted as `a.b` (b may be a module)."""
+    found: dict[str, list[int]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            found.setdefault(name, []).append(node.lineno)
+    return found
+
+
+def test_server_imports_only_the_engines_torch_free_interface_and_model_configs():
+    found = []
+    for path in sorted((REPO / "server").rglob("*.py")):
+        for name, lines in imported_modules(path.read_text()).items():
+            root = name.split(".")[0]
+            allowed = any(name == m or name.startswith(m + ".") for m in SERVER_MAY_USE)
+            if root in {"torch", "engine", "model", "client", "train", "toyworld"} and not allowed:
+                found += [f"{path.relative_to(REPO)}:{line} imports {name}" for line in lines]
+    assert found == []
+
+
+def test_importing_every_server_module_loads_no_torch():
+    modules = [f"server.{p.stem}" for p in sorted((REPO / "server").glob("*.py"))]
+    assert "server.app" in modules and "server.supervisor" in modules
+    loaded = loads_in_a_fresh_interpreter(modules)
+    assert "torch" not in loaded and "transformers" not in loaded
 
 
 def loads_in_a_fresh_interpreter(modules: list[str]) -> set[str]:

@@ -20,18 +20,18 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
-from tests.deploy.conftest import DEPLOY, REPO, run, tool
+from tests.deploy.conftest import DEPLOY, run, tool
+from tests.serverproc import SERVING, ServerProcess
+from tests.serverproc import health_status as health
 
 SHIPPED = DEPLOY / "nginx" / "magistream.conf"
 HEADER = "x-session-id"
@@ -40,7 +40,6 @@ HEADER = "x-session-id"
 GRACE_S = 4.0
 START_TIMEOUT_S = 120.0  # writing the tiny model and starting a worker, on 2 busy cores
 PROMPT = "a red ball rolls"
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 # ---- nginx config: the shipped file, moved onto loopback ----------------------------------
@@ -115,62 +114,24 @@ def test_the_config_on_loopback_ports_passes_nginx_t(tmp_path):
 # ---- two replicas behind nginx ------------------------------------------------------------
 
 
-class Replica:
-    """A `python -m server --model tiny` process on loopback port 0."""
+class Replica(ServerProcess):
+    """A `python -m server --model tiny` process on loopback port 0 that drains for GRACE_S
+    after SIGTERM."""
 
     def __init__(self, tmp: Path, *extra_flags: str) -> None:
-        self.log_path = tmp / "server.log"
-        env = {
-            **os.environ,
-            "MAGISTREAM_CACHE": str(tmp / "cache"),
-            "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1",
-        }
-        flags = (
-            "--model tiny --host 127.0.0.1 --port 0 --metrics-host 127.0.0.1 --metrics-port 0 "
-            f"--grace-period-s {GRACE_S} --torch-threads 1 --encode-threads 1 "
-            "--x264-preset ultrafast"
+        super().__init__(
+            tmp,
+            "--grace-period-s",
+            str(GRACE_S),
+            *extra_flags,
+            model="tiny",
+            start_timeout_s=START_TIMEOUT_S,
+            stop_timeout_s=GRACE_S + 20,
         )
-        command = [sys.executable, "-m", "server", *flags.split(), *extra_flags]
-        with self.log_path.open("wb") as sink:  # a file, not a pipe nobody would drain
-            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
-        self.address = self.metrics_address = ""
 
     def wait_started(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            log = self.log_path.read_text(errors="replace")
-            found = dict(re.findall(r"^(listening|metrics) on (\S+)$", log, re.M))
-            if len(found) == 2:
-                self.address, self.metrics_address = found["listening"], found["metrics"]
-                break
-            assert self.proc.poll() is None, f"the server exited:\n{log[-3000:]}"
-            time.sleep(0.1)
-        while time.monotonic() < deadline:
-            if health(self.address) == SERVING:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"no SERVING in {START_TIMEOUT_S} s:\n{self.logs()[-3000:]}")
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metric(self, sample: str) -> float:
-        """One sample's value, e.g. 'magistream_prompt_updates_total{result="accepted"}'."""
-        url = f"http://{self.metrics_address}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(GRACE_S + 20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """Until its worker answers: gRPC health SERVING."""
+        self.wait_serving()
 
 
 @dataclass
@@ -467,18 +428,6 @@ class Stream:
                     self.finished = event.finished
         except grpc.RpcError as e:
             self.code = e.code()
-
-
-def health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return (
-                health_pb2_grpc.HealthStub(channel)
-                .Check(health_pb2.HealthCheckRequest(), timeout=2)
-                .status
-            )
-        except grpc.RpcError:
-            return -1
 
 
 def free_port() -> int:

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
+from engine import ipc
+from engine.process import WorkerLoop, _load_engine
 from scheduler.session import SessionParams, SessionState
-from server import ipc
 from server.config import WorkerConfig
-from server.worker import WorkerLoop, _load_engine
 
 PROMPTS = ((0, "a red ball rolls"),)
 

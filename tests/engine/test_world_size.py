@@ -1,4 +1,4 @@
-"""The engine on a worker group (model.group): rank 0 schedules and broadcasts each step, every
+"""The engine on a worker group (engine.ranks): rank 0 schedules and broadcasts each step, every
 rank runs its share of the forward. A whole generation with a mid-stream prompt change gives
 what one rank gives, and the followers' mirrored caches end empty."""
 
@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engine.engine import Engine
-from model import parallel
-from model.folder import read_config
-from model.group import (
+from engine.ranks import (
     FollowerStats,
     RankGroup,
     load_rank0,
@@ -17,6 +15,8 @@ from model.group import (
     load_rank_vae,
     serve_follower,
 )
+from model import parallel
+from model.folder import read_config
 from scheduler.session import SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
@@ -78,8 +78,8 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
 
 
 def test_a_plain_cache_is_refused_by_the_group_forward():
+    from engine.ranks import _wire
     from model.dit import ChunkGroup
-    from model.group import _wire
     from model.kv_cache import KVCache
 
     with pytest.raises(TypeError, match="GroupForward.new_cache"):

@@ -110,6 +110,16 @@ async def test_sigterm_drains_running_sessions_and_exits_zero(start_server):
     assert "event=server.stopped" in server.logs()
 
 
+def test_the_server_process_never_loads_torch_only_its_worker_does(server):
+    # the server validates, streams and encodes; the model lives in the engine process
+    def maps(pid: int) -> str:
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read()
+
+    assert "libtorch" not in maps(server.pid)
+    assert "libtorch" in maps(server.worker_pid())
+
+
 def test_health_is_serving_for_the_server_and_the_service(server):
     assert health_status(server.address) == SERVING
     assert health_status(server.address, "magistream.v1.VideoGeneration") == SERVING

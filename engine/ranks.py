@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from engine.launch import RankSpec
 from model.dit import ChunkGroup, ChunkInput, VideoDiT
 from model.folder import MagiModel
 from model.kv_cache import KVCache
@@ -49,18 +50,6 @@ CacheOp = tuple[str, int, int | None]
 class GroupLost(RuntimeError):
     """A collective or a group forward failed (another rank died, or the forward raised). The
     ranks may be out of step, so the worker exits and the supervisor restarts the whole group."""
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """How one rank joins its group (torch.distributed's env:// variables, as a value)."""
-
-    rank: int
-    world_size: int
-    local_rank: int  # rank within its host: which GPU it would own
-    master_addr: str  # host of rank 0, where the rendezvous store listens
-    master_port: int
-    timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
 
 
 @dataclass
