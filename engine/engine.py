@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from torch import Tensor
 
 from engine.runner import LATENT_CHANNELS, DitForward, ModelRunner
 from model.folder import MagiModel
 from model.text import TextConditioning
+from scheduler.plan import StepPlan
 from scheduler.scheduler import ChunkScheduler, SchedulerConfig
 from scheduler.session import (
     PromptEntry,
@@ -55,6 +57,12 @@ class StepStats:
     assemble_s: float  # building the packed forward, mixing, Euler updates
 
 
+class PlanLink(Protocol):
+    """Rank 0's line to the other ranks of a group (engine.ranks.StepLink)."""
+
+    def send(self, plan: StepPlan | None, opened: list[SessionParams]) -> None: ...
+
+
 class Engine:
     def __init__(
         self,
@@ -63,9 +71,12 @@ class Engine:
         dit: DitForward | None = None,  # a worker group's forward (engine.ranks); None: model.dit
         *,
         text_conditioning: TextConditioning | None = None,  # None: TextConditioning() defaults
+        link: PlanLink | None = None,  # rank 0 of a group: sends each plan to the other ranks
     ) -> None:
         self.model = model
         self.runner = ModelRunner(model, text_conditioning=text_conditioning, dit=dit)
+        self.link = link
+        self._opened: list[SessionParams] = []  # opened since the last plan went to the link
         rc = model.config.runtime_config
         branches = 3 if rc.cfg_number == 3 else 2  # cfg 1: the nearly-clean copy at most
         self.scheduler = ChunkScheduler(config or SchedulerConfig(), branches)
@@ -124,6 +135,8 @@ class Engine:
         except Exception:
             self.runner.free(params.session_id)
             raise
+        if self.link is not None:  # the other ranks open it with the next plan
+            self._opened.append(params)
         return session
 
     def cancel(
@@ -166,6 +179,9 @@ class Engine:
         """One engine step: every scheduled chunk moves one step along its time grid."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        if self.link is not None and (plan.forwards or plan.freed or self._opened):
+            opened, self._opened = self._opened, []
+            self.link.send(plan, opened)  # every rank runs this same plan
         if not plan.forwards:
             self.runner.execute(plan)  # frees what ended, if anything
             self.last_step = None
@@ -187,8 +203,8 @@ class Engine:
             )
             for out in self.scheduler.update_from_output(plan, output)
         ]
-        for session_id in self.scheduler.take_freed():  # finished this step: free at once
-            self.runner.free(session_id)
+        for session_id in self.scheduler.pending_frees():  # finished now: free here at once;
+            self.runner.free(session_id)  # the next plan frees them on every rank
         t3 = time.perf_counter()
         self.last_step = StepStats(
             sessions=len(plan.forwards),
@@ -199,6 +215,15 @@ class Engine:
             assemble_s=output.assemble_s,
         )
         return done
+
+    def sync(self) -> None:
+        """While idle (no step to run): send the other ranks of a group the frees and opens
+        since the last plan, which also shows them rank 0 is alive."""
+        if self.link is None:
+            return
+        freed = self.scheduler.take_freed()
+        opened, self._opened = self._opened, []
+        self.link.send(StepPlan((), freed) if freed else None, opened)
 
     def run_until_idle(self) -> list[ChunkDone]:
         """Step until no session has work, consuming outputs as they come (tests, CLI)."""

@@ -30,15 +30,13 @@ from engine.engine import ChunkDone, Engine
 from engine.launch import WorkerConfig
 from engine.logs import event
 from engine.ranks import (
-    GroupForward,
     GroupLost,
     RankGroup,
     RankSpec,
+    StepLink,
     join_group,
     leave_group,
-    load_rank0,
-    load_rank_dit,
-    load_rank_vae,
+    load_rank,
     serve_follower,
 )
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
@@ -70,40 +68,37 @@ def worker_main(conn: Connection, config: WorkerConfig, rank: RankSpec | None = 
         world_size=1 if group is None else group.world_size,
     )
     conn.send(ipc.WorkerReady(os.getpid()))
-    forward = engine.runner.dit if isinstance(engine.runner.dit, GroupForward) else None
+    link = engine.link if isinstance(engine.link, StepLink) else None
     try:
-        WorkerLoop(conn, engine, config, forward).run()
+        WorkerLoop(conn, engine, config).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server went away: nothing left to serve
     except GroupLost as e:
         _group_lost(e)
-    if forward is not None:
+    if link is not None:
         try:
-            forward.close()  # the followers return and exit
+            link.close()  # the followers return and exit
         except GroupLost as e:
             _group_lost(e)
         leave_group()
 
 
 def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> None:
-    """Entry point of ranks 1..N-1: join the group, load this rank's DiT, run rank 0's forwards
-    until it stops. Any rank failing ends the process (the supervisor restarts the group)."""
-    from model.folder import read_config
-
+    """Entry point of ranks 1..N-1: join the group, load this rank's model and DiT share, run
+    rank 0's plans until it stops. Any rank failing ends the process (the supervisor restarts
+    the group)."""
     _setup_process(config)
     try:
         group = join_group(rank)
         _ensure_folder(config)
-        dit = load_rank_dit(config.model_folder, rank.rank, rank.world_size, group)
-        vae = load_rank_vae(config.model_folder)
-        num_layers = read_config(config.model_folder).model_config.num_layers
+        model, forward = load_rank(config.model_folder, group)
         torch.distributed.barrier(group=group.control)
     except Exception as e:
         conn.send(ipc.WorkerFailed(f"rank {rank.rank}: {type(e).__name__}: {e}"))
         return
     conn.send(ipc.WorkerReady(os.getpid()))
     try:
-        serve_follower(dit, group, num_layers, vae)
+        serve_follower(model, forward)
     except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
         _group_lost(e)
     leave_group()
@@ -133,9 +128,9 @@ def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine
 
     _ensure_folder(config)
     if group is None:
-        model, forward = load_model(config.model_folder), None
-    else:  # rank 0 of a group: its own DiT share, the forward on every rank
-        model, forward = load_rank0(config.model_folder, group)
+        model, forward, link = load_model(config.model_folder), None, None
+    else:  # rank 0 of a group: its own DiT share, and the plans go to every rank
+        (model, forward), link = load_rank(config.model_folder, group), StepLink(group)
     sched_config = SchedulerConfig(
         memory_budget_bytes=config.memory_budget_bytes,
         max_queued=config.queue_size,
@@ -143,7 +138,7 @@ def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine
         output_queue_chunks=2,
         max_running=config.max_sessions,
     )
-    return Engine(model, sched_config, dit=forward)
+    return Engine(model, sched_config, dit=forward, link=link)
 
 
 def _ensure_folder(config: WorkerConfig) -> None:
@@ -181,11 +176,9 @@ class WorkerLoop:
         conn: Connection,
         engine: Engine,
         config: WorkerConfig,
-        group: GroupForward | None = None,
     ) -> None:
         self.conn = conn
         self.engine = engine
-        self.group = group  # rank 0 of a worker group: synced with the followers when idle
         self.sched = engine.scheduler
         self.config = config
         self.tracks: dict[str, _Track] = {}
@@ -373,10 +366,9 @@ class WorkerLoop:
         if now - self.last_heartbeat < self.config.heartbeat_interval_s:
             return
         self.last_heartbeat = now
-        if self.group is not None:
-            # Followers wait in a collective between forwards: this keeps the wait shorter than
-            # its timeout while idle, and frees their caches of ended sessions.
-            self.group.sync()
+        # Followers wait in a collective between steps: this keeps their wait shorter than its
+        # timeout while idle, and frees what ended on every rank.
+        self.engine.sync()
         running = [s for s in self.sched.sessions.values() if s.state is SessionState.RUNNING]
         self.conn.send(
             ipc.Heartbeat(

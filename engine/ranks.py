@@ -1,31 +1,26 @@
-"""A worker group: the DiT forward of rank 0's engine run by every rank of a torch.distributed
-group (issue 6).
+"""A worker group: every rank of a torch.distributed group runs the same engine steps, each on
+its own tensors and its own share of the DiT (issue 17: the plan is what travels).
 
-Rank 0 runs the scheduler and the engine; its runner calls a `GroupForward` where a single rank
-calls `model.dit`. Each call sends the step to the other ranks as one message (the packed
-`ChunkGroup`s with cache ids in place of `KVCache` objects, plus the cache operations rank 0 did
-since the last message) and then runs `ulysses_forward` with them; the followers
-(`serve_follower`) receive the same message, replay the cache operations on their own caches,
-run the same `ulysses_forward` and drop its output. Text encoding, VAE encode and decode stay on
-rank 0: followers only ever run DiT forwards.
-
-Caches are mirrored: under Ulysses each rank's `KVCache` holds only that rank's KV heads, so every
-session has one cache per rank, named by an id rank 0 hands out. A follower creates its cache on
-first use; `drop_before`, `clear` and the release of a cache rank 0 no longer holds are replayed
-in the order rank 0 did them, before the next forward. So a follower's caches are always what
-rank 0's would be at the same point, with its own heads.
+Rank 0 runs the scheduler. Each engine step it broadcasts one small message: the `StepPlan`
+itself (frozen, tensor-free) and the requests of the sessions opened since the last message
+(`SessionParams`, their image/video as uint8 arrays, sent once). Every rank, rank 0 included,
+then runs the same `ModelRunner.execute(plan)` on the tensors it owns: it opens the sessions
+(encodes their prefixes with its VAE), draws the entering chunks' noise from their keys, encodes
+the prompts the plan binds, and frees what the plan frees. Inside the step the ranks meet in the
+collectives of one `GroupForward`: the Ulysses forward (each rank holds its own KV heads of every
+session's cache) and the split VAE decode (tiles round-robin, stitched on rank 0, which alone
+keeps frames). Nothing but the plan is replicated by message: each rank derives its inputs.
 
 Protocol (on a gloo "control" group, CPU only, even when the forward runs on NCCL): rank 0
 broadcasts the pickled message's length (one int64), then its bytes. While idle rank 0 sends an
-empty message every heartbeat (`sync`), which flushes releases and keeps followers' waits short
-of the collective timeout; `close` sends the stop message.
+empty message every heartbeat (`sync`), which keeps followers' waits short of the collective
+timeout; `close` sends the stop message.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,16 +30,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.launch import RankSpec
-from model.dit import ChunkGroup, ChunkInput, VideoDiT
+from engine.runner import ModelRunner
+from model.dit import ChunkGroup, VideoDiT
 from model.folder import MagiModel
 from model.kv_cache import KVCache
 from model.parallel import split_tiled_decode, ulysses_forward
 from model.sharding import ShardedDiT, load_dit_shard
-from model.vae import ViTVAE, load_vae
-
-# A cache operation to replay on followers: (kind, cache id, argument); kind is "drop_before"
-# (argument: the first chunk kept), "clear" or "release" (argument None).
-CacheOp = tuple[str, int, int | None]
+from model.text import TextConditioning
+from model.vae import ViTVAE
+from scheduler.plan import StepPlan
+from scheduler.session import SessionParams
 
 
 class GroupLost(RuntimeError):
@@ -99,44 +94,25 @@ def load_rank_dit(
     return load_dit_shard(folder, read_config(folder), rank, world_size)
 
 
-def load_rank0(folder: str | Path, group: RankGroup) -> tuple[MagiModel, GroupForward]:
-    """Rank 0's model (VAE, text, and for the runner's null caption the DiT's replicated part)
-    and the group forward its engine runs in place of `model.dit`."""
+def load_rank(folder: str | Path, group: RankGroup) -> tuple[MagiModel, GroupForward]:
+    """Any rank's model (VAE, text side, special tokens, and for the null caption the DiT's
+    replicated part) and the group forward its runner calls in place of `model.dit`."""
     from model.folder import load_model
 
     share = load_rank_dit(folder, group.rank, group.world_size, group)
     dit = share.dit if isinstance(share, ShardedDiT) else share
     model = load_model(folder, dit=dit)
     num_layers = model.config.model_config.num_layers
-    return model, GroupForward(share, group, num_layers, vae=model.vae)
-
-
-def load_rank_vae(folder: str | Path) -> ViTVAE:
-    """A follower's VAE, for its tiles of the split decodes."""
-    from model.folder import folder_paths, read_config
-
-    config = read_config(folder)
-    return load_vae(folder_paths(folder, config).vae, dtype=config.model_config.dtype)
+    return model, GroupForward(share, group, num_layers, model.vae)
 
 
 # ---- messages ---------------------------------------------------------------------------
 
 
 @dataclass
-class _WireGroup:
-    """A `ChunkGroup` as sent: the cache by id, everything else as is."""
-
-    chunks: list[ChunkInput]
-    cache_id: int | None
-    cached_chunks: list[int]
-
-
-@dataclass
 class _Message:
-    ops: list[CacheOp] = field(default_factory=list)  # cache operations, before the forward
-    groups: list[_WireGroup] | None = None  # the forward to run; None: no forward
-    decode: Tensor | None = None  # latents (already / scale factor) to decode, split by tiles
-    tile_frames: int = 12  # the decode's temporal tile
+    opened: list[SessionParams] = field(default_factory=list)  # sessions to open, in order
+    plan: StepPlan | None = None  # the step to run (its frees included); None: nothing to run
     stop: bool = False  # the group is shutting down
 
 
@@ -154,72 +130,36 @@ def _receive(group: RankGroup) -> _Message:
     return pickle.loads(data.numpy().tobytes())
 
 
-# ---- rank 0 -----------------------------------------------------------------------------
-
-
-class MirroredKVCache(KVCache):
-    """Rank 0's cache of one session: every operation that changes which chunks it holds is
-    also logged for the followers' copies (writes happen inside the forward on every rank)."""
-
-    def __init__(self, num_layers: int, cache_id: int, log: list[CacheOp]) -> None:
-        super().__init__(num_layers)
-        self.cache_id = cache_id
-        self._log = log
-
-    def drop_before(self, chunk_index: int) -> None:
-        super().drop_before(chunk_index)
-        self._log.append(("drop_before", self.cache_id, chunk_index))
-
-    def clear(self) -> None:
-        super().clear()
-        self._log.append(("clear", self.cache_id, None))
+# ---- every rank -------------------------------------------------------------------------
 
 
 @dataclass
-class GroupStats:
-    """What the messages cost (rank 0), to check they are not the bottleneck."""
+class ForwardStats:
+    """What this rank's share of the steps cost."""
 
     forwards: int = 0
-    message_bytes: int = 0
-    send_s: float = 0.0  # pickling + broadcasting the messages
+    decodes: int = 0
     forward_s: float = 0.0  # ulysses_forward itself
 
 
 class GroupForward:
-    """Rank 0's stand-in for `model.dit`: calling it with `groups` runs the packed forward on
-    every rank of the group and returns the velocities; `new_cache()` makes caches the followers
-    mirror."""
+    """A rank's stand-in for `model.dit` in its runner: calling it runs the packed forward
+    together with the other ranks (each computing its share) and returns all velocities;
+    `decode` splits a VAE decode over the ranks (the frames come back on rank 0 only)."""
 
     def __init__(
-        self,
-        dit: VideoDiT | ShardedDiT,
-        group: RankGroup,
-        num_layers: int,
-        vae: ViTVAE | None = None,
+        self, dit: VideoDiT | ShardedDiT, group: RankGroup, num_layers: int, vae: ViTVAE
     ) -> None:
-        if group.rank != 0:
-            raise ValueError("GroupForward runs on rank 0; other ranks call serve_follower")
         # `dit`: whatever `ulysses_forward` takes (what `load_rank_dit` returns on this rank)
-        self.dit, self.group, self.num_layers = dit, group, num_layers
-        self.vae = vae  # with a VAE, decodes are split over the ranks by tiles
-        self.stats = GroupStats()
-        self._ops: list[CacheOp] = []
-        self._next_id = 0
-        self._closed = False
+        self.dit, self.group, self.num_layers, self.vae = dit, group, num_layers, vae
+        self.stats = ForwardStats()
 
     def new_cache(self) -> KVCache:
-        cache = MirroredKVCache(self.num_layers, self._next_id, self._ops)
-        # A session dropped without a clear (a refused open, a forgotten session) still frees
-        # its followers' copies: the release goes out with the next message.
-        weakref.finalize(cache, self._ops.append, ("release", self._next_id, None))
-        self._next_id += 1
-        return cache
+        # under Ulysses a rank's cache holds its own KV heads, written inside the forward
+        return KVCache(self.num_layers)
 
     def __call__(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
-        wire = [_wire(g) for g in groups]
         t0 = time.perf_counter()
-        self._broadcast(_Message(ops=self._take_ops(), groups=wire))
-        t1 = time.perf_counter()
         try:
             velocities = ulysses_forward(self.dit, groups, self.group.forward)
         except Exception as e:
@@ -227,40 +167,59 @@ class GroupForward:
             # way the ranks may be out of step now, so the group is not used again.
             raise GroupLost(f"the parallel forward failed: {type(e).__name__}: {e}") from e
         self.stats.forwards += 1
-        self.stats.send_s += t1 - t0
-        self.stats.forward_s += time.perf_counter() - t1
+        self.stats.forward_s += time.perf_counter() - t0
         return velocities
 
-    def decode(self, z: Tensor, tile_frames: int) -> Tensor:
+    def decode(self, z: Tensor, tile_frames: int) -> Tensor | None:
         """`vae.tiled_decode(z)` with the tiles spread over the ranks (split_tiled_decode:
-        bit-identical; measured 0.65x the time of rank 0 alone at 2 ranks, docs/parallel.md)."""
-        if self.vae is None:
-            raise ValueError("this GroupForward was made without a VAE")
-        self._broadcast(_Message(ops=self._take_ops(), decode=z, tile_frames=tile_frames))
+        bit-identical; measured 0.65x the time of rank 0 alone at 2 ranks, docs/parallel.md).
+        The video on rank 0; None on the others."""
         try:
             video = split_tiled_decode(self.vae, z, self.group.forward, 0, tile_frames=tile_frames)
         except Exception as e:
             raise GroupLost(f"the split decode failed: {type(e).__name__}: {e}") from e
-        assert video is not None  # rank 0 is the root
+        self.stats.decodes += 1
         return video
 
+
+# ---- rank 0 -----------------------------------------------------------------------------
+
+
+@dataclass
+class LinkStats:
+    """What the step messages cost (rank 0), to check they are not the bottleneck."""
+
+    steps: int = 0  # messages that carried a plan
+    message_bytes: int = 0
+    send_s: float = 0.0  # pickling + broadcasting the messages
+
+
+class StepLink:
+    """Rank 0's side of the protocol: the engine sends each plan (and the sessions opened
+    since the last one) before it runs the plan itself."""
+
+    def __init__(self, group: RankGroup) -> None:
+        if group.rank != 0:
+            raise ValueError("StepLink sends from rank 0; other ranks call serve_follower")
+        self.group = group
+        self.stats = LinkStats()
+        self._closed = False
+
+    def send(self, plan: StepPlan | None, opened: list[SessionParams]) -> None:
+        t0 = time.perf_counter()
+        self._broadcast(_Message(opened=opened, plan=plan))
+        self.stats.send_s += time.perf_counter() - t0
+        self.stats.steps += plan is not None
+
     def sync(self) -> None:
-        """Flush cache operations and show the followers rank 0 is alive (call when idle)."""
-        self._broadcast(_Message(ops=self._take_ops()))
+        """Show the followers rank 0 is alive (call when idle)."""
+        self._broadcast(_Message())
 
     def close(self) -> None:
         """Tell the followers to return; rank 0 stays in the group until `leave_group`."""
         if not self._closed:
             self._closed = True
-            self._broadcast(_Message(ops=self._take_ops(), stop=True))
-
-    def _take_ops(self) -> list[CacheOp]:
-        # In place: the caches (and their finalizers) append to this very list, and one may
-        # append while we copy (a garbage collection), so only what was copied is removed.
-        n = len(self._ops)
-        ops = self._ops[:n]
-        del self._ops[:n]
-        return ops
+            self._broadcast(_Message(stop=True))
 
     def _broadcast(self, message: _Message) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -271,59 +230,35 @@ class GroupForward:
         self.stats.message_bytes += len(data)
 
 
-def _wire(group: ChunkGroup) -> _WireGroup:
-    cache = group.cache
-    if cache is not None and not isinstance(cache, MirroredKVCache):
-        raise TypeError("a group forward needs caches made by GroupForward.new_cache")
-    return _WireGroup(group.chunks, None if cache is None else cache.cache_id, group.cached_chunks)
-
-
 # ---- ranks 1..N-1 -----------------------------------------------------------------------
 
 
 @dataclass
 class FollowerStats:
+    steps: int = 0  # plans run
     forwards: int = 0
     decodes: int = 0
-    caches_left: int = 0  # caches still held when the stop came (0 once all sessions ended)
+    sessions_left: int = 0  # sessions still held when the stop came (0 once all ended)
 
 
 def serve_follower(
-    dit: VideoDiT | ShardedDiT, group: RankGroup, num_layers: int, vae: ViTVAE | None = None
+    model: MagiModel,
+    forward: GroupForward,
+    text_conditioning: TextConditioning | None = None,
 ) -> FollowerStats:
-    """Run rank 0's forwards (and this rank's tiles of its split decodes) until it sends stop.
-    A failed collective (rank 0 or another rank died) or forward raises out of here: the
-    process then exits and the group is restarted."""
-    caches: dict[int, KVCache] = {}
+    """Run rank 0's plans on this rank's own tensors until it sends stop. A failed collective
+    (rank 0 or another rank died) or step raises out of here: the process then exits and the
+    group is restarted. `text_conditioning` must be rank 0's."""
+    runner = ModelRunner(model, text_conditioning=text_conditioning, dit=forward)
     stats = FollowerStats()
     while True:
-        message = _receive(group)
-        for kind, cache_id, argument in message.ops:
-            if kind == "drop_before" and cache_id in caches:
-                caches[cache_id].drop_before(argument)
-            elif kind in ("clear", "release"):
-                caches.pop(cache_id, None)  # a cleared cache is an empty one: made on next use
+        message = _receive(forward.group)
         if message.stop:
-            stats.caches_left = len(caches)
+            stats.sessions_left = len(runner.sessions)
+            stats.forwards, stats.decodes = forward.stats.forwards, forward.stats.decodes
             return stats
-        if message.decode is not None:
-            if vae is None:
-                raise ValueError("rank 0 split a decode but this rank has no VAE")
-            split_tiled_decode(
-                vae, message.decode, group.forward, 0, tile_frames=message.tile_frames
-            )
-            stats.decodes += 1
-        if message.groups is None:
-            continue
-        groups = [
-            ChunkGroup(
-                w.chunks,
-                None if w.cache_id is None else caches.setdefault(w.cache_id, KVCache(num_layers)),
-                w.cached_chunks,
-            )
-            for w in message.groups
-        ]
-        # Any failure raises out of here, like rank 0's GroupLost: after a failed forward the
-        # ranks may be out of step, so the whole group is restarted.
-        ulysses_forward(dit, groups, group.forward)
-        stats.forwards += 1
+        for params in message.opened:
+            runner.open(params)
+        if message.plan is not None:
+            runner.execute(message.plan)
+            stats.steps += 1

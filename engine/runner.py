@@ -124,7 +124,7 @@ class DitForward(Protocol):
 
     def new_cache(self) -> KVCache: ...
 
-    def decode(self, z: Tensor, tile_frames: int) -> Tensor: ...
+    def decode(self, z: Tensor, tile_frames: int) -> Tensor | None: ...  # None off rank 0
 
 
 class ModelRunner:
@@ -408,6 +408,8 @@ class ModelRunner:
                 video = self.dit.decode(z, tile_frames)
             else:
                 video = self.model.vae.tiled_decode(z, tile_frames=tile_frames)
+            if video is None:  # a follower rank: its tiles went to rank 0, which keeps frames
+                continue
             frames = to_uint8_frames(video).unflatten(0, (len(members), -1)).cpu()
             seconds = (time.perf_counter() - t0) / len(members)
             for (sid, c, _, latent), f in zip(members, frames, strict=True):

@@ -161,6 +161,10 @@ class ChunkScheduler:
 
     # ---- one step --------------------------------------------------------------------------
 
+    def pending_frees(self) -> tuple[str, ...]:
+        """Sessions that ended since the last plan; the next plan frees them."""
+        return tuple(self._freed)
+
     def take_freed(self) -> tuple[str, ...]:
         """Sessions that ended since the last plan (the engine frees their tensors)."""
         freed, self._freed = tuple(self._freed), []

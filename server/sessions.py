@@ -169,7 +169,7 @@ class SessionManager:
         session = self.get(prompt.session_id)
         if session.ended:
             raise NotSteerable(
-                f"session {session.id!r} has ended ({session.state}); "
+                f"session {session.id!r} has ended ({session.state.value}); "
                 "there is no chunk left to steer"
             )
         n = session.spec.num_chunks
@@ -202,7 +202,7 @@ class SessionManager:
         reason: str,
         state: SessionState = SessionState.CANCELLED,
         code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
-    ) -> str:
+    ) -> SessionState:
         """End a session now (the worker frees it within one step); its state afterwards."""
         session = self.get(session_id)
         if session.ended:
@@ -285,10 +285,7 @@ class SessionManager:
             self.metrics.frames_generated.inc(message.frame_count)
             session.push(message)
         elif isinstance(message, ipc.SessionEnded):
-            code = {
-                SessionState.FINISHED: grpc.StatusCode.OK,
-                SessionState.CANCELLED: grpc.StatusCode.CANCELLED,
-            }.get(message.state, grpc.StatusCode.INTERNAL)
+            code = _END_CODES.get(message.state, grpc.StatusCode.INTERNAL)
             self._end(session, message.state, code, message.error or "")
 
     @staticmethod
@@ -313,18 +310,20 @@ class SessionManager:
         for session in self.live():
             self._end(session, SessionState.FAILED, grpc.StatusCode.UNAVAILABLE, message)
 
-    def _end(self, session: LiveSession, state: str, code: grpc.StatusCode, message: str) -> None:
+    def _end(
+        self, session: LiveSession, state: SessionState, code: grpc.StatusCode, message: str
+    ) -> None:
         session.end = SessionEnd(state, code, message)
         session.state = state
         session.ended_at = time.monotonic()
         session.push(session.end)
-        self.metrics.sessions_finished.labels(state, code.name).inc()
+        self.metrics.sessions_finished.labels(state.value, code.name).inc()
         self._refresh_gauges()
         event(
             logger,
             "session.ended",
             session.id,
-            state=state,
+            state=state.value,
             code=code.name,
             streamed=session.chunks_done,
             wall_s=session.wall_time_s,

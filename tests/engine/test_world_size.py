@@ -1,22 +1,14 @@
-"""The engine on a worker group (engine.ranks): rank 0 schedules and broadcasts each step, every
-rank runs its share of the forward. A whole generation with a mid-stream prompt change gives
-what one rank gives, and the followers' mirrored caches end empty."""
+"""The engine on a worker group (engine.ranks): rank 0 schedules and broadcasts each plan, every
+rank runs it on its own tensors with its share of the forward. A whole generation with a
+mid-stream prompt change gives what one rank gives, and a free in a plan frees on every rank."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine.engine import Engine
-from engine.ranks import (
-    FollowerStats,
-    RankGroup,
-    load_rank0,
-    load_rank_dit,
-    load_rank_vae,
-    serve_follower,
-)
+from engine.ranks import FollowerStats, RankGroup, StepLink, load_rank, serve_follower
 from model import parallel
-from model.folder import read_config
 from scheduler.session import SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
@@ -36,14 +28,16 @@ def generate(engine: Engine) -> tuple[dict, dict, int]:
 
 def _rank(rank: int, world: int, process_group, folder: str):
     group = RankGroup(rank, world, forward=process_group, control=process_group)
-    layers = read_config(folder).model_config.num_layers
+    model, forward = load_rank(folder, group)
     if rank != 0:
-        dit, vae = load_rank_dit(folder, rank, world, group), load_rank_vae(folder)
-        return serve_follower(dit, group, layers, vae)
-    model, forward = load_rank0(folder, group)
-    result = generate(Engine(model, dit=forward))
-    forward.close()
-    return (*result, forward.stats)
+        return serve_follower(model, forward)
+    link = StepLink(group)
+    engine = Engine(model, dit=forward, link=link)
+    result = generate(engine)
+    held_after_the_end = len(engine.runner.sessions)
+    engine.sync()  # idle: the plan that frees the finished session goes out
+    link.close()
+    return (*result, held_after_the_end, link.stats, forward.stats)
 
 
 @pytest.fixture(scope="module")
@@ -55,32 +49,25 @@ def single_rank(tiny_model):
 def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, stats), *followers = parallel.launch(
+    (latents, frames, from_chunk, held, link, forward), *followers = parallel.launch(
         _rank, world, str(tiny_folder)
     )
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]
     for c in latents:
         assert (latents[c] - want_latents[c]).abs().max() < 1e-4, c
         assert (frames[c].int() - want_frames[c].int()).abs().max() <= 1, c
-    # every rank ran every forward, and each follower released its session's cache
+    # every rank ran every plan and every forward
     assert all(isinstance(f, FollowerStats) for f in followers)
-    assert {f.forwards for f in followers} == {stats.forwards} and stats.forwards > 0
-    assert all(f.caches_left == 0 for f in followers)
+    assert {f.steps for f in followers} == {link.steps} and link.steps > 0
+    assert {f.forwards for f in followers} == {forward.forwards} and forward.forwards > 0
+    # rank 0 freed the finished session at once; the next plan freed it on every other rank
+    assert held == 0 and all(f.sessions_left == 0 for f in followers)
     # the chunks' decodes were split over the ranks (one decode per finished chunk here)
     assert {f.decodes for f in followers} == {3}
-    # the step messages are small next to the forward they drive
-    assert stats.send_s < stats.forward_s
+    # the plans are small next to the forwards they drive (the prompt and nothing else)
+    assert link.send_s < forward.forward_s
     print(
-        f"world {world}: {stats.forwards} forwards, {stats.message_bytes / stats.forwards:.0f}"
-        f" B/message, send {1e3 * stats.send_s / stats.forwards:.2f} ms,"
-        f" forward {1e3 * stats.forward_s / stats.forwards:.1f} ms"
+        f"world {world}: {link.steps} plans, {link.message_bytes / link.steps:.0f} B/message,"
+        f" send {1e3 * link.send_s / link.steps:.2f} ms,"
+        f" forward {1e3 * forward.forward_s / forward.forwards:.1f} ms"
     )
-
-
-def test_a_plain_cache_is_refused_by_the_group_forward():
-    from engine.ranks import _wire
-    from model.dit import ChunkGroup
-    from model.kv_cache import KVCache
-
-    with pytest.raises(TypeError, match="GroupForward.new_cache"):
-        _wire(ChunkGroup([], KVCache(1)))
