@@ -87,6 +87,7 @@ class Engine:
     def open(self, params: SessionParams) -> Session:
         """Create a session: encode its prefix, size its window, reserve its memory. Raises
         AdmissionRefused when full and ValueError for a request the model cannot serve."""
+        params.check_openable()
         rc, ec = self.model.config.runtime_config, self.model.config.engine_config
         existing = self.scheduler.sessions.get(params.session_id)
         if existing is not None and not existing.finished:

@@ -29,21 +29,28 @@ class PromptEntry:
 
 @dataclass(frozen=True)
 class SessionParams:
-    """A validated request. The server checks every field before this is built."""
+    """The request record: built once by validation at the edge, completed by the server (id,
+    seed, decoded inputs) and opened by the engine as it is, over the Pipe too. A new request
+    field is added here, in the proto, in validation and where it is used."""
 
-    session_id: str
+    session_id: str  # "" until the server assigns one (a request may name its own)
     prompts: tuple[tuple[int, str], ...]  # (from_chunk, text); the first must start at chunk 0
     num_chunks: int | None  # generated chunks (prefix excluded); None = until cancelled
     height: int  # pixels, multiple of 16
     width: int  # pixels, multiple of 16
-    seed: int = 0  # the noise of chunk c comes from a generator keyed by (seed, c)
+    seed: int | None = 0  # chunk c's noise comes from (seed, c); None until the server picks
     mode: str = "t2v"  # t2v / i2v / v2v
-    image: np.ndarray | None = None  # i2v: uint8 (H, W, 3), already scaled to height x width
-    video: np.ndarray | None = None  # v2v: uint8 (T, H, W, 3) at 24 fps, scaled; its last frames
+    # i2v: the image as validated (encoded bytes), then decoded by the server: uint8 (H, W, 3)
+    # scaled to height x width. None in the server's retained copy (nothing held past need).
+    image: np.ndarray | bytes | None = None
+    # v2v: likewise the prefix video: encoded, then uint8 (T, H, W, 3) at the model fps, scaled
+    video: np.ndarray | bytes | None = None
     num_steps: int | None = None  # override of runtime_config.num_steps
     shortcut_mode: str | None = None  # override of engine_config.shortcut_mode (12 steps)
     text_scales: tuple[float, ...] | None = None  # override of runtime_config.text_scales
     prev_chunk_scales: tuple[float, ...] | None = None  # override of prev_chunk_scales
+    output_encoding: int = 0  # the payload the client asked for (proto OutputEncoding); the
+    #                           edge's alone: the engine ignores it
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,10 +59,18 @@ class SessionParams:
             raise ValueError("the prompt timeline must start with an entry for chunk 0")
         if self.num_chunks is not None and self.num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1 or None, got {self.num_chunks}")
-        if (self.mode == "i2v") != (self.image is not None):
-            raise ValueError("an image is given exactly when mode is i2v")
-        if (self.mode == "v2v") != (self.video is not None):
-            raise ValueError("a prefix video is given exactly when mode is v2v")
+        if self.image is not None and self.mode != "i2v":
+            raise ValueError("an image is given only when mode is i2v")
+        if self.video is not None and self.mode != "v2v":
+            raise ValueError("a prefix video is given only when mode is v2v")
+
+    def check_openable(self) -> None:
+        """What the engine needs before it opens the request: an id, a seed, decoded inputs."""
+        if not self.session_id or self.seed is None:
+            raise ValueError("a session is opened with its id and seed set")
+        given = {"i2v": self.image, "v2v": self.video}
+        if self.mode in given and (given[self.mode] is None or isinstance(given[self.mode], bytes)):
+            raise ValueError(f"{self.mode} needs its input decoded to uint8 frames")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ import numpy as np
 from engine import ipc
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
-from scheduler.session import SessionState
+from scheduler.session import SessionParams, SessionState
 from server import convert
 from server.config import Limits
 from server.encode import VideoEncoding, encode_fmp4_chunk, split_raw_frames
@@ -29,7 +30,6 @@ from server.interceptors import deadline_passed
 from server.metrics import Metrics
 from server.sessions import LiveSession, SessionEnd, SessionManager
 from server.validation import (
-    GenerateSpec,
     ServedModel,
     decode_inputs,
     parse_cancel,
@@ -129,12 +129,12 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
             self.sessions.release(session, f"its call failed: {e}")
             raise
 
-    async def _open(self, spec: GenerateSpec) -> LiveSession:
+    async def _open(self, params: SessionParams) -> LiveSession:
         """Decode the inputs off the event loop, then hand the session to the worker."""
         image, video = await asyncio.get_running_loop().run_in_executor(
-            self.pool, decode_inputs, spec, self.model, self.limits
+            self.pool, decode_inputs, params, self.model, self.limits
         )
-        return await self.sessions.open(spec, image, video)
+        return await self.sessions.open(dataclasses.replace(params, image=image, video=video))
 
     async def _events(self, session: LiveSession) -> AsyncIterator[pb.GenerateEvent]:
         """started, then each chunk as it comes (encoded in the pool), then finished."""

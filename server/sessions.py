@@ -8,6 +8,7 @@ then the end). Ended sessions stay visible to GetSession for `ttl_s`, then are f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -16,7 +17,6 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from engine import ipc
 from engine.logs import event
@@ -31,7 +31,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.supervisor import Supervisor
-from server.validation import GenerateSpec, PromptSpec
+from server.validation import PromptSpec
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,16 @@ class SessionEnd:
 class LiveSession:
     """One session's client-visible record and its event queue."""
 
-    def __init__(self, session_id: str, spec: GenerateSpec, seed: int) -> None:
-        self.id = session_id
-        self.spec = spec
-        self.seed = seed
+    def __init__(self, params: SessionParams) -> None:
+        self.id = params.session_id
+        # the request as opened, without its image or video: nothing is held past need
+        self.spec = dataclasses.replace(params, image=None, video=None)
+        self.seed = params.seed
         self.state = SessionState.QUEUED
         self.queue_position = 0
         self.next_steerable_chunk: int | None = 0
-        self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(spec.prompts))
-        self.prompt_version = len(spec.prompts)
+        self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(params.prompts))
+        self.prompt_version = len(params.prompts)
         self.accepted_at = time.monotonic()
         self.time_to_first_chunk_s: float | None = None
         self.last_chunk_at: float | None = None
@@ -105,15 +106,13 @@ class SessionManager:
 
     # ---- requests -------------------------------------------------------------------------
 
-    async def open(
-        self, spec: GenerateSpec, image: np.ndarray | None, video: np.ndarray | None
-    ) -> LiveSession:
-        """Hand a validated request to the worker; returns once it is running or queued."""
-        session = await self._reserve(spec)
+    async def open(self, params: SessionParams) -> LiveSession:
+        """Hand a validated request (inputs decoded) to the worker; returns once it is running
+        or queued. The record goes down as it is, with the session id and seed now set."""
+        params = await self._reserve(params)
+        session = self.sessions[params.session_id]
         try:
-            answer = await self._ask(
-                self._opening, session.id, _open_command(session, image, video)
-            )
+            answer = await self._ask(self._opening, session.id, ipc.OpenSession(params))
         except asyncio.CancelledError:  # the client left while we waited for the worker
             self.cancel(session.id, "client went away while the session opened")
             raise
@@ -134,26 +133,28 @@ class SessionManager:
             logger,
             "session.opened",
             session.id,
-            mode=spec.mode,
-            chunks=spec.num_chunks,
-            size=f"{spec.width}x{spec.height}",
+            mode=params.mode,
+            chunks=params.num_chunks,
+            size=f"{params.width}x{params.height}",
             queue_position=answer.queue_position,
         )
         return session
 
-    async def _reserve(self, spec: GenerateSpec) -> LiveSession:
-        """Claim the session id once the worker is up (or refuse)."""
+    async def _reserve(self, params: SessionParams) -> SessionParams:
+        """Claim the session id once the worker is up (or refuse); the record with its id and
+        seed set."""
         self._refuse_if_draining()
-        session_id = spec.session_id or uuid.uuid4().hex
+        session_id = params.session_id or uuid.uuid4().hex
         if session_id in self.sessions:
             raise SessionExists(session_id)
         await self.supervisor.wait_ready(self.startup_timeout_s)
         self._refuse_if_draining()
         if session_id in self.sessions:  # taken while we waited
             raise SessionExists(session_id)
-        seed = spec.seed if spec.seed is not None else secrets.randbits(63)
-        session = self.sessions[session_id] = LiveSession(session_id, spec, seed)
-        return session
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        params = dataclasses.replace(params, session_id=session_id, seed=seed)
+        self.sessions[session_id] = LiveSession(params)
+        return params
 
     async def _ask(self, pending: dict, key: object, command: ipc.Command) -> ipc.Event:
         """Send a command and wait for the event that answers it (matched by key)."""
@@ -334,27 +335,3 @@ class SessionManager:
         live = self.live()
         self.metrics.sessions_active.set(sum(s.state == SessionState.RUNNING for s in live))
         self.metrics.sessions_queued.set(sum(s.state == SessionState.QUEUED for s in live))
-
-
-def _open_command(
-    session: LiveSession, image: np.ndarray | None, video: np.ndarray | None
-) -> ipc.OpenSession:
-    """The request record the engine opens, built once here and passed down unchanged."""
-    spec = session.spec
-    return ipc.OpenSession(
-        SessionParams(
-            session_id=session.id,
-            prompts=spec.prompts,
-            num_chunks=spec.num_chunks,
-            height=spec.height,
-            width=spec.width,
-            seed=session.seed,
-            mode=spec.mode,
-            image=image,
-            video=video,
-            num_steps=spec.num_steps,
-            shortcut_mode=spec.shortcut_mode,
-            text_scales=spec.text_scales,
-            prev_chunk_scales=spec.prev_chunk_scales,
-        )
-    )

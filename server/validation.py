@@ -14,6 +14,7 @@ import numpy as np
 
 from model.config import MagiConfig, preset_name
 from proto import video_generation_pb2 as pb
+from scheduler.session import SessionParams
 from server import media
 from server.config import GRPC_MESSAGE_BYTES, RAW_FRAME_OVERHEAD_BYTES, Limits
 from server.errors import InvalidRequest
@@ -57,26 +58,6 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
-class GenerateSpec:
-    """A validated GenerateRequest, every default resolved except the seed."""
-
-    session_id: str | None  # None = the server assigns one
-    mode: str  # t2v / i2v / v2v
-    prompts: tuple[tuple[int, str], ...]  # (from_chunk, text), output chunk indices
-    num_chunks: int | None  # None = until cancelled
-    width: int  # pixels
-    height: int  # pixels
-    seed: int | None  # None = the server picks one
-    num_steps: int
-    shortcut_mode: str  # engine form, e.g. "8,16,16"
-    text_scales: tuple[float, ...] | None  # None = the model's
-    prev_chunk_scales: tuple[float, ...] | None  # None = the model's
-    output_encoding: int  # pb.OutputEncoding, UNSPECIFIED resolved
-    image: bytes | None = None  # I2V, header already checked
-    video: bytes | None = None  # V2V, header already checked
-
-
-@dataclass(frozen=True)
 class PromptSpec:
     session_id: str  # may be empty on Interact (the stream's session)
     text: str
@@ -87,7 +68,11 @@ class PromptSpec:
 # ---- GenerateRequest -------------------------------------------------------------------------
 
 
-def parse_generate(request: pb.GenerateRequest, model: ServedModel, limits: Limits) -> GenerateSpec:
+def parse_generate(
+    request: pb.GenerateRequest, model: ServedModel, limits: Limits
+) -> SessionParams:
+    """The request record, every default resolved but the session id and seed (the server
+    assigns those when it opens the session); the image or video still encoded."""
     if request.model not in ("", model.name):
         raise InvalidRequest(
             "model",
@@ -108,8 +93,8 @@ def parse_generate(request: pb.GenerateRequest, model: ServedModel, limits: Limi
         video = _media(
             request.prefix_video, "prefix_video", limits.max_video_bytes, limits, media.probe_mp4
         )
-    return GenerateSpec(
-        session_id=request.session_id or None,
+    return SessionParams(
+        session_id=request.session_id,
         mode=mode,
         prompts=_timeline(request.timeline, num_chunks, limits),
         num_chunks=num_chunks,
@@ -298,7 +283,7 @@ def _media(data: bytes, field: str, max_bytes: int, limits: Limits, probe) -> by
 
 
 def decode_inputs(
-    spec: GenerateSpec, model: ServedModel, limits: Limits
+    spec: SessionParams, model: ServedModel, limits: Limits
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(image, video) pixels scaled to the request's size; runs in the thread pool."""
     try:

@@ -44,7 +44,7 @@ def test_defaults_are_resolved_from_the_model():
     )
     assert (spec.mode, spec.width, spec.height, spec.num_steps) == ("t2v", 64, 64, 8)
     assert spec.output_encoding == pb.OUTPUT_ENCODING_FMP4_H264
-    assert spec.seed is None and spec.session_id is None and spec.prompts == ((0, "x"),)
+    assert spec.seed is None and spec.session_id == "" and spec.prompts == ((0, "x"),)
 
 
 @pytest.mark.parametrize(
