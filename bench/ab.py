@@ -5,10 +5,10 @@ both sides back to back, so drifts of the machine hit both.
 
     .venv/bin/python bench/ab.py --base 5659e57 --rounds 3 -- bench/batching.py --quick
 
-Every table row that holds a ratio ("2.69x") becomes one series, keyed by the row's first cell
-and the column's header. For each series it prints A's and B's medians and the median of the
-pairwise B/A quotients over the rounds, with their range (the spread). The first round of each
-side is a warm-up and is not counted.
+Every number in a table row that holds a ratio ("2.69x") becomes one series, keyed by the
+row's first cell and the column's header. For each series it prints A's and B's medians and the
+median of the pairwise B/A quotients over the rounds, with their range (the spread). The first
+round of each side is a warm-up and is not counted.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO = re.compile(r"^(\d+(?:\.\d+)?)x$")
+NUMBER = re.compile(r"^(\d+(?:\.\d+)?)x?$")
 
 
 def ratios(output: str) -> dict[str, float]:
-    """`row first cell / column header` -> the ratio, from every `|`-separated table."""
+    """`row first cell / column header` -> the number, for every table row that holds a ratio
+    (the ratio and the measurements beside it)."""
     found: dict[str, float] = {}
     header: list[str] = []
     context = ""
@@ -43,8 +45,8 @@ def ratios(output: str) -> dict[str, float]:
             header = cells
             continue
         for i, cell in enumerate(cells):
-            m = RATIO.match(cell)
-            if m:
+            m = NUMBER.match(cell)
+            if m and i > 0:
                 column = header[i] if i < len(header) else f"col{i}"
                 found[f"{context} :: {cells[0]} :: {column}"] = float(m.group(1))
     return found
@@ -101,7 +103,7 @@ def main() -> int:
         a_vals, b_vals = series[key]
         quotients = [b / a for a, b in zip(a_vals, b_vals, strict=True)]
         print(
-            f"{key} | {statistics.median(a_vals):.2f}x | {statistics.median(b_vals):.2f}x | "
+            f"{key} | {statistics.median(a_vals):.2f} | {statistics.median(b_vals):.2f} | "
             f"{statistics.median(quotients):.2f} ({min(quotients):.2f}..{max(quotients):.2f})"
         )
     return 0
