@@ -41,6 +41,7 @@ class ChunkDone:
     frames: Tensor  # uint8 (T, H, W, 3), on the host
     latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
     prompt: PromptEntry  # the prompt that drove this chunk
+    queue_s: float  # waiting before it entered (admission for the first chunk, pauses after)
     denoise_s: float  # wall time from the chunk entering the window to its last step
     decode_s: float  # VAE decode time
 
@@ -199,6 +200,7 @@ class Engine:
                 frames=produced[(out.session_id, out.chunk_index)].frames,
                 latent=produced[(out.session_id, out.chunk_index)].latent,
                 prompt=out.prompt,
+                queue_s=out.queue_s,
                 denoise_s=out.denoise_s,
                 decode_s=out.decode_s,
             )

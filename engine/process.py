@@ -19,7 +19,6 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -158,18 +157,6 @@ def _ensure_folder(config: WorkerConfig) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@dataclass
-class _Track:
-    """Worker-side bookkeeping of one session, for the chunk timings and change reports."""
-
-    checked: float  # when waiting was last accounted
-    served: int = 0  # forwards_served at that time
-    waited_s: float = 0.0  # time not served since the last chunk entered
-    last_entered: int = -1  # newest chunk (global) seen entering
-    queue_s: dict[int, float] = field(default_factory=dict)  # global chunk -> its wait
-    reported: ipc.SessionProgress | None = None
-
-
 class WorkerLoop:
     def __init__(
         self,
@@ -181,7 +168,7 @@ class WorkerLoop:
         self.engine = engine
         self.sched = engine.scheduler
         self.config = config
-        self.tracks: dict[str, _Track] = {}
+        self.reported: dict[str, ipc.SessionProgress] = {}  # the last progress sent
         self.stalled = False  # the last step planned nothing: wait for a command
         self.last_heartbeat = 0.0
 
@@ -195,7 +182,7 @@ class WorkerLoop:
                 self._apply(command)
             if not self.stalled and self.sched.has_work():
                 self._step()
-            self._account_waits()
+            self.sched.account_waits()
             self._report()
             self._heartbeat()
 
@@ -239,7 +226,6 @@ class WorkerLoop:
             logger.exception("opening session %s failed", sid)
             self.conn.send(ipc.OpenRefused(sid, "internal", f"{type(e).__name__}: {e}"))
             return
-        self.tracks[sid] = _Track(checked=time.monotonic())
         position = self.sched.queue_position(sid)
         self.conn.send(ipc.SessionOpened(sid, 0 if position is None else position + 1))
 
@@ -252,20 +238,18 @@ class WorkerLoop:
                 )
             )
             return
-        offset = session.prefix_chunks
-        start = None if cmd.from_chunk is None else cmd.from_chunk + offset
+        start = None if cmd.from_chunk is None else session.to_global(cmd.from_chunk)
         try:
             entry = self.sched.update_prompt(cmd.session_id, cmd.text, start, cmd.replace_later)
         except ValueError as e:
             self.conn.send(ipc.PromptRejected(cmd.request_id, cmd.session_id, str(e)))
             return
         timeline = tuple(
-            (e.from_chunk - offset, e.text, e.version) for e in session.timeline.entries
+            (session.to_output(e.from_chunk), e.text, e.version) for e in session.timeline.entries
         )
+        applied = session.to_output(entry.from_chunk)
         self.conn.send(
-            ipc.PromptApplied(
-                cmd.request_id, cmd.session_id, entry.from_chunk - offset, entry.version, timeline
-            )
+            ipc.PromptApplied(cmd.request_id, cmd.session_id, applied, entry.version, timeline)
         )
 
     # ---- one engine step ------------------------------------------------------------------
@@ -295,23 +279,11 @@ class WorkerLoop:
                 decode_s=stats.decode_s,
             )
         )
-        self._note_entries()
         for chunk in done:
             self._send_chunk(chunk)
 
-    def _note_entries(self) -> None:
-        """A chunk that entered this step takes the session's accumulated wait as its queue
-        time (admission wait for the first chunk, backpressure pauses for later ones)."""
-        for sid, track in self.tracks.items():
-            session = self.sched.sessions[sid]
-            for c in sorted(k for k in session.entered_at if k > track.last_entered):
-                track.queue_s[c] = track.waited_s
-                track.waited_s = 0.0
-                track.last_entered = c
-
     def _send_chunk(self, chunk: ChunkDone) -> None:
         frames = chunk.frames.contiguous().numpy()
-        queue_s = self.tracks[chunk.session_id].queue_s.pop(chunk.chunk_index, 0.0)
         self.conn.send(
             ipc.ChunkReady(
                 session_id=chunk.session_id,
@@ -323,7 +295,7 @@ class WorkerLoop:
                 frames=frames.tobytes(),
                 prompt_text=chunk.prompt.text,
                 prompt_version=chunk.prompt.version,
-                queue_s=queue_s,
+                queue_s=chunk.queue_s,
                 denoise_s=chunk.denoise_s,
                 decode_s=chunk.decode_s,
             )
@@ -331,22 +303,13 @@ class WorkerLoop:
 
     # ---- reports --------------------------------------------------------------------------
 
-    def _account_waits(self) -> None:
-        now = time.monotonic()
-        for sid, track in self.tracks.items():
-            served = self.sched.sessions[sid].forwards_served
-            if served == track.served:
-                track.waited_s += now - track.checked
-            track.served, track.checked = served, now
-
     def _report(self) -> None:
         """Send what changed: progress of live sessions, the end of finished ones."""
-        for sid in list(self.tracks):
-            session = self.sched.sessions[sid]
+        for sid, session in list(self.sched.sessions.items()):
             if session.finished:
                 self.conn.send(ipc.SessionEnded(sid, session.state, session.error))
                 self.sched.forget(sid)
-                del self.tracks[sid]
+                self.reported.pop(sid, None)
                 self.last_heartbeat = 0.0  # memory was freed: say so now
                 continue
             position = self.sched.queue_position(sid)
@@ -355,11 +318,11 @@ class WorkerLoop:
                 sid,
                 session.state,
                 0 if position is None else position + 1,
-                None if nxt is None else nxt - session.prefix_chunks,
+                None if nxt is None else session.to_output(nxt),
             )
-            if progress != self.tracks[sid].reported:
+            if progress != self.reported.get(sid):
                 self.conn.send(progress)
-                self.tracks[sid].reported = progress
+                self.reported[sid] = progress
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

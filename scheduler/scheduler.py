@@ -151,6 +151,17 @@ class ChunkScheduler:
             s.estimated_bytes for s in self.sessions.values() if s.state is SessionState.RUNNING
         )
 
+    def account_waits(self, now: float | None = None) -> None:
+        """Add the time since the last call to every session that was not served meanwhile:
+        its next chunk to enter takes that wait as its queue time."""
+        now = time.monotonic() if now is None else now
+        for s in self.sessions.values():
+            if s.finished:
+                continue
+            if s.forwards_served == s.served_at_check:
+                s.waited_s += now - s.wait_checked_at
+            s.served_at_check, s.wait_checked_at = s.forwards_served, now
+
     def chunks_in_flight(self) -> int:
         return sum(len(s.in_flight) for s in self.sessions.values() if not s.finished)
 
@@ -256,16 +267,18 @@ class ChunkScheduler:
         session.bound_prompts[chunk] = session.timeline.at(chunk)
         session.entered_at[chunk] = time.monotonic()
         session.in_flight.add(chunk)
+        session.queue_s[chunk], session.waited_s = session.waited_s, 0.0
 
     def _emit(self, session: Session, chunk: int, frame_count: int, decode_s: float) -> ChunkOut:
         entered = session.entered_at.pop(chunk, time.monotonic())
         result = ChunkOut(
             session_id=session.session_id,
             chunk_index=chunk,
-            output_index=session.chunks_out,
+            output_index=session.to_output(chunk),
             first_frame=session.frames_out,
             frame_count=frame_count,
             prompt=session.bound_prompts.pop(chunk),
+            queue_s=session.queue_s.pop(chunk, 0.0),
             denoise_s=time.monotonic() - entered - decode_s,
             decode_s=decode_s,
         )
@@ -280,6 +293,7 @@ class ChunkScheduler:
         session.in_flight.clear()
         session.bound_prompts.clear()
         session.entered_at.clear()
+        session.queue_s.clear()
         self._freed.append(session.session_id)
         if session.session_id in self._queue:
             self._queue.remove(session.session_id)

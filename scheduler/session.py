@@ -145,6 +145,7 @@ class ChunkOut:
     first_frame: int  # index of the first frame in the session's output video
     frame_count: int
     prompt: PromptEntry  # the prompt that drove this chunk
+    queue_s: float  # waiting before it entered: admission for the first chunk, pauses after
     denoise_s: float  # wall time from the chunk entering the window to its last step
     decode_s: float  # VAE decode time
 
@@ -167,6 +168,10 @@ class Session:
     frames_out: int = 0  # frames handed up so far
     created_at: float = field(default_factory=time.monotonic)
     error: str | None = None
+    waited_s: float = 0.0  # time not served since the last chunk entered (admission, pauses)
+    queue_s: dict[int, float] = field(default_factory=dict)  # chunk -> its wait, until output
+    wait_checked_at: float = field(default_factory=time.monotonic)  # waits accounted up to here
+    served_at_check: int = 0  # forwards_served then
 
     @property
     def session_id(self) -> str:
@@ -179,3 +184,12 @@ class Session:
     @property
     def finished(self) -> bool:
         return self.state.ended
+
+    # Chunk numbering: the scheduler counts a v2v prefix's chunks (global indices, as the
+    # official window does); clients never see them (output indices). These two are the only
+    # translation between the two.
+    def to_output(self, chunk_index: int) -> int:
+        return chunk_index - self.prefix_chunks
+
+    def to_global(self, output_index: int) -> int:
+        return output_index + self.prefix_chunks

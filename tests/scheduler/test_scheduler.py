@@ -562,3 +562,27 @@ def test_the_entering_chunk_carries_its_bound_prompt_and_every_noisy_chunk_has_o
                 assert prompts[s.forward.entered].from_chunk <= s.forward.entered
             for c, entry in prompts.items():
                 assert entry.text == ("two" if c >= 2 else "zero")
+
+
+def test_a_chunk_carries_the_wait_before_it_entered_admission_first_then_pauses():
+    sched = make_scheduler(max_running=1, max_queued=1)
+    sched.add(make_session("a", chunks=1))
+    sched.add(make_session("b", chunks=2))  # waits for a's slot
+    b = sched.get("b")
+    b.wait_checked_at = 0.0
+    now = 0.0
+    while sched.get("a").state is SessionState.RUNNING:
+        step(sched)
+        now += 1.0
+        sched.account_waits(now)  # one second per step, as the engine loop would account it
+    queued_for = b.waited_s
+    assert queued_for == now  # never served while a ran
+    outs = []
+    while sched.has_work():
+        _, done = step(sched)
+        outs += [o for o in done if o.session_id == "b"]
+        now += 1.0
+        sched.account_waits(now)
+    assert [o.output_index for o in outs] == [0, 1]
+    assert outs[0].queue_s == queued_for  # the admission wait
+    assert outs[1].queue_s == 0.0  # served every step since: no pause
