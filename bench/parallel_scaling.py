@@ -34,6 +34,7 @@ import torch.distributed as dist
 if __name__ == "__main__":  # run as a script: the repo root (holding model/) is not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import ranks
 from model import parallel
 from model.checkpoint import load_dit, random_dit, save_dit
 from model.config import MagiConfig, get_preset
@@ -169,7 +170,7 @@ def measure(
 ) -> Row:
     """One configuration, `rounds` launches of `repeats` timed steps (pooled)."""
     runs = [
-        parallel.launch(rank_main, world, str(folder), config, window, shard, threads, repeats)
+        ranks.launch(rank_main, world, str(folder), config, window, shard, threads, repeats)
         for _ in range(rounds)
     ]
     return make_row(runs, world, shard, threads)
@@ -216,7 +217,7 @@ def run(
         for _ in range(rounds):
             for world, shard, threads in cases:
                 runs[world, shard, threads].append(
-                    parallel.launch(
+                    ranks.launch(
                         rank_main, world, str(folder), config, window, shard, threads, repeats
                     )
                 )
@@ -262,7 +263,7 @@ def run_vae(quick: bool, repeats: int, worlds: Sequence[int]) -> list[tuple[int,
     case = vae_case(quick)
     rows = []
     for world in worlds:
-        results = parallel.launch(vae_rank_main, world, case, repeats)
+        results = ranks.launch(vae_rank_main, world, case, repeats)
         rows.append(
             (
                 world,

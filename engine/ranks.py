@@ -19,17 +19,21 @@ timeout; `close` sends the stop message.
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from engine.launch import RankSpec
+from engine.launch import RankSpec, free_port
 from engine.runner import ModelRunner
 from model.dit import ChunkGroup, VideoDiT
 from model.folder import MagiModel
@@ -262,3 +266,37 @@ def serve_follower(
         if message.plan is not None:
             runner.execute(message.plan)
             stats.steps += 1
+
+
+# ---- local groups for tests and benches ----------------------------------------------------
+
+
+def _rank_main(
+    rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple
+) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, dist.group.WORLD, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run `fn(rank, world_size, process_group, *args)` on `world_size` local CPU ranks (gloo,
+    spawned processes, one thread each) and return every rank's result. `fn` must be picklable
+    (a module-level function)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        torch.multiprocessing.spawn(
+            _rank_main,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+        )
+        return [
+            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+            for r in range(world_size)
+        ]

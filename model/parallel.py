@@ -31,12 +31,8 @@ and nothing else changes. `split_tiled_decode` spreads the VAE's decode tiles ov
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -279,40 +275,3 @@ def split_tiled_decode(
 
 
 # --- launching ranks -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(
-    rank: int, world: int, port: int, out_dir: str, fn: Callable[..., Any], args: tuple
-) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, dist.group.WORLD, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
-    """Run `fn(rank, world_size, process_group, *args)` on `world_size` local CPU ranks (gloo,
-    spawned processes, one thread each) and return every rank's result. `fn` must be picklable
-    (a module-level function)."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        torch.multiprocessing.spawn(
-            _rank_main,
-            args=(world_size, free_port(), out_dir, fn, args),
-            nprocs=world_size,
-            join=True,
-        )
-        return [
-            torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-            for r in range(world_size)
-        ]

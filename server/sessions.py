@@ -61,6 +61,7 @@ class LiveSession:
         self.spec = dataclasses.replace(params, image=None, video=None)
         self.seed = params.seed
         self.state = SessionState.QUEUED
+        self.progressed = False  # a SessionProgress has been applied (newer than the open's answer)
         self.queue_position = 0
         self.next_steerable_chunk: int | None = 0
         self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(params.prompts))
@@ -126,8 +127,11 @@ class SessionManager:
             if answer.reason == "internal":
                 raise RuntimeError(f"the engine could not open the session: {answer.message}")
             raise InvalidRequest("request", answer.message)
-        session.queue_position = answer.queue_position
-        session.state = SessionState.QUEUED if answer.queue_position else SessionState.RUNNING
+        if not session.ended and not session.progressed:
+            # events that came with the answer (admission, an end) were applied while this
+            # coroutine waited to resume: they are newer than the answer
+            session.queue_position = answer.queue_position
+            session.state = SessionState.QUEUED if answer.queue_position else SessionState.RUNNING
         self._refresh_gauges()
         event(
             logger,
@@ -296,6 +300,7 @@ class SessionManager:
 
     def _progress(self, session: LiveSession, progress: ipc.SessionProgress) -> None:
         admitted = session.state == SessionState.QUEUED and progress.state == SessionState.RUNNING
+        session.progressed = True
         session.state = progress.state
         session.queue_position = progress.queue_position
         session.next_steerable_chunk = progress.next_steerable_chunk

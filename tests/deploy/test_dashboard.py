@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from engine.launch import free_port
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from tests.deploy.conftest import DEPLOY, tool
@@ -24,12 +24,6 @@ from tests.deploy.test_nginx import SERVING, START_TIMEOUT_S, Replica, health
 
 NAMESPACE = "magistream"
 RATE_INTERVAL = "5m"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from engine.launch import free_port
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from tests.deploy.conftest import DEPLOY, run, tool
@@ -428,12 +429,6 @@ class Stream:
                     self.finished = event.finished
         except grpc.RpcError as e:
             self.code = e.code()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def can_connect(port: int) -> bool:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from engine import ranks
 from engine.engine import Engine
 from engine.ranks import FollowerStats, RankGroup, StepLink, load_rank, serve_follower
-from model import parallel
 from scheduler.session import SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
@@ -49,7 +49,7 @@ def single_rank(tiny_model):
 def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, held, link, forward), *followers = parallel.launch(
+    (latents, frames, from_chunk, held, link, forward), *followers = ranks.launch(
         _rank, world, str(tiny_folder)
     )
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import ranks
 from model import parallel
 from model.checkpoint import random_dit
 from model.config import get_preset
@@ -136,7 +137,7 @@ def test_two_and_four_ranks_equal_one_rank():
     want = reference()
     tiny = get_preset("tiny").model_config
     for world in (2, 4):
-        results = parallel.launch(two_forwards, world)
+        results = ranks.launch(two_forwards, world)
         for rank, got in enumerate(results):
             assert_matches(got, want)
             assert got["cache_shape"] == (NP, 4 // world, 2 * 16), (world, rank)
@@ -151,7 +152,7 @@ def test_two_and_four_ranks_equal_one_rank():
 def test_eight_ranks_repeat_kv_heads():
     """N = 8 > G = 4: every rank gets one query head and one repeated KV head."""
     want = reference()
-    results = parallel.launch(two_forwards, 8)
+    results = ranks.launch(two_forwards, 8)
     for got in results:
         assert_matches(got, want)
         assert got["cache_shape"] == (NP, 1, 2 * 16)
@@ -175,6 +176,6 @@ def test_vae_decode_split_over_ranks_is_the_tiled_decode():
     want = vae.tiled_decode(z, tile_frames=8, tile_px=32)
     assert torch.equal(split_decode(0, 1, None), want)
     for world in (2, 3):
-        results = parallel.launch(split_decode, world)
+        results = ranks.launch(split_decode, world)
         assert torch.equal(results[0], want)
         assert all(r is None for r in results[1:])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine import ranks
 from model import parallel
 from model.checkpoint import INDEX_FILE, CheckpointError, load_dit, random_dit, save_dit
 from model.config import MagiConfig, get_preset
@@ -85,7 +86,7 @@ def check_ranks(folder: Path, worlds: tuple[int, ...]) -> None:
     sharded_total, replicated_total = sharded_bytes_total(config)
     groups = config.model_config.num_query_groups
     for world in worlds:
-        results = parallel.launch(two_forwards, world, folder)
+        results = ranks.launch(two_forwards, world, folder)
         for rank, got in enumerate(results):
             assert_matches(got, want)
             assert got["cache_shape"][1] == groups // world, (world, rank)
@@ -130,8 +131,8 @@ def test_bf16_sharded_forward_is_bitwise_the_unsharded_one(tmp_path):
     save_dit(random_dit(config, seed=0), tmp_path / config.weight_subdir, num_shards=2)
     part = load_dit_shard(tmp_path, config, 1, 2)
     assert [s.dtype for s in part.layouts[0].specs] == [torch.bfloat16, torch.float32]
-    full = parallel.launch(two_forwards, 2, tmp_path, False)
-    sharded = parallel.launch(two_forwards, 2, tmp_path, True)
+    full = ranks.launch(two_forwards, 2, tmp_path, False)
+    sharded = ranks.launch(two_forwards, 2, tmp_path, True)
     for got, want in zip(sharded, full, strict=True):
         for key in ("out1", "out2"):
             for g_group, w_group in zip(got[key], want[key], strict=True):

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from engine.engine import Engine
+from engine.launch import free_port
 from model.folder import load_model
-from model.parallel import free_port
 from proto import video_generation_pb2 as pb
 from scheduler.session import SessionParams
 from server.__main__ import _configure, build_parser
