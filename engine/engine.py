@@ -8,6 +8,7 @@ as `ChunkDone` with their frames.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -94,25 +95,13 @@ class Engine:
         if existing is not None and not existing.finished:
             raise ValueError(f"session id {params.session_id!r} is already in use")
         num_steps = params.num_steps or rc.num_steps
-        window = WindowSpec(
-            num_steps=num_steps,
-            window_size=rc.window_size,
-            num_chunks=None,
-            noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
-            clean_chunk_kvrange=rc.clean_chunk_kvrange,
-        )  # checks the step count before any work
+        # the window's shape is checked before any work (a bad step count fails here)
+        shape = dataclasses.replace(WindowSpec.from_runtime(rc, None), num_steps=num_steps)
         prefix_frames = self.runner.open(params)
         try:
             prefix_chunks = prefix_frames // rc.chunk_width if params.mode == "v2v" else 0
             total = None if params.num_chunks is None else prefix_chunks + params.num_chunks
-            window = WindowSpec(
-                num_steps=num_steps,
-                window_size=rc.window_size,
-                num_chunks=total,
-                prefix_chunks=prefix_chunks,
-                noise2clean_kvrange=tuple(rc.noise2clean_kvrange),
-                clean_chunk_kvrange=rc.clean_chunk_kvrange,
-            )
+            window = dataclasses.replace(shape, num_chunks=total, prefix_chunks=prefix_chunks)
             spec = SessionSpec(
                 session_id=params.session_id,
                 seed=params.seed,
