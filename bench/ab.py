@@ -1,14 +1,14 @@
 """Run one benchmark command on two revisions, interleaved (A B A B ...), and compare the
-ratios it prints. A revision is measured from its own checkout (a git worktree) with this
+numbers it prints. A revision is measured from its own checkout (a git worktree) with this
 checkout's virtual environment (a bench puts its checkout first on sys.path); each round runs
 both sides back to back, so drifts of the machine hit both.
 
     .venv/bin/python bench/ab.py --base 5659e57 --rounds 3 -- bench/batching.py --quick
 
-Every number in a table row that holds a ratio ("2.69x") becomes one series, keyed by the
-row's first cell and the column's header. For each series it prints A's and B's medians and the
-median of the pairwise B/A quotients over the rounds, with their range (the spread). The first
-round of each side is a warm-up and is not counted.
+Every number in a printed table (cells split by `|`, ratios like "2.69x" included) becomes one
+series, keyed by the row's first cell and the column's header. For each series it prints A's
+and B's medians and the median of the pairwise B/A quotients over the rounds, with their range
+(the spread). The first round of each side is a warm-up and is not counted.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIO = re.compile(r"^(\d+(?:\.\d+)?)x$")
 NUMBER = re.compile(r"^(\d+(?:\.\d+)?)x?$")
 
 
-def ratios(output: str) -> dict[str, float]:
-    """`row first cell / column header` -> the number, for every table row that holds a ratio
-    (the ratio and the measurements beside it)."""
+def numbers(output: str) -> dict[str, float]:
+    """`context :: row first cell :: column header` -> the number, for every numeric cell of
+    every `|`-separated table (a row whose cells after the first hold no number is a header;
+    the last line outside a table is the context)."""
     found: dict[str, float] = {}
     header: list[str] = []
     context = ""
@@ -41,7 +41,7 @@ def ratios(output: str) -> dict[str, float]:
             context = line.strip() or context
             header = []
             continue
-        if not any(RATIO.match(c) for c in cells):
+        if not any(NUMBER.match(c) for c in cells[1:]):
             header = cells
             continue
         for i, cell in enumerate(cells):
@@ -83,7 +83,7 @@ def main() -> int:
         try:
             series: dict[str, tuple[list[float], list[float]]] = {}
             for round_ in range(args.rounds + 1):
-                a, b = ratios(run(base, command)), ratios(run(ROOT, command))
+                a, b = numbers(run(base, command)), numbers(run(ROOT, command))
                 print(f"round {round_}{' (warm-up)' if round_ == 0 else ''}: done", flush=True)
                 if round_ == 0:
                     continue
