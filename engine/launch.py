@@ -77,6 +77,7 @@ class WorkerConfig:
     queue_size: int = 16  # sessions waiting for a slot or memory; one more is refused
     max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts)
     torch_threads: int = 1  # intra-op threads of the worker; 0 = torch's default
+    neg_prompt: bool = False  # negative-prompt special tokens before the null caption (NEG_PROMPT)
     heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
     log_level: str = "info"  # the worker logs like the server, to the same stderr
     group: GroupConfig = field(default_factory=GroupConfig)  # ranks (one process each)

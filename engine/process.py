@@ -38,6 +38,7 @@ from engine.ranks import (
     load_rank,
     serve_follower,
 )
+from model.text import TextConditioning
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
 from scheduler.session import SessionState
 
@@ -97,7 +98,7 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
         return
     conn.send(ipc.WorkerReady(os.getpid()))
     try:
-        serve_follower(model, forward)
+        serve_follower(model, forward, _text_conditioning(config))
     except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
         _group_lost(e)
     leave_group()
@@ -137,7 +138,14 @@ def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine
         output_queue_chunks=2,
         max_running=config.max_sessions,
     )
-    return Engine(model, sched_config, dit=forward, link=link)
+    return Engine(
+        model, sched_config, dit=forward, link=link, text_conditioning=_text_conditioning(config)
+    )
+
+
+def _text_conditioning(config: WorkerConfig) -> TextConditioning:
+    # every rank of a group conditions alike, or their latents would part
+    return TextConditioning(neg_prompt=config.neg_prompt)
 
 
 def _ensure_folder(config: WorkerConfig) -> None:

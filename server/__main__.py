@@ -52,6 +52,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--grace-period-s", float, 30.0, "on SIGTERM, how long running sessions may finish"),
     ("--session-ttl-s", float, 300.0, "how long GetSession shows an ended session"),
     ("--heartbeat-timeout-s", float, 30.0, "worker silence after which it is replaced"),
+    (
+        "--neg-prompt",
+        int,
+        0,
+        "1: the null caption of the unconditional branches starts with the negative-prompt "
+        "special tokens (the reference's NEG_PROMPT)",
+    ),
     ("--torch-threads", int, 1, "torch intra-op threads in the worker; 0 = torch's default"),
     ("--encode-threads", int, 2, "threads decoding inputs and encoding outputs"),
     ("--x264-preset", str, "veryfast", "libx264 preset for FMP4_H264 output"),
@@ -160,6 +167,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         queue_size=args.queue_size,
         max_chunk_slots=args.max_chunk_slots,
         torch_threads=args.torch_threads,
+        neg_prompt=bool(args.neg_prompt),
         log_level=args.log_level,
         group=group,
     )

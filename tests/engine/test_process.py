@@ -146,3 +146,13 @@ def test_a_request_that_can_never_fit_is_invalid_not_full(tiny_folder):
     WorkerLoop(worker_end, _load_engine(config), config)._apply(open_cmd("big", 1))
     refused = server_end.recv()
     assert refused.reason == "invalid" and "whole budget" in refused.message
+
+
+def test_neg_prompt_in_the_worker_config_reaches_the_null_caption(tiny_folder):
+    plain = _load_engine(WorkerConfig(model_folder=tiny_folder)).runner
+    negative = _load_engine(WorkerConfig(model_folder=tiny_folder, neg_prompt=True)).runner
+    assert negative.text_conditioning.neg_prompt and not plain.text_conditioning.neg_prompt
+    # the 4 negative-prompt tokens shift the visible null rows (tests/engine/test_neg_prompt.py)
+    assert negative._null_tokens.shape == plain._null_tokens.shape
+    assert not negative._null_tokens[:4].equal(plain._null_tokens[:4])
+    assert negative._null_tokens[4:].equal(plain._null_tokens[:-4])
