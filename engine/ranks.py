@@ -122,14 +122,16 @@ class _Message:
 
 def _send(data: bytes, group: RankGroup) -> None:
     """Broadcast a pickled message from rank 0: length, then bytes."""
-    dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), 0, group=group.control)
+    # the control group is gloo: its messages are host bytes whatever device the forward uses
+    size = torch.tensor([len(data)], dtype=torch.int64, device="cpu")
+    dist.broadcast(size, 0, group=group.control)
     dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=group.control)
 
 
 def _receive(group: RankGroup) -> _Message:
-    size = torch.zeros(1, dtype=torch.int64)
+    size = torch.zeros(1, dtype=torch.int64, device="cpu")
     dist.broadcast(size, 0, group=group.control)
-    data = torch.empty(int(size), dtype=torch.uint8)
+    data = torch.empty(int(size), dtype=torch.uint8, device="cpu")
     dist.broadcast(data, 0, group=group.control)
     return pickle.loads(data.numpy().tobytes())
 

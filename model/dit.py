@@ -103,7 +103,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         """t (n,) -> (n, Dc). The order of fp32 operations is the official one (§3.3)."""
         half = TIMESTEP_FREQ_DIM // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        # computed on the host and moved, as the official code does (exp rounds per backend)
+        steps = torch.arange(half, dtype=torch.float32, device="cpu")
+        freqs = torch.exp(-math.log(10000) * steps / half)
         args = t.float()[:, None] * freqs[None].to(t.device) * TIMESTEP_RESCALE
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         # the sinusoid is rounded to the params dtype before the (fp32) MLP, as officially
@@ -138,7 +140,10 @@ class RotaryEmbedding(nn.Module):
         rho = math.sqrt((hp * wp) / ROPE_REFERENCE_AREA)
         sizes = [frames_total, hp, wp]
         refs = [frames_total, hp / rho, wp / rho]
-        coords = [torch.arange(s, dtype=torch.int64).to(torch.float32) for s in sizes]
+        device = self.bands.device
+        coords = [
+            torch.arange(s, dtype=torch.int64, device=device).to(torch.float32) for s in sizes
+        ]
         coords[1] = coords[1] - (hp - 1) / 2
         coords[2] = coords[2] - (wp - 1) / 2
         coords = [
@@ -530,7 +535,7 @@ class VideoDiT(nn.Module):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, c in enumerate(chunks):
             by_shape.setdefault(tuple(c.latent.shape), []).append(i)
-        tokens: list[Tensor] = [torch.empty(0)] * len(chunks)
+        tokens: list[Tensor] = [chunks[0].latent.new_empty(0)] * len(chunks)
         grids: list[tuple[int, int, int]] = [(0, 0, 0)] * len(chunks)
         for members in by_shape.values():
             x = torch.stack([chunks[i].latent.float() for i in members]) * cfg.x_rescale_factor
@@ -556,13 +561,14 @@ class VideoDiT(nn.Module):
         return torch.cat(rows)
 
     def _condition(self, chunks: list[ChunkInput]) -> Tensor:
-        t = torch.tensor([c.t for c in chunks], dtype=torch.float32)
+        device = self.y_embedder.null_caption_embedding.device
+        t = torch.tensor([c.t for c in chunks], dtype=torch.float32, device=device)
         emb = self.t_embedder(t)
         if self.distill:
             if any(c.step_size is None for c in chunks):
                 raise ValueError("a distill model needs step_size on every chunk")
             emb = emb + self.t_embedder(
-                torch.tensor([c.step_size for c in chunks], dtype=torch.float32)
+                torch.tensor([c.step_size for c in chunks], dtype=torch.float32, device=device)
             )
         null = self.y_embedder.null_caption_embedding
         rows = torch.stack([null[-1] if c.caption_dropped else null[-2] for c in chunks])
@@ -595,8 +601,10 @@ class VideoDiT(nn.Module):
                 start += tokens[i].shape[0]
                 i += 1
             group_spans.append((g0, start))
+        device = tokens[0].device
         gate_rows = torch.repeat_interleave(
-            torch.arange(len(tokens)), torch.tensor([t.shape[0] for t in tokens])
+            torch.arange(len(tokens), device=device),
+            torch.tensor([t.shape[0] for t in tokens], device=device),
         )
         local_chunks, which = _local_spans(chunk_spans, lo, hi)
         return _Packed(

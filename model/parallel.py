@@ -256,7 +256,8 @@ def split_tiled_decode(
     peer = dist.get_global_rank(process_group, root) if process_group is not None else root
     if rank != root:
         for out in mine.values():  # in tile order, as root receives them
-            dist.send(torch.tensor(out.shape, dtype=torch.int64), peer, group=process_group)
+            shape = torch.tensor(out.shape, dtype=torch.int64, device=out.device)
+            dist.send(shape, peer, group=process_group)
             dist.send(out.contiguous(), peer, group=process_group)
         return None
     outs = {}
@@ -266,9 +267,9 @@ def split_tiled_decode(
             outs[key] = mine[k]
             continue
         src = dist.get_global_rank(process_group, owner)
-        shape = torch.empty(5, dtype=torch.int64)
+        shape = torch.empty(5, dtype=torch.int64, device=z.device)
         dist.recv(shape, src, group=process_group)
-        out = torch.empty(shape.tolist(), dtype=vae.dtype)
+        out = torch.empty(shape.tolist(), dtype=vae.dtype, device=z.device)
         dist.recv(out, src, group=process_group)
         outs[key] = out
     return stitch_tiles(outs, plan, chained=False)

@@ -294,12 +294,13 @@ class TextEncoder:
             truncation=True,  # keeps `</s>` last after max_length - 1 content tokens
             add_special_tokens=True,
             return_attention_mask=True,
-            return_tensors="pt",
+            return_tensors="np",  # made into tensors here, each on a stated device
         )
-        mask = batch["attention_mask"]  # (1, L) int64
+        mask = torch.as_tensor(batch["attention_mask"], device="cpu")  # (1, L) int64
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)
         with torch.inference_mode():
             hidden = self.model(
-                input_ids=batch["input_ids"].to(self.device), attention_mask=mask.to(self.device)
+                input_ids=ids, attention_mask=mask.to(self.device)
             ).last_hidden_state  # (1, L, C)
         # Cloned outside inference mode: an inference tensor would raise in any later op that
         # autograd records (a DiT run without no_grad), far from here.

@@ -432,7 +432,7 @@ def _blend_into(a: Tensor, b: Tensor, dim: int, extent: int) -> None:
     e = min(extent, a.shape[dim], b.shape[dim])
     if e <= 0:
         return
-    ramp = torch.arange(e, dtype=torch.float64) / e
+    ramp = torch.arange(e, dtype=torch.float64, device=b.device) / e
     shape = [1] * b.ndim
     shape[dim] = e
     # Weights rounded to fp32 and each product rounded to b's dtype before the sum: the same

@@ -23,8 +23,9 @@ SIZE = 64  # pixels; latent 8x8, 96 DiT tokens per chunk
 
 
 def _frames(n: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, SIZE, SIZE, 3), dtype=torch.uint8, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (n, SIZE, SIZE, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen, device="cpu")
 
 
 @dataclass(frozen=True)

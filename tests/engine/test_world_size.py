@@ -5,6 +5,7 @@ mid-stream prompt change gives what one rank gives, and a free in a plan frees o
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import ranks
 from engine.engine import Engine
@@ -29,14 +30,17 @@ def generate(engine: Engine) -> tuple[dict, dict, int]:
 def _rank(rank: int, world: int, process_group, folder: str):
     group = RankGroup(rank, world, forward=process_group, control=process_group)
     model, forward = load_rank(folder, group)
-    if rank != 0:
-        return serve_follower(model, forward)
-    link = StepLink(group)
-    engine = Engine(model, dit=forward, link=link)
-    result = generate(engine)
-    held_after_the_end = len(engine.runner.sessions)
-    engine.sync()  # idle: the plan that frees the finished session goes out
-    link.close()
+    # Every rank generates with meta as the default device: a tensor made without an explicit
+    # device would land there and fail the step (the placement proof for a group).
+    with torch.device("meta"):
+        if rank != 0:
+            return serve_follower(model, forward)
+        link = StepLink(group)
+        engine = Engine(model, dit=forward, link=link)
+        result = generate(engine)
+        held_after_the_end = len(engine.runner.sessions)
+        engine.sync()  # idle: the plan that frees the finished session goes out
+        link.close()
     return (*result, held_after_the_end, link.stats, forward.stats)
 
 
