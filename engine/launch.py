@@ -6,6 +6,7 @@ entry points import the engine only inside the child process.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -22,6 +23,9 @@ class RankSpec:
     master_addr: str  # host of rank 0, where the rendezvous store listens
     master_port: int
     timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the --device values
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class WorkerConfig:
     max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts)
     torch_threads: int = 1  # intra-op threads of the worker; 0 = torch's default
     neg_prompt: bool = False  # negative-prompt special tokens before the null caption (NEG_PROMPT)
+    device: str = "auto"  # auto (cuda:<local rank> when CUDA is there, else cpu), cpu, cuda[:N]
     heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
     log_level: str = "info"  # the worker logs like the server, to the same stderr
     group: GroupConfig = field(default_factory=GroupConfig)  # ranks (one process each)
@@ -85,6 +90,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.memory_budget_bytes <= 0 or self.max_sessions < 1 or self.queue_size < 0:
             raise ValueError("memory budget and max_sessions must be > 0, queue_size >= 0")
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:
             raise ValueError("torch_threads must be >= 0 and heartbeat_interval_s > 0")
 

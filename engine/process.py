@@ -51,9 +51,10 @@ def worker_main(conn: Connection, config: WorkerConfig, rank: RankSpec | None = 
     started = time.perf_counter()
     group: RankGroup | None = None
     try:
+        device = engine_device(config.device, 0 if rank is None else rank.local_rank)
         if rank is not None:
-            group = join_group(rank)
-        engine = _load_engine(config, group)
+            group = join_group(rank, device)
+        engine = _load_engine(config, group, device)
         if group is not None:
             torch.distributed.barrier(group=group.control)  # every rank has its weights
     except Exception as e:  # any load failure is reported, not raised into the void
@@ -65,6 +66,7 @@ def worker_main(conn: Connection, config: WorkerConfig, rank: RankSpec | None = 
         folder=config.model_folder,
         load_s=time.perf_counter() - started,
         torch_threads=torch.get_num_threads(),
+        device=engine.runner.device,
         world_size=1 if group is None else group.world_size,
     )
     conn.send(ipc.WorkerReady(os.getpid()))
@@ -89,9 +91,10 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
     the group)."""
     _setup_process(config)
     try:
-        group = join_group(rank)
+        device = engine_device(config.device, rank.local_rank)
+        group = join_group(rank, device)
         _ensure_folder(config)
-        model, forward = load_rank(config.model_folder, group)
+        model, forward = load_rank(config.model_folder, group, device)
         torch.distributed.barrier(group=group.control)
     except Exception as e:
         conn.send(ipc.WorkerFailed(f"rank {rank.rank}: {type(e).__name__}: {e}"))
@@ -123,14 +126,40 @@ def _group_lost(error: Exception) -> None:
     os._exit(3)
 
 
-def _load_engine(config: WorkerConfig, group: RankGroup | None = None) -> Engine:
+def engine_device(setting: str, local_rank: int = 0) -> torch.device:
+    """The device `--device` names for this rank: `auto` is cuda:<local rank> when CUDA is
+    there, else the CPU; `cuda` is cuda:<local rank>. A CUDA device this machine does not
+    have fails here, at start, saying so."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = torch.version.cuda or "none: a CPU build of torch"
+        raise RuntimeError(
+            f"--device {setting}: no CUDA device here (torch {torch.__version__}, CUDA "
+            f"{build}); use --device cpu, or install the CUDA build (make install TORCH_INDEX=...)"
+        )
+    index = local_rank if setting == "cuda" else int(setting.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"--device {setting}: cuda:{index} does not exist ({torch.cuda.device_count()} "
+            "CUDA devices)"
+        )
+    return torch.device("cuda", index)
+
+
+def _load_engine(
+    config: WorkerConfig, group: RankGroup | None = None, device: torch.device | None = None
+) -> Engine:
     from model.folder import load_model
 
     _ensure_folder(config)
+    device = device or engine_device(config.device)
     if group is None:
-        model, forward, link = load_model(config.model_folder), None, None
+        model, forward, link = load_model(config.model_folder, device=device), None, None
     else:  # rank 0 of a group: its own DiT share, and the plans go to every rank
-        (model, forward), link = load_rank(config.model_folder, group), StepLink(group)
+        (model, forward), link = load_rank(config.model_folder, group, device), StepLink(group)
     sched_config = SchedulerConfig(
         memory_budget_bytes=config.memory_budget_bytes,
         max_queued=config.queue_size,

@@ -86,7 +86,11 @@ def leave_group() -> None:
 
 
 def load_rank_dit(
-    folder: str | Path, rank: int, world_size: int, group: RankGroup
+    folder: str | Path,
+    rank: int,
+    world_size: int,
+    group: RankGroup,
+    device: str | torch.device = "cpu",
 ) -> VideoDiT | ShardedDiT:
     """The DiT this rank runs its share of the forward with; the one place a rank's weights are
     loaded. With N > 1 ranks each reads only its 1/N slice of every layer from the files (plus
@@ -95,17 +99,19 @@ def load_rank_dit(
     from model.folder import read_config
 
     del group  # loading needs no collective: every rank reads its own byte ranges
-    return load_dit_shard(folder, read_config(folder), rank, world_size)
+    return load_dit_shard(folder, read_config(folder), rank, world_size, device)
 
 
-def load_rank(folder: str | Path, group: RankGroup) -> tuple[MagiModel, GroupForward]:
+def load_rank(
+    folder: str | Path, group: RankGroup, device: str | torch.device = "cpu"
+) -> tuple[MagiModel, GroupForward]:
     """Any rank's model (VAE, text side, special tokens, and for the null caption the DiT's
     replicated part) and the group forward its runner calls in place of `model.dit`."""
     from model.folder import load_model
 
-    share = load_rank_dit(folder, group.rank, group.world_size, group)
+    share = load_rank_dit(folder, group.rank, group.world_size, group, device)
     dit = share.dit if isinstance(share, ShardedDiT) else share
-    model = load_model(folder, dit=dit)
+    model = load_model(folder, device=device, dit=dit)
     num_layers = model.config.model_config.num_layers
     return model, GroupForward(share, group, num_layers, model.vae)
 

@@ -148,10 +148,10 @@ class ModelRunner:
             model.special_tokens,
             self.text_conditioning,
         )
-        self._null_tokens = _visible(self._null)
+        self.device = model.dit.y_embedder.null_caption_embedding.device
+        self._null_tokens = _visible(self._null).to(self.device)
         self._grids: dict[tuple[int, str], Tensor] = {}
         self.sessions: dict[str, SessionTensors] = {}
-        self.device = model.dit.y_embedder.null_caption_embedding.device
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -383,7 +383,7 @@ class ModelRunner:
             c - spec.prefix_chunks,
             spec.generated_total,
         )
-        return _visible(caption)
+        return _visible(caption).to(self.device)  # the text cache keeps embeddings on the host
 
     def _decode_all(
         self, finished: list[tuple[SessionSpec, int, Tensor]]

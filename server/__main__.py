@@ -27,6 +27,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--port", int, 50051, "gRPC port; 0 = pick a free one (printed as 'listening on H:P')"),
     ("--metrics-host", str, "0.0.0.0", "Prometheus bind address"),
     ("--metrics-port", int, 9400, "Prometheus port; 0 = pick one (printed as 'metrics on H:P')"),
+    (
+        "--device",
+        str,
+        "auto",
+        "where the engine runs: auto (cuda:<local rank> when CUDA is there, else cpu), cpu, "
+        "cuda or cuda:N",
+    ),
     ("--world-size", int, 1, "worker ranks in the group, all nodes together (one per GPU)"),
     ("--nnodes", int, 1, "hosts the group spans; each runs world-size / nnodes ranks"),
     ("--node-rank", int, 0, "this host's index; 0 runs rank 0 and serves, others followers"),
@@ -168,6 +175,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         max_chunk_slots=args.max_chunk_slots,
         torch_threads=args.torch_threads,
         neg_prompt=bool(args.neg_prompt),
+        device=args.device,
         log_level=args.log_level,
         group=group,
     )

@@ -6,12 +6,14 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine import ipc
-from engine.process import WorkerLoop, _load_engine
+from engine.process import WorkerLoop, _load_engine, engine_device
 from scheduler.session import SessionParams, SessionState
 from server.config import WorkerConfig
 
@@ -156,3 +158,13 @@ def test_neg_prompt_in_the_worker_config_reaches_the_null_caption(tiny_folder):
     assert negative._null_tokens.shape == plain._null_tokens.shape
     assert not negative._null_tokens[:4].equal(plain._null_tokens[:4])
     assert negative._null_tokens[4:].equal(plain._null_tokens[:-4])
+
+
+def test_device_auto_is_the_cpu_here_and_cuda_fails_at_start_saying_why():
+    assert engine_device("auto") == torch.device("cpu") == engine_device("cpu")
+    with pytest.raises(RuntimeError, match="--device cuda: no CUDA device here"):
+        engine_device("cuda")
+    with pytest.raises(RuntimeError, match="--device cuda:1: no CUDA device here"):
+        engine_device("cuda:1", local_rank=0)
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        WorkerConfig(model_folder=Path("m"), device="gpu")

@@ -185,3 +185,9 @@ async def test_a_random_preset_is_written_to_the_cache_on_first_start(start_serv
     cache = server.log_path.parent / "cache" / "models" / "tiny"
     assert (cache / "config.json").is_file()
     server.stop()
+
+
+def test_device_cuda_without_cuda_stops_the_server_at_start_saying_why(start_server):
+    server = start_server("--device", "cuda", wait=False)
+    assert server.proc.wait(timeout=120) == 1
+    assert "--device cuda: no CUDA device here" in server.logs()
