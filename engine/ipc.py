@@ -129,7 +129,7 @@ class PromptRejected:
 
 @dataclass(frozen=True)
 class StepDone:
-    """One engine step's statistics (scheduler.engine.StepStats plus the wall time)."""
+    """One engine step's statistics (engine.engine.StepStats plus the wall time)."""
 
     sessions: int
     chunk_slots: int
