@@ -53,6 +53,7 @@ class Produced:
 
     frames: Tensor  # uint8 (T, H, W, 3), on the host
     latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
+    decode_s: float  # its share of the VAE decode time
 
 
 @dataclass
@@ -226,7 +227,7 @@ class ModelRunner:
             out.finished[key] = FinishedChunk(p.frames.shape[0], p.decode_s)
         out.dit_s, out.decode_s = t2 - t1, time.perf_counter() - t3
         out.assemble_s = (t1 - t0) + (t3 - t2)
-        return out, {key: Produced(p.frames, p.latent) for key, p in produced.items()}
+        return out, produced
 
     def _enter(self, step: SessionStep) -> None:
         """The chunk entering the window starts as pure noise keyed by (seed, chunk)."""
@@ -387,7 +388,7 @@ class ModelRunner:
 
     def _decode_all(
         self, finished: list[tuple[SessionSpec, int, Tensor]]
-    ) -> dict[tuple[str, int], _Decoded]:
+    ) -> dict[tuple[str, int], Produced]:
         """uint8 frames of the chunks that became clean; chunks of one latent shape (most
         sessions' chunks) are decoded as one batch. Prefix latents are not output, except the
         i2v image frame (§4.6 `real_start`)."""
@@ -413,15 +414,8 @@ class ModelRunner:
             frames = to_uint8_frames(video).unflatten(0, (len(members), -1)).cpu()
             seconds = (time.perf_counter() - t0) / len(members)
             for (sid, c, _, latent), f in zip(members, frames, strict=True):
-                decoded[(sid, c)] = _Decoded(f, latent, seconds)
+                decoded[(sid, c)] = Produced(f, latent, seconds)
         return decoded
-
-
-@dataclass
-class _Decoded:
-    frames: Tensor
-    latent: Tensor
-    decode_s: float
 
 
 def _visible(caption: PromptEmbedding) -> Tensor:

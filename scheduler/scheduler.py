@@ -163,7 +163,7 @@ class ChunkScheduler:
             s.served_at_check, s.wait_checked_at = s.forwards_served, now
 
     def chunks_in_flight(self) -> int:
-        return sum(len(s.in_flight) for s in self.sessions.values() if not s.finished)
+        return sum(len(s.entered_at) for s in self.sessions.values() if not s.finished)
 
     def has_work(self) -> bool:
         return any(s.state is SessionState.RUNNING for s in self.sessions.values()) or bool(
@@ -266,7 +266,6 @@ class ChunkScheduler:
         fixed now."""
         session.bound_prompts[chunk] = session.timeline.at(chunk)
         session.entered_at[chunk] = time.monotonic()
-        session.in_flight.add(chunk)
         session.queue_s[chunk], session.waited_s = session.waited_s, 0.0
 
     def _emit(self, session: Session, chunk: int, frame_count: int, decode_s: float) -> ChunkOut:
@@ -285,12 +284,10 @@ class ChunkScheduler:
         session.chunks_out += 1
         session.frames_out += frame_count
         session.unconsumed += 1
-        session.in_flight.discard(chunk)
         return result
 
     def _free(self, session: Session) -> None:
         """The session holds nothing from now on; the next plan tells the engine to free it."""
-        session.in_flight.clear()
         session.bound_prompts.clear()
         session.entered_at.clear()
         session.queue_s.clear()

@@ -161,7 +161,6 @@ class Session:
     state: SessionState = SessionState.QUEUED
     bound_prompts: dict[int, PromptEntry] = field(default_factory=dict)  # chunk -> its prompt
     entered_at: dict[int, float] = field(default_factory=dict)  # chunk -> time it entered
-    in_flight: set[int] = field(default_factory=set)  # chunks in the window, not yet output
     unconsumed: int = 0  # chunks handed up that the consumer has not taken yet
     forwards_served: int = 0  # fairness: forwards this session has had
     chunks_out: int = 0  # chunks handed up so far
@@ -184,6 +183,11 @@ class Session:
     @property
     def finished(self) -> bool:
         return self.state.ended
+
+    @property
+    def in_flight(self) -> set[int]:
+        """Chunks in the window, not yet output: those with an entry time."""
+        return set(self.entered_at)
 
     # Chunk numbering: the scheduler counts a v2v prefix's chunks (global indices, as the
     # official window does); clients never see them (output indices). These two are the only
