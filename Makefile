@@ -50,7 +50,7 @@ run:
 # Two pytest workers: in-process tests run torch on one thread (tests/conftest.py), so two of
 # them fill the two cores CI has; the suite is 5 min serial, 3.5 min so.
 test:
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint:
 	$(VENV)/bin/ruff check .

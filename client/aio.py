@@ -80,6 +80,11 @@ class AsyncClient:
     async def list_models(self) -> pb.ListModelsResponse:
         return await self._unary("ListModels", pb.ListModelsRequest(), retry=True)
 
+    async def list_sessions(self) -> list[pb.SessionInfo]:
+        """The caller's sessions the server still knows (an admin's: everyone's), newest first."""
+        reply = await self._unary("ListSessions", pb.ListSessionsRequest(), retry=True)
+        return list(reply.sessions)
+
     async def get_session(self, session_id: str) -> pb.SessionInfo:
         return await self._unary(
             "GetSession",

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(live, live=True)
     models = subcommands.add_parser("models", parents=[conn], help="list the served models")
     models.add_argument("--json", action="store_true", help="print the reply as JSON")
+    sessions = subcommands.add_parser(
+        "sessions", parents=[conn], help="list your sessions (an admin: everyone's)"
+    )
+    sessions.add_argument("--json", action="store_true", help="print the reply as JSON")
     status = subcommands.add_parser("status", parents=[conn], help="show a session")
     status.add_argument("session", metavar="SESSION")
     status.add_argument("--json", action="store_true", help="print the reply as JSON")
@@ -123,14 +127,15 @@ def _request_args(p: argparse.ArgumentParser, live: bool) -> None:
     media = p.add_mutually_exclusive_group()
     media.add_argument("--image", type=Path, metavar="FILE", help="I2V: start from this image")
     media.add_argument("--video", type=Path, metavar="FILE", help="V2V: continue this MP4")
-    until = " (0 = until Ctrl-C or end of input)" if live else ""
-    p.add_argument(
-        "--chunks",
-        type=int,
-        required=not live,
-        default=0,
-        metavar="N",
-        help="chunks of 24 frames" + until,
+    until = "Ctrl-C or end of input" if live else "Ctrl-C"
+    length = p.add_mutually_exclusive_group(required=not live)
+    length.add_argument(
+        "--chunks", type=int, metavar="N", help="chunks of 24 frames, 1 or more (or --unbounded)"
+    )
+    length.add_argument(
+        "--unbounded",
+        action="store_true",
+        help=f"run until {until} (the server must allow it: `models` says)",
     )
     p.add_argument("--width", type=int, default=0, metavar="W", help="pixels (model default)")
     p.add_argument("--height", type=int, default=0, metavar="H", help="pixels (model default)")
@@ -164,11 +169,17 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
     """Every local check of generate / live; raises UsageError."""
-    if not live and args.chunks < 1:
-        raise UsageError(f"--chunks must be >= 1, got {args.chunks}")
+    if not args.unbounded and args.chunks is None:  # live: the group is optional for argparse
+        raise UsageError("give --chunks N (1 or more), or --unbounded to run until cancelled")
+    if not args.unbounded and args.chunks < 1:
+        raise UsageError(
+            f"--chunks must be >= 1, got {args.chunks} (or --unbounded to run until cancelled)"
+        )
+    chunks = 0 if args.unbounded else args.chunks
     _check_out(args.out)
     fields = dict(
-        chunks=args.chunks,
+        chunks=chunks,
+        unbounded=args.unbounded,
         width=args.width,
         height=args.height,
         seed=args.seed,
@@ -188,7 +199,7 @@ def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
             GenerateOptions(prompts=((0, "placeholder"),), **fields)  # check the rest now
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return StreamPlan(options, args.out, args.raw, args.raw_format, args.chunks, fields)
+    return StreamPlan(options, args.out, args.raw, args.raw_format, chunks, fields)
 
 
 def collect_prompts(
@@ -306,6 +317,8 @@ async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPl
         return await commands.models(connect, args.json)
     if args.command == "status":
         return await commands.status(connect, args.session, args.json)
+    if args.command == "sessions":
+        return await commands.sessions(connect, args.json)
     return await commands.cancel(connect, args.session)
 
 

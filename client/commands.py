@@ -329,8 +329,29 @@ async def models(connect: ConnectOptions, as_json: bool) -> int:
             f"{r.min_height_px}..{r.max_width_px}x{r.max_height_px}, multiples of "
             f"{r.multiple_of_px}), {m.fps} fps, {m.frames_per_chunk} frames/chunk, "
             f"{m.default_sampling.num_steps} steps, window {m.window_size}, cfg {m.cfg_number}"
+            + f", chunks 1..{m.max_chunks}"
+            + (" or unbounded" if m.unbounded_allowed else "")
             + (", distill" if m.distill else "")
             + (", fp8" if m.fp8_quant else "")
+        )
+    return EXIT_OK
+
+
+async def sessions(connect: ConnectOptions, as_json: bool) -> int:
+    """One line per session: id, state, owner, chunks streamed."""
+    async with AsyncClient(connect) as client:
+        try:
+            listed = await client.list_sessions()
+        except MagiError as e:
+            return report(e)
+    if as_json:
+        out(json_format.MessageToJson(pb.ListSessionsResponse(sessions=listed)))
+        return EXIT_OK
+    for info in listed:
+        total = info.params.num_chunks or "unbounded"
+        out(
+            f"{info.session_id} {STATE_NAMES.get(info.state, info.state)} owner {info.owner} "
+            f"chunks {info.stats.chunks_done}/{total}"
         )
     return EXIT_OK
 

@@ -94,7 +94,7 @@ class GenerateOptions:
 
     # (from_chunk, text): the first at chunk 0, from_chunk strictly increasing
     prompts: tuple[tuple[int, str], ...]
-    chunks: int = 1  # num_chunks; 0 = unbounded, runs until cancelled
+    chunks: int = 1  # num_chunks, 1 or more (at most the server's ModelInfo.max_chunks)
     width: int = 0  # pixels; 0 = model default
     height: int = 0  # pixels; 0 = model default
     seed: int | None = None  # None = the server picks one (reported in Started.params)
@@ -104,11 +104,25 @@ class GenerateOptions:
     video: bytes | None = None  # V2V: an MP4 to continue
     raw: bool = False  # RAW_RGB24 frames instead of server-encoded fragmented MP4
     session_id: str = ""  # client-chosen id; empty = the server assigns one
+    # run until cancelled instead of `chunks` chunks (chunks is then 0: leave it at its
+    # default); refused unless the server allows it (ModelInfo.unbounded_allowed)
+    unbounded: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple((int(c), str(t)) for c, t in self.prompts))
+        if self.unbounded:
+            if self.chunks not in (0, 1):
+                raise ValueError(
+                    f"an unbounded session runs until cancelled; drop chunks={self.chunks} "
+                    "or unbounded=True"
+                )
+            object.__setattr__(self, "chunks", 0)
+        elif self.chunks < 1:
+            raise ValueError(
+                f"chunks must be >= 1, got {self.chunks} (or unbounded=True to run until cancelled)"
+            )
         check_timeline(self.prompts, self.chunks)
-        for name in ("chunks", "width", "height", "steps"):
+        for name in ("width", "height", "steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed is not None and not 0 <= self.seed < 1 << 64:

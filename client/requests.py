@@ -29,6 +29,7 @@ def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
         # chosen here when the user gives none, so every call of the session (this one
         # included) can carry it in x-session-id for a session-routing proxy
         session_id=options.session_id or uuid.uuid4().hex,
+        unbounded=options.unbounded,
     )
     if options.seed is not None:
         request.seed = options.seed

@@ -228,6 +228,10 @@ class Client:
     def get_session(self, session_id: str) -> pb.SessionInfo:
         return self._loop.run(lambda client: client.get_session(session_id))
 
+    def list_sessions(self) -> list[pb.SessionInfo]:
+        """The caller's sessions the server still knows (an admin's: everyone's), newest first."""
+        return self._loop.run(lambda client: client.list_sessions())
+
     def cancel(self, session_id: str) -> str:
         """Cancels a session; returns its state after the call (CANCELLED, or how it ended)."""
         return self._loop.run(lambda client: client.cancel(session_id))

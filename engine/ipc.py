@@ -116,7 +116,9 @@ class PromptApplied:
     session_id: str
     from_chunk: int  # output index it landed on
     version: int
-    timeline: tuple[tuple[int, str, int], ...]  # (from_chunk, text, version), output indices
+    # (from_chunk, text, version), output indices. None: a later answer sent with this one (the
+    # same batch of commands) carries the session's timeline, which is newer
+    timeline: tuple[tuple[int, str, int], ...] | None
 
 
 @dataclass(frozen=True)

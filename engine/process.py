@@ -12,6 +12,7 @@ they join the same torch.distributed group, load their DiT and run rank 0's forw
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -208,6 +209,7 @@ class WorkerLoop:
         self.reported: dict[str, ipc.SessionProgress] = {}  # the last progress sent
         self.stalled = False  # the last step planned nothing: wait for a command
         self.last_heartbeat = 0.0
+        self.answers: list[ipc.PromptApplied | ipc.PromptRejected] = []  # this batch's, in order
 
     def run(self) -> None:
         while True:
@@ -217,6 +219,7 @@ class WorkerLoop:
                     return
                 self.stalled = False
                 self._apply(command)
+            self._send_prompt_answers()
             if not self.stalled and self.sched.has_work():
                 self._step()
             self.sched.account_waits()
@@ -267,9 +270,10 @@ class WorkerLoop:
         self.conn.send(ipc.SessionOpened(sid, 0 if position is None else position + 1))
 
     def _update_prompt(self, cmd: ipc.UpdatePrompt) -> None:
+        """Apply it now; its answer goes with the batch's others (_send_prompt_answers)."""
         session = self.sched.sessions.get(cmd.session_id)
         if session is None:
-            self.conn.send(
+            self.answers.append(
                 ipc.PromptRejected(
                     cmd.request_id, cmd.session_id, "the session has ended", unknown_session=True
                 )
@@ -279,15 +283,26 @@ class WorkerLoop:
         try:
             entry = self.sched.update_prompt(cmd.session_id, cmd.text, start, cmd.replace_later)
         except ValueError as e:
-            self.conn.send(ipc.PromptRejected(cmd.request_id, cmd.session_id, str(e)))
+            self.answers.append(ipc.PromptRejected(cmd.request_id, cmd.session_id, str(e)))
             return
         timeline = tuple(
             (session.to_output(e.from_chunk), e.text, e.version) for e in session.timeline.entries
         )
         applied = session.to_output(entry.from_chunk)
-        self.conn.send(
+        self.answers.append(
             ipc.PromptApplied(cmd.request_id, cmd.session_id, applied, entry.version, timeline)
         )
+
+    def _send_prompt_answers(self) -> None:
+        """Answer the batch's prompts in order. Only each session's last applied prompt carries
+        the timeline: the others' are older, and a burst of prompts (Interact) must not ship a
+        timeline of up to max_chunks entries once per prompt."""
+        last = {a.session_id: a for a in self.answers if isinstance(a, ipc.PromptApplied)}
+        for answer in self.answers:
+            if isinstance(answer, ipc.PromptApplied) and answer is not last[answer.session_id]:
+                answer = dataclasses.replace(answer, timeline=None)
+            self.conn.send(answer)
+        self.answers.clear()
 
     # ---- one engine step ------------------------------------------------------------------
 

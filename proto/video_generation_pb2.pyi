@@ -52,7 +52,7 @@ SESSION_STATE_CANCELLED: SessionState
 SESSION_STATE_FAILED: SessionState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id")
+    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id", "unbounded")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    UNBOUNDED_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: GenerationMode
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
@@ -77,7 +78,8 @@ class GenerateRequest(_message.Message):
     sampling: Sampling
     output_encoding: OutputEncoding
     session_id: str
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    unbounded: bool
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ..., unbounded: _Optional[bool] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("num_steps", "text_guidance_scales", "prev_chunk_guidance_scales", "shortcut_mode")
@@ -128,6 +130,16 @@ class GetSessionRequest(_message.Message):
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class ClientEvent(_message.Message):
     __slots__ = ("start", "prompt", "cancel")
@@ -284,7 +296,7 @@ class SessionStats(_message.Message):
     def __init__(self, chunks_done: _Optional[int] = ..., frames_done: _Optional[int] = ..., wall_time_s: _Optional[float] = ..., time_to_first_chunk_s: _Optional[float] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message")
+    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +307,7 @@ class SessionInfo(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionState
     queue_position: int
@@ -305,7 +318,8 @@ class SessionInfo(_message.Message):
     params: SessionParams
     status_code: int
     status_message: str
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
@@ -316,7 +330,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "preset", "distill", "fp8_quant", "cfg_number", "default_sampling", "cfg_t_range", "resolution", "fps", "frames_per_chunk", "window_size", "modes")
+    __slots__ = ("name", "preset", "distill", "fp8_quant", "cfg_number", "default_sampling", "cfg_t_range", "resolution", "fps", "frames_per_chunk", "window_size", "modes", "max_chunks", "unbounded_allowed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     DISTILL_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +343,8 @@ class ModelInfo(_message.Message):
     FRAMES_PER_CHUNK_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    UNBOUNDED_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     name: str
     preset: str
     distill: bool
@@ -341,7 +357,9 @@ class ModelInfo(_message.Message):
     frames_per_chunk: int
     window_size: int
     modes: _containers.RepeatedScalarFieldContainer[GenerationMode]
-    def __init__(self, name: _Optional[str] = ..., preset: _Optional[str] = ..., distill: _Optional[bool] = ..., fp8_quant: _Optional[bool] = ..., cfg_number: _Optional[int] = ..., default_sampling: _Optional[_Union[Sampling, _Mapping]] = ..., cfg_t_range: _Optional[_Iterable[float]] = ..., resolution: _Optional[_Union[ResolutionLimits, _Mapping]] = ..., fps: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., window_size: _Optional[int] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ...) -> None: ...
+    max_chunks: int
+    unbounded_allowed: bool
+    def __init__(self, name: _Optional[str] = ..., preset: _Optional[str] = ..., distill: _Optional[bool] = ..., fp8_quant: _Optional[bool] = ..., cfg_number: _Optional[int] = ..., default_sampling: _Optional[_Union[Sampling, _Mapping]] = ..., cfg_t_range: _Optional[_Iterable[float]] = ..., resolution: _Optional[_Union[ResolutionLimits, _Mapping]] = ..., fps: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., window_size: _Optional[int] = ..., modes: _Optional[_Iterable[_Union[GenerationMode, str]]] = ..., max_chunks: _Optional[int] = ..., unbounded_allowed: _Optional[bool] = ...) -> None: ...
 
 class ResolutionLimits(_message.Message):
     __slots__ = ("default_width_px", "default_height_px", "min_width_px", "min_height_px", "max_width_px", "max_height_px", "multiple_of_px", "max_pixels_per_frame")

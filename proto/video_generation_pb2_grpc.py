@@ -65,6 +65,11 @@ class VideoGenerationStub:
                 request_serializer=proto_dot_video__generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=proto_dot_video__generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/magistream.v1.VideoGeneration/ListSessions',
+                request_serializer=proto_dot_video__generation__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=proto_dot_video__generation__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class VideoGenerationServicer:
@@ -116,6 +121,13 @@ class VideoGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """The caller's sessions (an admin's: everyone's) that the server still knows, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +160,11 @@ def add_VideoGenerationServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=proto_dot_video__generation__pb2.ListModelsRequest.FromString,
                     response_serializer=proto_dot_video__generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=proto_dot_video__generation__pb2.ListSessionsRequest.FromString,
+                    response_serializer=proto_dot_video__generation__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +330,33 @@ class VideoGeneration:
             '/magistream.v1.VideoGeneration/ListModels',
             proto_dot_video__generation__pb2.ListModelsRequest.SerializeToString,
             proto_dot_video__generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/magistream.v1.VideoGeneration/ListSessions',
+            proto_dot_video__generation__pb2.ListSessionsRequest.SerializeToString,
+            proto_dot_video__generation__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

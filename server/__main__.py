@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from server.config import ServerConfig
+    from server.config import Security, ServerConfig
     from server.encode import VideoEncoding
     from server.validation import ServedModel
 
@@ -46,7 +46,8 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--max-chunk-slots", int, 512, "chunk slots per forward (CFG branches count)"),
     ("--max-width", int, 1280, "largest output width, pixels"),
     ("--max-height", int, 1280, "largest output height, pixels"),
-    ("--max-chunks", int, 0, "most chunks per session; 0 = no cap, unbounded sessions allowed"),
+    ("--max-chunks", int, 256, "most chunks a session may ask for (1 or more)"),
+    ("--allow-unbounded", int, 0, "1: serve GenerateRequest.unbounded (runs until cancelled)"),
     ("--max-prompt-chars", int, 2000, "longest prompt, characters"),
     ("--max-image-bytes", int, 16 << 20, "largest i2v image, bytes"),
     ("--max-video-bytes", int, 64 << 20, "largest v2v prefix video, bytes"),
@@ -56,6 +57,32 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         7680 * 4320,
         "largest input image / video frame, pixels (checked from the header before decoding)",
     ),
+    ("--tls-cert", str, "", "PEM certificate chain: serve TLS on the gRPC and metrics ports"),
+    ("--tls-key", str, "", "PEM private key of --tls-cert"),
+    (
+        "--tls-client-ca",
+        str,
+        "",
+        "PEM CA bundle: mutual TLS, clients need a certificate it signed (its common name is "
+        "the principal)",
+    ),
+    (
+        "--auth-tokens",
+        str,
+        "",
+        "file of `TOKEN PRINCIPAL` lines; callers send `authorization: Bearer TOKEN` (reloaded "
+        "when it changes and on SIGHUP, like the certificates)",
+    ),
+    ("--admin-principals", str, "admin", "comma-separated principals that control every session"),
+    (
+        "--insecure",
+        int,
+        0,
+        "1: with no credentials configured, serve every address (default: loopback only)",
+    ),
+    ("--reflection", str, "auth", "server reflection: auth (needs credentials), open or off"),
+    ("--principal-max-sessions", int, 0, "sessions one principal may have open; 0 = no cap"),
+    ("--principal-max-queued", int, 0, "a principal's requests waiting beyond those; more refused"),
     ("--grace-period-s", float, 30.0, "on SIGTERM, how long running sessions may finish"),
     ("--session-ttl-s", float, 300.0, "how long GetSession shows an ended session"),
     ("--heartbeat-timeout-s", float, 30.0, "worker silence after which it is replaced"),
@@ -67,7 +94,9 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "special tokens (the reference's NEG_PROMPT)",
     ),
     ("--torch-threads", int, 1, "torch intra-op threads in the worker; 0 = torch's default"),
-    ("--encode-threads", int, 2, "threads decoding inputs and encoding outputs"),
+    ("--decode-threads", int, 2, "threads decoding request images and prefix videos"),
+    ("--decode-queue", int, 8, "image/video decodes running or waiting; more are refused"),
+    ("--encode-threads", int, 2, "threads encoding output chunks (separate from decoding)"),
     ("--x264-preset", str, "veryfast", "libx264 preset for FMP4_H264 output"),
     ("--x264-crf", int, 23, "libx264 constant rate factor (0-51)"),
     ("--cache", str, "~/.cache/magistream", "where embedded models are written"),
@@ -117,14 +146,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     from engine import logs
     from server.app import serve
+    from server.auth import Credentials
 
     try:
         config, model, encoding = _configure(args)
+        credentials = Credentials(config.security)  # every credential file read and checked
     except ValueError as e:
         print(f"magi-server: {e}", file=sys.stderr)
         return 2
     logs.configure(args.log_level)
-    return uvloop.run(serve(config, model, encoding, sys.stdout))
+    return uvloop.run(serve(config, model, encoding, credentials, sys.stdout))
 
 
 def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, VideoEncoding]:
@@ -161,6 +192,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         max_width_px=args.max_width,
         max_height_px=args.max_height,
         max_chunks=args.max_chunks,
+        allow_unbounded=bool(args.allow_unbounded),
         max_prompt_chars=args.max_prompt_chars,
         max_image_bytes=args.max_image_bytes,
         max_video_bytes=args.max_video_bytes,
@@ -180,6 +212,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         group=group,
     )
     config = ServerConfig(
+        security=_security(args),
         worker=worker,
         model_name=name,
         host=args.host,
@@ -190,9 +223,31 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         grace_period_s=args.grace_period_s,
         session_ttl_s=args.session_ttl_s,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
+        decode_threads=args.decode_threads,
+        decode_queue=args.decode_queue,
         encode_threads=args.encode_threads,
     )
     return config, ServedModel(name, magi), VideoEncoding(args.x264_preset, args.x264_crf)
+
+
+def _security(args: argparse.Namespace) -> Security:
+    from server.config import Security
+
+    def path(value: str) -> Path | None:
+        return Path(value).expanduser() if value else None
+
+    admins = tuple(p.strip() for p in args.admin_principals.split(",") if p.strip())
+    return Security(
+        tls_cert=path(args.tls_cert),
+        tls_key=path(args.tls_key),
+        tls_client_ca=path(args.tls_client_ca),
+        auth_tokens=path(args.auth_tokens),
+        admin_principals=admins,
+        insecure=bool(args.insecure),
+        reflection=args.reflection,
+        principal_max_sessions=args.principal_max_sessions,
+        principal_max_queued=args.principal_max_queued,
+    )
 
 
 if __name__ == "__main__":

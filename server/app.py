@@ -12,22 +12,24 @@ import asyncio
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from engine.logs import event
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from scheduler.session import SessionState
+from server.auth import AuthInterceptor, Credentials
 from server.config import MAX_SEND_BYTES, ServerConfig
 from server.encode import VideoEncoding
 from server.interceptors import StatusInterceptor
 from server.metrics import Metrics
+from server.metrics_http import MetricsServer
+from server.pools import BoundedPool
 from server.service import VideoGenerationService
 from server.sessions import SessionManager
 from server.supervisor import Supervisor
@@ -37,13 +39,22 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoGeneration"].full_name
 WATCH_INTERVAL_S = 0.25
+CREDENTIALS_CHECK_S = 2.0  # how often the tokens and certificate files are checked for changes
 
 
 class App:
     """Everything one server process runs."""
 
-    def __init__(self, config: ServerConfig, model: ServedModel, encoding: VideoEncoding) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        model: ServedModel,
+        encoding: VideoEncoding,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.config = config
+        # made (and its files checked) by the entry point before anything starts
+        self.credentials = credentials or Credentials(config.security)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.supervisor = Supervisor(
@@ -54,45 +65,84 @@ class App:
             on_lost=self._worker_lost,
         )
         self.sessions = SessionManager(
-            self.supervisor, self.metrics, config.session_ttl_s, config.startup_timeout_s
+            self.supervisor,
+            self.metrics,
+            config.session_ttl_s,
+            config.startup_timeout_s,
+            config.security,
         )
-        self.pool = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="encode")
+        self.decode_pool = BoundedPool("decode", config.decode_threads, config.decode_queue)
+        # encoding is bounded by the sessions themselves (one chunk each at a time)
+        self.encode_pool = BoundedPool("encode", config.encode_threads, 1 << 30)
         self.model, self.encoding = model, encoding
         self.serving: bool | None = None  # what health says now; None before the first set
 
     def _build_server(self) -> None:
         """gRPC objects bind to the running loop, so they are made inside it."""
         self.health = health.aio.HealthServicer()
+        open_reflection = self.config.security.reflection == "open"
         self.server = grpc.aio.server(
-            interceptors=[StatusInterceptor(self.metrics)],
+            # authentication first: a refused call never reaches the handler or its parsing
+            interceptors=[
+                AuthInterceptor(self.credentials, self.metrics, open_reflection),
+                StatusInterceptor(self.metrics),
+            ],
             options=[
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 ("grpc.max_receive_message_length", _max_request_bytes(self.config)),
             ],
         )
         service = VideoGenerationService(
-            self.sessions, self.model, self.config.limits, self.encoding, self.pool, self.metrics
+            self.sessions,
+            self.model,
+            self.config.limits,
+            self.encoding,
+            self.decode_pool,
+            self.encode_pool,
+            self.metrics,
         )
         pb_grpc.add_VideoGenerationServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        if self.config.security.reflection != "off":
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
 
     async def run(self, out: TextIO) -> int:
         c = self.config
         self._build_server()
         await self._set_health(False)
-        port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        tls = self.credentials.server_credentials()
+        address = f"{c.host}:{c.port}"
+        port = (
+            self.server.add_secure_port(address, tls)
+            if tls
+            else self.server.add_insecure_port(address)
+        )
         await self.server.start()
-        metrics_http, _ = start_http_server(c.metrics_port, c.metrics_host, self.registry)
+        metrics_http = MetricsServer(
+            c.metrics_host, c.metrics_port, self.registry, self.metrics, self.credentials
+        )
         print(f"listening on {c.host}:{port}", file=out, flush=True)
-        print(f"metrics on {c.metrics_host}:{metrics_http.server_port}", file=out, flush=True)
-        event(logger, "server.started", port=port, metrics_port=metrics_http.server_port)
+        print(f"metrics on {c.metrics_host}:{metrics_http.port}", file=out, flush=True)
+        print(_security_line(c), file=out, flush=True)
+        event(
+            logger,
+            "server.started",
+            port=port,
+            metrics_port=metrics_http.port,
+            tls=tls is not None,
+            mutual_tls=c.security.tls_client_ca is not None,
+            tokens=c.security.auth_tokens is not None,
+            protected_mode=self.credentials.protected,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: self.credentials.reload_if_changed(force=True)
+        )
         if not await self._start_worker(stop):
             await self._shutdown(metrics_http)
             return 0 if stop.is_set() else 1
@@ -127,8 +177,13 @@ class App:
         return True
 
     async def _watch(self) -> None:
-        """Health follows the worker; hung workers are replaced; old sessions forgotten."""
+        """Health follows the worker; hung workers are replaced; old sessions forgotten;
+        changed credential files reloaded."""
+        last_check = time.monotonic()
         while True:
+            if time.monotonic() - last_check >= CREDENTIALS_CHECK_S:
+                last_check = time.monotonic()
+                self.credentials.reload_if_changed()
             self.supervisor.check()
             self.sessions.sweep()
             await self._set_health(self.supervisor.healthy() and not self.sessions.draining)
@@ -173,14 +228,41 @@ class App:
         await self.server.stop(grace=None)
         await self.supervisor.stop()
         metrics_http.shutdown()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown()
+        self.encode_pool.shutdown()
 
 
 async def serve(
-    config: ServerConfig, model: ServedModel, encoding: VideoEncoding, out: TextIO
+    config: ServerConfig,
+    model: ServedModel,
+    encoding: VideoEncoding,
+    credentials: Credentials,
+    out: TextIO,
 ) -> int:
     """Run a server until SIGTERM/SIGINT; the process exit code."""
-    return await App(config, model, encoding).run(out)
+    return await App(config, model, encoding, credentials).run(out)
+
+
+def _security_line(config: ServerConfig) -> str:
+    """What the operator should know at start: who may call, and how."""
+    s = config.security
+    transport = "mutual TLS" if s.tls_client_ca else "TLS" if s.tls_cert else "plaintext"
+    if s.credentials_configured:
+        how = " and ".join(
+            ([f"bearer tokens ({s.auth_tokens})"] if s.auth_tokens else [])
+            + (["client certificates"] if s.tls_client_ca else [])
+        )
+        return f"security: {transport}; callers authenticate with {how}"
+    if s.insecure:
+        return (
+            f"security: {transport}; NO credentials and --insecure: every address may open, "
+            "watch and cancel any session"
+        )
+    return (
+        f"security: {transport}; protected mode: no credentials are configured, so only "
+        "loopback clients are served (set --auth-tokens or --tls-client-ca to serve others, "
+        "or --insecure 1)"
+    )
 
 
 def _max_request_bytes(config: ServerConfig) -> int:

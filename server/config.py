@@ -21,7 +21,9 @@ class Limits:
 
     max_width_px: int = 1280  # output width, pixels
     max_height_px: int = 1280  # output height, pixels
-    max_chunks: int = 0  # chunks per session; 0 = no cap (unbounded sessions allowed)
+    # chunks per session a request may ask for; a deployment that wants longer videos raises it
+    max_chunks: int = 256
+    allow_unbounded: bool = False  # whether GenerateRequest.unbounded (until cancelled) is served
     max_prompt_chars: int = 2000  # characters per prompt text
     max_timeline_entries: int = 256  # entries in a request's prompt timeline
     max_image_bytes: int = 16 << 20  # encoded i2v image, bytes
@@ -30,11 +32,50 @@ class Limits:
     max_num_steps: int = 256  # Euler steps per chunk a request may ask for
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_chunks < 1 << 32:
+            raise ValueError(
+                f"max_chunks must be in 1..{(1 << 32) - 1}, got {self.max_chunks} (0 no longer "
+                "means no cap: raise it for longer videos, or allow unbounded sessions)"
+            )
         for name, value in self.__dict__.items():
-            if value < 0 or (value == 0 and name != "max_chunks"):
+            if not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.max_width_px % 16 or self.max_height_px % 16:
             raise ValueError("max width and height must be multiples of 16")
+
+
+REFLECTION_MODES = ("auth", "open", "off")
+
+
+@dataclass(frozen=True)
+class Security:
+    """Who may call (server/auth.py decides each call from this)."""
+
+    tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and metrics ports
+    tls_key: Path | None = None  # its private key
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients need a certificate it signed
+    auth_tokens: Path | None = None  # `TOKEN PRINCIPAL` lines; callers send a bearer token
+    admin_principals: tuple[str, ...] = ("admin",)  # may see, list and cancel any session
+    insecure: bool = False  # no credentials, and still serve non-loopback clients
+    reflection: str = "auth"  # auth: like the service; open: without credentials; off
+    principal_max_sessions: int = 0  # sessions a principal may have open; 0 = no own cap
+    principal_max_queued: int = 0  # its requests waiting for one of those; more are refused
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.reflection not in REFLECTION_MODES:
+            raise ValueError(f"--reflection must be one of {', '.join(REFLECTION_MODES)}")
+        if self.principal_max_sessions < 0 or self.principal_max_queued < 0:
+            raise ValueError("--principal-max-sessions and --principal-max-queued must be >= 0")
+        if self.insecure and self.credentials_configured:
+            raise ValueError("--insecure is for a server without credentials; drop it")
+
+    @property
+    def credentials_configured(self) -> bool:
+        return self.auth_tokens is not None or self.tls_client_ca is not None
 
 
 @dataclass(frozen=True)
@@ -48,17 +89,24 @@ class ServerConfig:
     metrics_host: str = "0.0.0.0"  # Prometheus bind address
     metrics_port: int = 9400  # Prometheus port; 0 = pick a free one
     limits: Limits = field(default_factory=Limits)
+    security: Security = field(default_factory=Security)
     grace_period_s: float = 30.0  # on SIGTERM, how long running sessions may go on
     session_ttl_s: float = 300.0  # how long an ended session stays visible to GetSession
     heartbeat_timeout_s: float = 30.0  # silence after which the worker counts as hung
     startup_timeout_s: float = 300.0  # how long a request waits for a (re)starting worker
-    encode_threads: int = 2  # thread pool for decoding inputs and encoding outputs
+    decode_threads: int = 2  # thread pool decoding request images and prefix videos
+    decode_queue: int = 8  # decodes running or waiting; one more is RESOURCE_EXHAUSTED
+    encode_threads: int = 2  # thread pool encoding output chunks (never shared with decoding)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ports must be in 0..65535")
-        if self.grace_period_s < 0 or self.session_ttl_s < 0 or self.encode_threads < 1:
-            raise ValueError("grace period and session ttl must be >= 0, encode_threads >= 1")
+        if self.grace_period_s < 0 or self.session_ttl_s < 0:
+            raise ValueError("grace period and session ttl must be >= 0")
+        if self.decode_threads < 1 or self.encode_threads < 1:
+            raise ValueError("decode_threads and encode_threads must be >= 1")
+        if self.decode_queue < self.decode_threads:
+            raise ValueError("decode_queue must be >= decode_threads")
         if self.heartbeat_timeout_s <= self.worker.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must exceed the heartbeat interval")
 

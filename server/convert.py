@@ -188,4 +188,6 @@ def model_info(model: ServedModel, limits: Limits) -> pb.ModelInfo:
         frames_per_chunk=model.frames_per_chunk,
         window_size=rc.window_size,
         modes=list(MODES),
+        max_chunks=limits.max_chunks,
+        unbounded_allowed=limits.allow_unbounded,
     )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from engine.logs import event
-from server.errors import ServiceError, status_of
+from server.errors import InvalidRequest, ServiceError, status_of
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,34 @@ DEADLINE_MARGIN_S = 0.1
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= DEADLINE_MARGIN_S
+
+
+_KEEP = object()
+_FACTORIES = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler,
+    wrap: Callable[[str, Callable], Callable],
+    request_deserializer: Callable | None | object = _KEEP,
+) -> grpc.RpcMethodHandler:
+    """`handler` with its behavior replaced by `wrap(kind, behavior)` (kind: unary_unary,
+    unary_stream, stream_unary or stream_stream); its deserializer kept unless one is given."""
+    for kind, factory in _FACTORIES:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            keep = request_deserializer is _KEEP
+            return factory(
+                wrap(kind, behavior),
+                request_deserializer=handler.request_deserializer if keep else request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -40,21 +69,16 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method
-        for kind, factory in (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        ):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                return factory(
-                    self._wrap(method, behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        # the request arrives as bytes and is parsed inside the wrapper, so a message that does
+        # not parse is INVALID_ARGUMENT and counted (gRPC itself would answer UNKNOWN before
+        # any interceptor saw the call)
+        return rewrapped(
+            handler,
+            lambda kind, behavior: self._wrap(
+                details.method, _parsing(behavior, handler.request_deserializer, kind)
+            ),
+            request_deserializer=None,
+        )
 
     def _wrap(self, method: str, behavior: Callable) -> Callable:
         if inspect.isasyncgenfunction(behavior):
@@ -84,6 +108,52 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 outcome.record()
 
         return unary
+
+
+def _parsing(behavior: Callable, deserialize: Callable | None, kind: str) -> Callable:
+    """The handler `behavior`, taking its request (or each message of a request stream) as raw
+    bytes and parsing it first; the same kind of function (async generator or coroutine)."""
+    if deserialize is None:
+        return behavior
+    streaming = kind.startswith("stream_")
+
+    def parsed(request):
+        return _parse_each(request, deserialize) if streaming else _parse(request, deserialize)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request, context):
+            # closed here, not left to the garbage collector: a disconnect reaches the
+            # handler's own cleanup at once
+            async with contextlib.aclosing(behavior(parsed(request), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def unary(request, context):
+        return await behavior(parsed(request), context)
+
+    return unary
+
+
+async def _parse_each(messages: AsyncIterator[bytes], deserialize: Callable) -> AsyncIterator:
+    async for data in messages:
+        yield _parse(data, deserialize)
+
+
+def _parse(data: bytes, deserialize: Callable):
+    try:
+        return deserialize(data)
+    except Exception as e:  # noqa: BLE001 - DecodeError, or whatever a deserializer raises
+        kind = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+        name = kind.full_name if kind is not None else "request message"
+        why = str(e).rpartition(": ")[2] or type(e).__name__
+        raise InvalidRequest(
+            "request",
+            f"the {len(data)} bytes received could not be parsed as a {name} ({why}); send a "
+            f"serialized {name}",
+        ) from e
 
 
 class _Outcome:

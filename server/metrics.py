@@ -92,6 +92,13 @@ class Metrics:
         self.worker_up = Gauge(
             "magistream_worker_up", "1 when the worker is loaded and answering.", registry=r
         )
+        self.auth_failures = Counter(
+            "magistream_auth_failures",
+            "Calls and scrapes refused for their credentials, by reason (missing, invalid_token, "
+            "not_loopback, no_client_cert, tls_handshake).",
+            ["reason"],
+            registry=r,
+        )
         self.grpc_calls = Counter(
             "magistream_grpc_calls",
             "Finished gRPC calls, by method and status code.",

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -23,11 +22,14 @@ from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
 from scheduler.session import SessionParams, SessionState
 from server import convert
+from server.auth import current_principal
 from server.config import Limits
 from server.encode import VideoEncoding, encode_fmp4_chunk, split_raw_frames
-from server.errors import InvalidRequest, NotSteerable, ServiceError, SessionFailed, Unavailable
+from server.errors import InvalidRequest, ServiceError, SessionFailed
+from server.interact import ClientReader
 from server.interceptors import deadline_passed
 from server.metrics import Metrics
+from server.pools import BoundedPool
 from server.sessions import LiveSession, SessionEnd, SessionManager
 from server.validation import (
     ServedModel,
@@ -49,14 +51,15 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         model: ServedModel,
         limits: Limits,
         encoding: VideoEncoding,
-        pool: ThreadPoolExecutor,
+        decode_pool: BoundedPool,
+        encode_pool: BoundedPool,
         metrics: Metrics,
     ) -> None:
         self.sessions = sessions
         self.model = model
         self.limits = limits
         self.encoding = encoding
-        self.pool = pool
+        self.decode_pool, self.encode_pool = decode_pool, encode_pool
         self.metrics = metrics
 
     async def StreamGenerate(
@@ -79,31 +82,47 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         parse_client_event(first, first=True)
         session = await self._open(parse_generate(first.start, self.model, self.limits))
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
-        reader = asyncio.create_task(self._read_client(requests, session))
+        reader = ClientReader(session, self.sessions, self.limits)
+        reader.start(requests)
         try:
             with self._released_if_broken(session, context):
                 async for item in self._events(session):
+                    if item.WhichOneof("event") == "finished":
+                        # every prompt read so far is answered before the end
+                        for ack in await reader.close():
+                            yield pb.GenerateEvent(prompt_ack=ack)
                     yield item
+                    if item.WhichOneof("event") == "prompt_ack":
+                        reader.sent()
         finally:
-            reader.cancel()
+            reader.stop()
 
     async def UpdatePrompt(
         self, request: pb.PromptUpdate, context: grpc.aio.ServicerContext
     ) -> pb.PromptAck:
-        applied = await self.sessions.update_prompt(parse_prompt_update(request, self.limits))
+        spec = parse_prompt_update(request, self.limits)
+        self.sessions.visible(spec.session_id, current_principal.get())
+        applied = await self.sessions.update_prompt(spec)
         return convert.prompt_ack(applied)
 
     async def CancelSession(
         self, request: pb.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelSessionResponse:
-        state = self.sessions.cancel(parse_cancel(request), "cancelled by CancelSession")
+        session = self.sessions.visible(parse_cancel(request), current_principal.get())
+        state = self.sessions.cancel(session.id, "cancelled by CancelSession")
         return pb.CancelSessionResponse(state=convert.STATES[state])
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
-        session = self.sessions.get(parse_get_session(request))
-        return convert.session_info(session, self.model)
+        session = self.sessions.visible(parse_get_session(request), current_principal.get())
+        return self._info(session)
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        listed = self.sessions.listed(current_principal.get())
+        return pb.ListSessionsResponse(sessions=[self._info(s) for s in listed])
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -129,12 +148,27 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
             self.sessions.release(session, f"its call failed: {e}")
             raise
 
+    def _info(self, session: LiveSession) -> pb.SessionInfo:
+        info = convert.session_info(session, self.model)
+        info.owner = session.owner
+        return info
+
     async def _open(self, params: SessionParams) -> LiveSession:
-        """Decode the inputs off the event loop, then hand the session to the worker."""
-        image, video = await asyncio.get_running_loop().run_in_executor(
-            self.pool, decode_inputs, params, self.model, self.limits
-        )
-        return await self.sessions.open(dataclasses.replace(params, image=image, video=video))
+        """Wait for the caller's own session limit, decode the inputs off the event loop, then
+        hand the session, owned by the caller, to the worker."""
+        owner = current_principal.get()
+        slot = await self.sessions.quota.acquire(owner)
+        try:
+            image = video = None
+            if params.image is not None or params.video is not None:  # t2v: nothing to decode
+                image, video = await self.decode_pool.run(
+                    decode_inputs, params, self.model, self.limits
+                )
+            decoded = dataclasses.replace(params, image=image, video=video)
+            return await self.sessions.open(decoded, owner, slot)
+        except BaseException:
+            slot.release()  # no session holds it (a session that ended released it already)
+            raise
 
     async def _events(self, session: LiveSession) -> AsyncIterator[pb.GenerateEvent]:
         """started, then each chunk as it comes (encoded in the pool), then finished."""
@@ -161,48 +195,17 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         self, session: LiveSession, chunk: ipc.ChunkReady, first: bool
     ) -> list[pb.GenerateEvent]:
         raw = session.spec.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
-        messages, seconds = await asyncio.get_running_loop().run_in_executor(
-            self.pool, _encode_chunk, chunk, raw, first, self.model.fps, self.encoding
+        messages, seconds = await self.encode_pool.run(
+            _encode_chunk, chunk, raw, first, self.model.fps, self.encoding
         )
         self.metrics.encode.labels("raw_rgb24" if raw else "fmp4_h264").observe(seconds)
         return messages
-
-    async def _read_client(
-        self, requests: AsyncIterator[pb.ClientEvent], session: LiveSession
-    ) -> None:
-        """Interact's client side: prompts are acked in order, cancel ends the session, a
-        protocol error ends the call. Half-closing leaves the session running."""
-        try:
-            async for message in requests:
-                kind = parse_client_event(message, first=False)
-                if kind == "prompt":
-                    session.push(await self._interact_prompt(message.prompt, session))
-                elif kind == "cancel":
-                    self.sessions.cancel(
-                        parse_cancel(message.cancel, session.id), "cancelled by the client"
-                    )
-        except ServiceError as e:
-            session.push(e)
-        except grpc.aio.AioRpcError:
-            pass  # the client's side broke; its stream is being cancelled too
-
-    async def _interact_prompt(self, update: pb.PromptUpdate, session: LiveSession) -> pb.PromptAck:
-        try:
-            spec = parse_prompt_update(update, self.limits, stream_session=session.id)
-            return convert.prompt_ack(await self.sessions.update_prompt(spec))
-        except InvalidRequest as e:
-            if e.field == "session_id":
-                raise  # another session's id: a malformed sequence, not a bad prompt
-            rejection = str(e)
-        except (NotSteerable, Unavailable) as e:
-            rejection = str(e)
-        return pb.PromptAck(session_id=session.id, prompt_version=0, rejection=rejection)
 
 
 def _encode_chunk(
     chunk: ipc.ChunkReady, raw: bool, first: bool, fps: int, settings: VideoEncoding
 ) -> tuple[list[pb.GenerateEvent], float]:
-    """Runs in the pool: the chunk's wire messages and the time it took."""
+    """Runs in the encode pool: the chunk's wire messages and the time it took."""
     t0 = time.perf_counter()
     if raw:
         frames = split_raw_frames(chunk.frames, chunk.frame_count)

@@ -21,6 +21,7 @@ import grpc
 from engine import ipc
 from engine.logs import event
 from scheduler.session import SessionParams, SessionState
+from server.config import Security
 from server.errors import (
     InvalidRequest,
     NotSteerable,
@@ -30,6 +31,7 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import Metrics
+from server.quota import PrincipalQuota, Slot
 from server.supervisor import Supervisor
 from server.validation import PromptSpec
 
@@ -55,8 +57,10 @@ class SessionEnd:
 class LiveSession:
     """One session's client-visible record and its event queue."""
 
-    def __init__(self, params: SessionParams) -> None:
+    def __init__(self, params: SessionParams, owner: str, slot: Slot | None = None) -> None:
         self.id = params.session_id
+        self.owner = owner  # the principal that opened it; only it (and admins) may see it
+        self.slot = slot  # its claim on the owner's session limit, released when it ends
         # the request as opened, without its image or video: nothing is held past need
         self.spec = dataclasses.replace(params, image=None, video=None)
         self.seed = params.seed
@@ -92,8 +96,16 @@ class LiveSession:
 
 class SessionManager:
     def __init__(
-        self, supervisor: Supervisor, metrics: Metrics, ttl_s: float, startup_timeout_s: float
+        self,
+        supervisor: Supervisor,
+        metrics: Metrics,
+        ttl_s: float,
+        startup_timeout_s: float,
+        security: Security | None = None,
     ) -> None:
+        security = security or Security()
+        self.admins = frozenset(security.admin_principals)
+        self.quota = PrincipalQuota(security.principal_max_sessions, security.principal_max_queued)
         self.supervisor = supervisor
         self.metrics = metrics
         self.ttl_s = ttl_s
@@ -107,10 +119,14 @@ class SessionManager:
 
     # ---- requests -------------------------------------------------------------------------
 
-    async def open(self, params: SessionParams) -> LiveSession:
+    async def open(
+        self, params: SessionParams, owner: str = "anonymous", slot: Slot | None = None
+    ) -> LiveSession:
         """Hand a validated request (inputs decoded) to the worker; returns once it is running
-        or queued. The record goes down as it is, with the session id and seed now set."""
-        params = await self._reserve(params)
+        or queued. The record goes down as it is, with the session id and seed now set. The
+        session belongs to `owner`; `slot` (its claim on the owner's limit) is released when
+        it ends."""
+        params = await self._reserve(params, owner, slot)
         session = self.sessions[params.session_id]
         try:
             answer = await self._ask(self._opening, session.id, ipc.OpenSession(params))
@@ -144,7 +160,7 @@ class SessionManager:
         )
         return session
 
-    async def _reserve(self, params: SessionParams) -> SessionParams:
+    async def _reserve(self, params: SessionParams, owner: str, slot: Slot | None) -> SessionParams:
         """Claim the session id once the worker is up (or refuse); the record with its id and
         seed set."""
         self._refuse_if_draining()
@@ -157,7 +173,7 @@ class SessionManager:
             raise SessionExists(session_id)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         params = dataclasses.replace(params, session_id=session_id, seed=seed)
-        self.sessions[session_id] = LiveSession(params)
+        self.sessions[session_id] = LiveSession(params, owner, slot)
         return params
 
     async def _ask(self, pending: dict, key: object, command: ipc.Command) -> ipc.Event:
@@ -190,7 +206,10 @@ class SessionManager:
         if isinstance(answer, ipc.PromptRejected):
             self.metrics.prompt_updates.labels("rejected").inc()
             raise NotSteerable(f"session {session.id!r}: {answer.message}")
-        session.timeline, session.prompt_version = answer.timeline, answer.version
+        # Concurrent prompts (Interact): the engine sends the timeline with the last answer of a
+        # batch only, and answers may resume here out of order; keep the newest.
+        if answer.timeline is not None and answer.version > session.prompt_version:
+            session.timeline, session.prompt_version = answer.timeline, answer.version
         self.metrics.prompt_updates.labels("accepted").inc()
         event(
             logger,
@@ -222,6 +241,22 @@ class SessionManager:
         if session is None:
             raise SessionNotFound(session_id)
         return session
+
+    def visible(self, session_id: str, principal: str) -> LiveSession:
+        """The session if `principal` owns it or is an admin; NOT_FOUND otherwise, worded as
+        for an unknown id, so a caller cannot tell another principal's session exists."""
+        session = self.sessions.get(session_id)
+        if session is None or not self.may_see(principal, session):
+            raise SessionNotFound(session_id)
+        return session
+
+    def may_see(self, principal: str, session: LiveSession) -> bool:
+        return session.owner == principal or principal in self.admins
+
+    def listed(self, principal: str) -> list[LiveSession]:
+        """The sessions `principal` may see, newest first."""
+        mine = [s for s in self.sessions.values() if self.may_see(principal, s)]
+        return sorted(mine, key=lambda s: s.accepted_at, reverse=True)
 
     def live(self) -> list[LiveSession]:
         return [s for s in self.sessions.values() if not s.ended]
@@ -323,6 +358,8 @@ class SessionManager:
         session.state = state
         session.ended_at = time.monotonic()
         session.push(session.end)
+        if session.slot is not None:
+            session.slot.release()
         self.metrics.sessions_finished.labels(state.value, code.name).inc()
         self._refresh_gauges()
         event(

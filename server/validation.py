@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,18 @@ MODES = {
 }
 SHORTCUT_MODES = {pb.SHORTCUT_MODE_8_16_16: "8,16,16", pb.SHORTCUT_MODE_16_16_8: "16,16,8"}
 SHORTCUT_STEPS = 12  # distilled models use shortcut sampling at exactly this many steps
+# engine/sampling.py chunk_noise keys its generator by the seed modulo 2**63: a larger seed would
+# silently repeat a smaller one's video, so it is refused (the server picks its own below this)
+MAX_SEED = (1 << 63) - 1
+# CFG scales past this only saturate (or overflow fp32 into NaN frames); the official ones are
+# at most 7.5
+MAX_GUIDANCE_SCALE = 50.0
+# Unicode categories that draw nothing: controls, format (zero-width, BOM, bidi), unassigned,
+# private use, separators, and combining marks that have no letter to sit on
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+# letters (Lo) and symbols that render as blank: Hangul fillers and the blank Braille pattern
+_INVISIBLE_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+QUOTED_CHARS = 40  # how much of a client's string an error message repeats
 
 
 @dataclass(frozen=True)
@@ -76,13 +89,13 @@ def parse_generate(
     if request.model not in ("", model.name):
         raise InvalidRequest(
             "model",
-            f"unknown model {request.model!r}; this server serves "
+            f"unknown model {_quote(request.model)}; this server serves "
             f"{model.name!r} (or leave it empty)",
         )
     if request.session_id and not SESSION_ID.fullmatch(request.session_id):
         raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-], or empty")
     mode = _mode(request)
-    num_chunks = _num_chunks(request.num_chunks, limits)
+    num_chunks = _num_chunks(request, limits)
     width, height = _size(request, model, limits)
     num_steps, shortcut = _sampling(request.sampling, model, limits)
     text_scales, prev_scales = _guidance_scales(request.sampling, model)
@@ -100,7 +113,7 @@ def parse_generate(
         num_chunks=num_chunks,
         width=width,
         height=height,
-        seed=request.seed if request.HasField("seed") else None,
+        seed=_seed(request),
         num_steps=num_steps,
         shortcut_mode=shortcut,
         text_scales=text_scales,
@@ -129,15 +142,44 @@ def _mode(request: pb.GenerateRequest) -> str:
     return mode
 
 
-def _num_chunks(value: int, limits: Limits) -> int | None:
-    if limits.max_chunks and value == 0:
-        raise InvalidRequest(
-            "num_chunks",
-            f"unbounded sessions (0) are disabled on this server; ask for 1..{limits.max_chunks}",
+def _num_chunks(request: pb.GenerateRequest, limits: Limits) -> int | None:
+    """Bounded by default: num_chunks 1..max_chunks, or 0 with `unbounded` where allowed."""
+    value, most = request.num_chunks, limits.max_chunks
+    if request.unbounded:
+        if value:
+            raise InvalidRequest(
+                "unbounded",
+                f"an unbounded session runs until cancelled, but num_chunks is {value}; "
+                "set num_chunks 0 or unbounded false",
+            )
+        if not limits.allow_unbounded:
+            raise InvalidRequest(
+                "unbounded",
+                f"unbounded sessions are disabled on this server; set num_chunks 1..{most}",
+            )
+        return None
+    if value == 0:
+        unbounded = (
+            ", or unbounded true to run until cancelled"
+            if limits.allow_unbounded
+            else " (unbounded sessions are disabled on this server)"
         )
-    if limits.max_chunks and value > limits.max_chunks:
-        raise InvalidRequest("num_chunks", f"{value} is more than {limits.max_chunks}")
-    return value or None
+        raise InvalidRequest("num_chunks", f"is unset (0); set num_chunks 1..{most}{unbounded}")
+    if value > most:
+        raise InvalidRequest("num_chunks", f"{value} is more than {most}; ask for 1..{most}")
+    return value
+
+
+def _seed(request: pb.GenerateRequest) -> int | None:
+    if not request.HasField("seed"):
+        return None
+    if request.seed > MAX_SEED:
+        raise InvalidRequest(
+            "seed",
+            f"{request.seed} is too large; use 0..{MAX_SEED} (2**63-1), or leave it unset and "
+            "the server picks one",
+        )
+    return request.seed
 
 
 def _size(request: pb.GenerateRequest, model: ServedModel, limits: Limits) -> tuple[int, int]:
@@ -171,13 +213,22 @@ def _sampling(sampling: pb.Sampling, model: ServedModel, limits: Limits) -> tupl
     if sampling.shortcut_mode == pb.SHORTCUT_MODE_UNSPECIFIED:
         return steps, ec.shortcut_mode
     if sampling.shortcut_mode not in SHORTCUT_MODES:
-        raise InvalidRequest("sampling.shortcut_mode", f"unknown value {sampling.shortcut_mode}")
+        raise InvalidRequest(
+            "sampling.shortcut_mode",
+            f"unknown value {sampling.shortcut_mode}; use SHORTCUT_MODE_8_16_16 or "
+            "SHORTCUT_MODE_16_16_8, or leave it UNSPECIFIED",
+        )
+    chosen = SHORTCUT_MODES[sampling.shortcut_mode]
+    if chosen == ec.shortcut_mode:
+        # the model's own, as ListModels and SessionParams report it: the same as UNSPECIFIED
+        return steps, chosen
     if not ec.distill or steps != SHORTCUT_STEPS:
         raise InvalidRequest(
             "sampling.shortcut_mode",
-            f"applies only to distilled models at num_steps {SHORTCUT_STEPS}; leave it UNSPECIFIED",
+            f"{chosen} applies only to distilled models at num_steps {SHORTCUT_STEPS}; leave "
+            f"it UNSPECIFIED (this model uses {ec.shortcut_mode})",
         )
-    return steps, SHORTCUT_MODES[sampling.shortcut_mode]
+    return steps, chosen
 
 
 def _guidance_scales(
@@ -199,16 +250,30 @@ def _guidance(
 ) -> tuple[float, ...] | None:
     if not values:
         return None
+    if _as_float32(values) == _as_float32(default):
+        # the model's own scales (ListModels reports them, as float): the same as leaving it
+        # empty, on every model, so its defaults sent back are always accepted
+        return None
     if cfg_number != 3:
         raise InvalidRequest(
-            field, "this model is distilled (one forward, no guidance); leave it empty"
+            field,
+            "this model is distilled (one forward, no guidance); leave it empty or send the "
+            "model's own (ListModels default_sampling)",
         )
-    if len(values) != len(default) or not all(math.isfinite(v) and v >= 0 for v in values):
+    if len(values) != len(default) or not all(
+        math.isfinite(v) and 0 <= v <= MAX_GUIDANCE_SCALE for v in values
+    ):
         raise InvalidRequest(
             field,
-            f"give {len(default)} finite values >= 0, one per cfg_t_range entry, or leave it empty",
+            f"give {len(default)} finite values in 0..{MAX_GUIDANCE_SCALE:g}, one per "
+            "cfg_t_range entry, or leave it empty",
         )
     return tuple(values)
+
+
+def _as_float32(values) -> list[float]:
+    """The values as the wire (proto float) and the engine (fp32 tensors) hold them."""
+    return np.asarray(values, dtype=np.float32).tolist()
 
 
 def _encoding(value: int, width: int, height: int) -> int:
@@ -249,7 +314,7 @@ def _timeline(entries, num_chunks: int | None, limits: Limits) -> tuple[tuple[in
         if num_chunks is not None and entry.from_chunk >= num_chunks:
             raise InvalidRequest(
                 f"{where}.from_chunk",
-                f"{entry.from_chunk} is past the last chunk ({num_chunks - 1})",
+                f"{entry.from_chunk} is past the last chunk; use 0..{num_chunks - 1}",
             )
         prompts.append((entry.from_chunk, _text(f"{where}.text", entry.text, limits)))
         previous = entry.from_chunk
@@ -257,11 +322,26 @@ def _timeline(entries, num_chunks: int | None, limits: Limits) -> tuple[tuple[in
 
 
 def _text(field: str, text: str, limits: Limits) -> str:
-    if not text.strip():
-        raise InvalidRequest(field, "the prompt is empty")
     if len(text) > limits.max_prompt_chars:
         raise InvalidRequest(field, f"{len(text)} characters; at most {limits.max_prompt_chars}")
+    if not any(_visible(ch) for ch in text):
+        raise InvalidRequest(
+            field,
+            "the prompt is empty (nothing but spaces or invisible characters); write the text",
+        )
     return text
+
+
+def _visible(ch: str) -> bool:
+    return ch not in _INVISIBLE_CHARS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES
+
+
+def _quote(value: str) -> str:
+    """A client's string in an error message, cut short: a status message travels in a
+    trailer, whose size gRPC limits (8 KiB by default)."""
+    if len(value) <= QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_CHARS]!r}... ({len(value)} characters)"
 
 
 def _media(data: bytes, field: str, max_bytes: int, limits: Limits, probe) -> bytes:
@@ -350,7 +430,7 @@ def _session_id(value: str, stream_session: str | None) -> str:
         if value and value != stream_session:
             raise InvalidRequest(
                 "session_id",
-                f"{value!r} is not this stream's session {stream_session!r}; leave it empty",
+                f"{_quote(value)} is not this stream's session {stream_session!r}; leave it empty",
             )
         return stream_session
     if not value:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -52,7 +53,14 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
+        ca: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
+        token: str | None = None,
     ) -> None:
+        """`ca` (and `client_cert`, a (cert, key) pair, for mutual TLS): the server speaks TLS
+        and these are what the helpers here (health, metrics) connect with; `token` is sent to
+        the metrics port."""
+        self.ca, self.client_cert, self.token = ca, client_cert, token
         self.log_path = tmp / "server.log"
         self.cache = tmp / "cache"
         self.start_timeout_s = start_timeout_s
@@ -101,7 +109,7 @@ class ServerProcess:
             self.wait_listening(timeout_s)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if health_status(self.address) == SERVING:
+            if health_status(self.address, credentials=self.channel_credentials()) == SERVING:
                 return
             if self.proc.poll() is not None:
                 break
@@ -141,8 +149,34 @@ class ServerProcess:
         """The current rank-0 worker's pid."""
         return int(re.findall(r"event=worker.ready pid=(\d+)", self.logs())[-1])
 
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """For a channel to this server: None = plaintext."""
+        if self.ca is None:
+            return None
+        cert, key = self.client_cert or (None, None)
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            key.read_bytes() if key else None,
+            cert.read_bytes() if cert else None,
+        )
+
+    def channel(self, **options) -> grpc.Channel:
+        """A blocking channel to the server, TLS when the server speaks it."""
+        credentials = self.channel_credentials()
+        if credentials is None:
+            return grpc.insecure_channel(self.address, **options)
+        return grpc.secure_channel(self.address, credentials, **options)
+
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=5) as r:
+        scheme, context = "http", None
+        if self.ca is not None:
+            scheme, context = "https", ssl.create_default_context(cafile=str(self.ca))
+            if self.client_cert is not None:
+                context.load_cert_chain(*map(str, self.client_cert))
+        request = urllib.request.Request(f"{scheme}://{self.metrics_address}/metrics")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=5, context=context) as r:
             return r.read().decode()
 
     def metric(self, name: str, labels: str = "") -> float:
@@ -186,10 +220,17 @@ class ServerProcess:
         self.stop()
 
 
-def health_status(address: str, service: str = "") -> int:
+def health_status(
+    address: str, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> int:
     """The gRPC health status of a server (or of one of its services); -1 if it does not
     answer."""
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status

@@ -130,6 +130,8 @@ def listener():
             "{tmp}/o.mp4",
         ],
         ["live", "--chunks", "-1", "--out", "{tmp}/o.mp4"],
+        ["live", "--prompt", "x", "--out", "{tmp}/o.mp4"],  # neither --chunks nor --unbounded
+        ["generate", "--prompt", "x", "--chunks", "2", "--unbounded", "--out", "{tmp}/o.mp4"],
         ["status"],
         ["frobnicate"],
     ],
@@ -187,6 +189,28 @@ def test_refused_request_exits_3_with_the_servers_message(tmp_path, capsys):
     assert code == 3
     assert f"INVALID_ARGUMENT: {message}" in capsys.readouterr().err
     assert script.calls["StreamGenerate"] == 1
+
+
+def test_unbounded_is_asked_for_and_a_server_that_refuses_it_is_reported(tmp_path, capsys):
+    message = "unbounded: unbounded sessions are disabled on this server; set num_chunks 1..256"
+    script = Script(refuse=(grpc.StatusCode.INVALID_ARGUMENT, message))
+    with FakeServer(script) as target:
+        code = main(
+            [
+                "generate",
+                "--server",
+                target,
+                "--prompt",
+                "x",
+                "--unbounded",
+                "--out",
+                str(tmp_path / "o.mp4"),
+            ]
+        )
+    assert code == 3
+    assert f"INVALID_ARGUMENT: {message}" in capsys.readouterr().err
+    sent = script.requests[0]
+    assert (sent.num_chunks, sent.unbounded) == (0, True)
 
 
 def test_unreachable_server_exits_4_after_its_retries(tmp_path, capsys):

@@ -140,7 +140,7 @@ def test_ctrl_c_leaves_a_playable_partial_file_and_the_session_is_gone(server_ta
                 "--prompt",
                 "a red ball",
                 "--chunks",
-                "500",
+                "200",  # far more than arrive before the Ctrl-C, within the default cap (256)
                 *SMALL,
                 "--out",
                 str(out),
@@ -158,7 +158,7 @@ def test_ctrl_c_leaves_a_playable_partial_file_and_the_session_is_gone(server_ta
         if process.poll() is None:
             process.kill()
     chunks = len(CHUNK_LINE.findall(log_err.read_text()))
-    assert 2 <= chunks < 500
+    assert 2 <= chunks < 200
     assert count_frames(out) == 24 * chunks  # every chunk that arrived, and all of it
     session = SESSION_LINE.search(log_out.read_text())[1]
     with Client(server_target) as client:

@@ -95,7 +95,19 @@ def test_options_refuse_what_no_server_would_accept():
         GenerateOptions.of("a", image=b"i", video=b"v")
     with pytest.raises(ValueError, match="cert_file and key_file"):
         TlsOptions(cert_file="c.pem")
-    GenerateOptions(prompts=((0, "a"), (9, "b")), chunks=0)  # unbounded: any later chunk
+    # unbounded: any later chunk
+    GenerateOptions(prompts=((0, "a"), (9, "b")), chunks=0, unbounded=True)
+    with pytest.raises(ValueError, match=r"chunks must be >= 1, got 0 \(or unbounded=True"):
+        GenerateOptions.of("a", chunks=0)
+    with pytest.raises(ValueError, match="drop chunks=5 or unbounded=True"):
+        GenerateOptions.of("a", chunks=5, unbounded=True)
+
+
+def test_bounded_by_default_and_unbounded_only_when_asked():
+    bounded = generate_request(GenerateOptions.of("a"))
+    assert (bounded.num_chunks, bounded.unbounded) == (1, False)
+    endless = generate_request(GenerateOptions.of("a", unbounded=True))
+    assert (endless.num_chunks, endless.unbounded) == (0, True)
 
 
 def test_connection_settings_carry_token_and_tls_name():

@@ -41,6 +41,20 @@ def tool(name: str) -> str:
     pytest.fail(f"{name} is not installed: {INSTALL_HINT[name]}")
 
 
+def start_prometheus(config: Path, folder: Path, address: str, **kwargs) -> subprocess.Popen:
+    """Debian's real Prometheus on `address`, its TSDB under `folder`; stdout dropped."""
+    return subprocess.Popen(
+        [
+            tool("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address={address}",
+        ],
+        stdout=subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
 def run(*command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run a tool; on failure show its whole output, which is the useful part."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)

@@ -19,7 +19,7 @@ import pytest
 from engine.launch import free_port
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
-from tests.deploy.conftest import DEPLOY, tool
+from tests.deploy.conftest import DEPLOY, start_prometheus, tool
 from tests.deploy.test_nginx import SERVING, START_TIMEOUT_S, Replica, health
 
 NAMESPACE = "magistream"
@@ -45,6 +45,7 @@ def request(chunks: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         timeline=[pb.TimelineEntry(text="a red ball")],
         num_chunks=chunks,
+        unbounded=chunks == 0,  # the Replica allows it
         width_px=64,
         height_px=64,
         sampling=pb.Sampling(num_steps=4),
@@ -91,7 +92,7 @@ def _rss(pid: int) -> int:
 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
-    prometheus_bin = tool("prometheus")
+    tool("prometheus")  # fails first, saying how to install it, when it is missing
     (tmp_path / "server").mkdir()
     replica = Replica(tmp_path / "server", "--max-sessions", "1", "--queue-size", "0")
     prometheus = None
@@ -106,16 +107,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_path):
             f"    static_configs: [{{targets: ['{replica.metrics_address}'], "
             f"labels: {{namespace: {NAMESPACE}}}}}]\n"
         )
-        prometheus = subprocess.Popen(
-            [
-                prometheus_bin,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address={address}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        prometheus = start_prometheus(config, tmp_path, address, stderr=subprocess.DEVNULL)
         load(replica)
         deadline = time.monotonic() + 30
         while not query(address, "magistream_worker_restarts_total > 0")["data"]["result"]:

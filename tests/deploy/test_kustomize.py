@@ -11,14 +11,20 @@ import pytest
 import yaml
 
 from server.__main__ import _FLAGS, env_name
-from tests.deploy.conftest import OVERLAYS, find, run, tool
+from tests.deploy.conftest import DEPLOY, OVERLAYS, REPO, find, run, tool
 
 SCHEMAS = Path(__file__).parent / "schemas"
 # The oldest Kubernetes the manifests target (preStop `sleep`, unhealthyPodEvictionPolicy,
 # the pod-index label), and the newest schemas kubernetes-validate bundles.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
 # Kinds no Kubernetes schema covers, each checked against its own published CRD schema below.
-CRD_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCHEMAS / "keda.sh_scaledobjects.yaml"}
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCHEMAS / "keda.sh_scaledobjects.yaml",
+    ("cert-manager.io/v1", "Certificate"): SCHEMAS / "cert-manager.io_certificates.yaml",
+}
+# Overlays that serve TLS from cert-manager (components/tls); the others say why not.
+TLS_OVERLAYS = {"gpu-4.5b", "gpu-24b"}
+HEALTHCHECK = "deploy/healthcheck.py"
 # After SIGTERM the server waits the grace period, then gives open streams 5 s to send their
 # `finished` event (server/app.py `_drain`); the pod needs that plus some slack.
 STREAM_CLOSE_S = 5
@@ -58,7 +64,7 @@ def test_custom_resources_validate_against_their_published_crd_schemas(rendered)
             errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=str)
             assert not errors, f"{overlay} {key}: " + "; ".join(e.message for e in errors)
             checked += 1
-    assert checked == 2  # the ScaledObjects of gpu-4.5b and gpu-24b
+    assert checked == 4  # the ScaledObjects and Certificates of gpu-4.5b and gpu-24b
 
 
 def test_configmaps_set_only_real_server_flags(rendered):
@@ -82,7 +88,11 @@ def test_probes_ports_and_grace_period_match_the_server_flags(rendered, overlay)
     annotations = workload["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == flags["MAGISTREAM_METRICS_PORT"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"]["port"] == ports["grpc"], probe
+        if "MAGISTREAM_TLS_CERT" in flags:  # healthcheck.py reads MAGISTREAM_PORT itself
+            assert "grpc" not in server[probe], f"{probe}: the kubelet's probe has no TLS"
+            assert server[probe]["exec"]["command"] == healthcheck_command(), probe
+        else:
+            assert server[probe]["grpc"]["port"] == ports["grpc"], probe
     # The whole drain fits before the kubelet's SIGKILL.
     pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(flags["MAGISTREAM_GRACE_PERIOD_S"]) + STREAM_CLOSE_S
@@ -94,7 +104,9 @@ def test_probes_ports_and_grace_period_match_the_server_flags(rendered, overlay)
     for service in find(objects, "Service", "magistream"):
         by_name = {p["name"]: p for p in service["spec"]["ports"]}
         assert by_name["grpc"]["targetPort"] == "grpc"
-        assert by_name["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+        # h2c is a promise to gateways: only where the port is plaintext.
+        tls = "MAGISTREAM_TLS_CERT" in flags
+        assert by_name["grpc"].get("appProtocol") == (None if tls else "kubernetes.io/h2c")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -159,6 +171,108 @@ def test_multinode_clients_reach_rank_zero_only(rendered):
     env = {e["name"]: e for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MASTER_ADDR"]["value"] == "magistream-0.magistream-ranks"
     assert int(env["NNODES"]["value"]) == statefulset["spec"]["replicas"]
+
+
+# ---- security (docs/deploy.md, "Securing a deployment") -----------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_authenticates_callers_with_tokens_from_an_operator_made_secret(
+    rendered, overlay
+):
+    objects = rendered[overlay]
+    flags = find(objects, "ConfigMap")[0]["data"]
+    # Credentials always: never protected mode's loopback-only refusal, never --insecure.
+    assert "MAGISTREAM_INSECURE" not in flags and "MAGISTREAM_ALLOW_UNBOUNDED" not in flags
+    tokens = Path(flags["MAGISTREAM_AUTH_TOKENS"])
+    volume, mount = secret_volume(objects, tokens.parent)
+    assert volume["secret"]["secretName"] == "magistream-auth"
+    assert not volume["secret"].get("optional"), "a missing Secret must stop the pod"
+    # No Secret comes out of the manifests: the operator makes it (no committed token).
+    assert not find(objects, "Secret"), overlay
+    # Admins named, per-caller caps below the replica's, sessions bounded by default.
+    assert flags["MAGISTREAM_ADMIN_PRINCIPALS"].strip()
+    max_sessions = int(flags["MAGISTREAM_PRINCIPAL_MAX_SESSIONS"])
+    assert 0 < max_sessions < int(flags["MAGISTREAM_MAX_SESSIONS"]), overlay
+    max_queued = int(flags["MAGISTREAM_PRINCIPAL_MAX_QUEUED"])
+    assert 0 < max_queued < int(flags["MAGISTREAM_QUEUE_SIZE"]), overlay
+    assert 0 < int(flags["MAGISTREAM_MAX_CHUNKS"])
+    assert flags["MAGISTREAM_REFLECTION"] in ("auth", "off")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tls_overlays_mount_a_renewed_certificate_and_probe_over_tls(rendered, overlay):
+    objects = rendered[overlay]
+    flags = find(objects, "ConfigMap")[0]["data"]
+    assert ("MAGISTREAM_TLS_CERT" in flags) == (overlay in TLS_OVERLAYS)
+    if overlay not in TLS_OVERLAYS:
+        return
+    cert, key = Path(flags["MAGISTREAM_TLS_CERT"]), Path(flags["MAGISTREAM_TLS_KEY"])
+    assert cert.parent == key.parent
+    volume, _ = secret_volume(objects, cert.parent)
+    (certificate,) = find(objects, "Certificate")
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert (cert.name, key.name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret
+    # The names clients (the Service's), the health check and Prometheus check it under.
+    (workload,) = find(objects, "Deployment")
+    (server,) = workload["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    namespace = certificate["metadata"]["namespace"]
+    names = set(certificate["spec"]["dnsNames"])
+    assert {f"magistream.{namespace}.svc", env["MAGISTREAM_HEALTHCHECK_SERVER_NAME"]} <= names
+    assert Path(env["MAGISTREAM_HEALTHCHECK_CA"]) == cert.parent / "ca.crt"
+    scrape = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-scrape.yaml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["tls_config"]["server_name"] in names
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == "https"
+    assert "client auth" in certificate["spec"]["usages"]  # presented by the probe under mTLS
+
+
+def test_the_health_check_command_runs_the_images_python_and_script():
+    """The exec probes name paths inside the image: the venv `make install` fills and the
+    source folder, both from the Dockerfile."""
+    python, script = healthcheck_command()
+    text = (REPO / "Dockerfile").read_text()
+    venv = re.search(r"VENV=(\S+)", text).group(1)
+    workdir = re.findall(r"^WORKDIR (\S+)$", text, re.M)[-1]
+    assert (python, script) == (f"{venv}/bin/python", f"{workdir}/{HEALTHCHECK}")
+    assert (REPO / HEALTHCHECK).is_file()
+
+
+def test_no_credentials_are_committed_under_deploy():
+    files = run("git", "-C", str(REPO), "ls-files", "deploy").stdout.split()
+    assert files, "git sees no deploy/ files"
+    named = [f for f in files if re.search(r"(^|/)(tokens|metrics-token)$|\.(key|pem|p12)$", f)]
+    assert not named, f"credentials in the repository: {named}"
+    # ...and the files the docs tell operators to make next to the manifests stay out.
+    ignored = run(
+        "git", "-C", str(REPO), "check-ignore", "deploy/overlays/cpu-demo/tokens",
+        "deploy/overlays/cpu-demo/metrics-token", "deploy/components/tls/tls.key",
+    ).stdout.split()  # fmt: skip
+    assert len(ignored) == 3
+
+
+def secret_volume(objects: list[dict], folder: Path) -> tuple[dict, dict]:
+    """The Secret volume mounted at `folder` in the server container, and its mount. A whole
+    folder (no subPath): the kubelet updates such a mount in place when the Secret changes,
+    which is what lets the server reload without a restart."""
+    (workload,) = find(objects, "Deployment") + find(objects, "StatefulSet")
+    pod = workload["spec"]["template"]["spec"]
+    (server,) = [c for c in pod["containers"] if c["name"] == "server"]
+    (mount,) = [m for m in server["volumeMounts"] if Path(m["mountPath"]) == folder]
+    assert mount.get("readOnly") and "subPath" not in mount and "subPathExpr" not in mount
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "secret" in volume, f"{folder} is not a Secret volume"
+    return volume, mount
+
+
+def healthcheck_command() -> list[str]:
+    patch = yaml.safe_load((DEPLOY / "components" / "tls" / "deployment-patch.yaml").read_text())
+    (server,) = patch["spec"]["template"]["spec"]["containers"]
+    commands = [server[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe")]
+    assert commands[0] == commands[1] == server["livenessProbe"]["exec"]["command"]
+    return commands[0]
 
 
 def _crd_schema(path: Path, version: str) -> dict:

@@ -2,6 +2,10 @@
 `magi-server` replicas behind it on loopback keep every call of a session on the replica that
 holds it, including while one replica drains after SIGTERM.
 
+The routing tests run the shipped config with its TLS taken out (`plaintext`, each removal
+counted), on plaintext replicas; tests/deploy/test_secured.py runs it with its TLS, in front
+of a replica that asks for tokens.
+
 Clients send the session id as `x-session-id` on every call (docs/deploy.md, "Session
 routing"); here plain grpc stubs do that by hand. Which replica owns an id depends on the
 replicas' ports (nginx hashes them into its ring), so the test asks nginx: a GetSession for a
@@ -33,6 +37,7 @@ from proto import video_generation_pb2_grpc as pb_grpc
 from tests.deploy.conftest import DEPLOY, run, tool
 from tests.serverproc import SERVING, ServerProcess
 from tests.serverproc import health_status as health
+from tests.tls import make_pki
 
 SHIPPED = DEPLOY / "nginx" / "magistream.conf"
 HEADER = "x-session-id"
@@ -46,19 +51,39 @@ PROMPT = "a red ball rolls"
 # ---- nginx config: the shipped file, moved onto loopback ----------------------------------
 
 
-def render(conf: str, backends: list[str], listen: str, access_log: Path) -> str:
-    """The shipped config with its example replicas, listen address and log path replaced.
-    Each pattern must match as often as the shipped file says, so a reshaped file fails here
+def render(
+    conf: str, backends: list[str], listen: str, access_log: Path, tls: Path | None = None
+) -> str:
+    """The shipped config with its example replicas, listen address and log path replaced,
+    and its certificate folder moved to `tls` (None: TLS taken out, see `plaintext`). Each
+    pattern must match as often as the shipped file says, so a reshaped file fails here
     rather than silently testing something else."""
     servers = re.findall(r"^\s*server\s+[\d.]+:\d+(.*);$", conf, re.M)
     assert len(servers) == 2, "the shipped upstream lists two example replicas"
     lines = "".join(f"    server {b}{servers[0]};\n" for b in backends)
     conf, n_upstream = re.subn(r"(?:^\s*server\s+[\d.]+:\d+.*;\n)+", lines, conf, flags=re.M)
-    conf, n_listen = re.subn(r"listen 50050 http2;", f"listen {listen} http2;", conf)
+    conf, n_listen = re.subn(r"listen 50050 ssl http2;", f"listen {listen} ssl http2;", conf)
     conf, n_log = re.subn(
         r"access_log \S+ magistream_grpc;", f"access_log {access_log} magistream_grpc;", conf
     )
     assert (n_upstream, n_listen, n_log) == (1, 1, 1)
+    return plaintext(conf) if tls is None else move_certificates(conf, tls)
+
+
+def move_certificates(conf: str, folder: Path) -> str:
+    """/etc/nginx/tls/ -> folder: the listener's certificate and key, the replicas' CA."""
+    conf, n = re.subn(r"^(\s*\w+\s+)/etc/nginx/tls/", rf"\g<1>{folder}/", conf, flags=re.M)
+    assert n == 3, n
+    return conf
+
+
+def plaintext(conf: str) -> str:
+    """The shipped config without TLS on either side (h2c listener, grpc:// to replicas), for
+    the routing tests' plaintext replicas: everything but the TLS lines stays as shipped."""
+    conf, n_ssl = re.subn(r"^\s*(?:grpc_)?ssl_\w+ .*;\n", "", conf, flags=re.M)
+    conf, n_listen = re.subn(r"(listen \S+) ssl http2;", r"\1 http2;", conf)
+    conf, n_pass = re.subn(r"grpc_pass grpcs://", "grpc_pass grpc://", conf)
+    assert (n_ssl, n_listen, n_pass) == (8, 1, 1), (n_ssl, n_listen, n_pass)
     return conf
 
 
@@ -94,9 +119,29 @@ def nginx_test(conf: Path) -> None:
 
 def test_the_shipped_config_passes_nginx_t(tmp_path):
     site = tmp_path / "magistream.conf"
-    # Only the access log moves (nginx -t opens it); everything else exactly as shipped.
-    site.write_text(SHIPPED.read_text().replace("/var/log/nginx/", f"{tmp_path}/"))
+    # Only the access log and the certificates move (nginx -t opens them); everything else
+    # exactly as shipped.
+    certs = make_pki(tmp_path / "tls")
+    for shipped, made in (
+        ("magistream.crt", certs.server_cert),
+        ("magistream.key", certs.server_key),
+        ("magistream-ca.crt", certs.ca),
+    ):
+        (tmp_path / shipped).symlink_to(made)
+    conf = SHIPPED.read_text().replace("/var/log/nginx/", f"{tmp_path}/")
+    site.write_text(move_certificates(conf, tmp_path))
     nginx_test(main_config(tmp_path, site))
+
+
+def test_the_shipped_config_speaks_tls_and_never_touches_credentials():
+    conf = SHIPPED.read_text()
+    assert re.search(r"^\s*listen 50050 ssl http2;", conf, re.M)
+    assert re.search(r"^\s*grpc_pass grpcs://magistream;", conf, re.M)
+    assert re.search(r"^\s*grpc_ssl_verify on;", conf, re.M)
+    # grpc_pass forwards every request header: nothing may tell it to drop or replace the
+    # caller's `authorization` (the replica authenticates the call).
+    setters = re.findall(r"^\s*(grpc_set_header|grpc_hide_header)\s+(\S+)", conf, re.M)
+    assert not [s for s in setters if s[1].lower() == "authorization"], setters
 
 
 def test_the_config_on_loopback_ports_passes_nginx_t(tmp_path):
@@ -117,17 +162,21 @@ def test_the_config_on_loopback_ports_passes_nginx_t(tmp_path):
 
 class Replica(ServerProcess):
     """A `python -m server --model tiny` process on loopback port 0 that drains for GRACE_S
-    after SIGTERM."""
+    after SIGTERM and serves unbounded sessions."""
 
-    def __init__(self, tmp: Path, *extra_flags: str) -> None:
+    def __init__(self, tmp: Path, *extra_flags: str, **options) -> None:
+        """options: ServerProcess's (`ca`, `token`... for a replica with credentials)."""
         super().__init__(
             tmp,
             "--grace-period-s",
             str(GRACE_S),
+            "--allow-unbounded",
+            "1",
             *extra_flags,
             model="tiny",
             start_timeout_s=START_TIMEOUT_S,
             stop_timeout_s=GRACE_S + 20,
+            **options,
         )
 
     def wait_started(self) -> None:
@@ -361,11 +410,12 @@ def test_the_container_health_check_follows_grpc_health(cluster):
 
 def request(session_id: str, chunks: int = 0) -> pb.GenerateRequest:
     """A 64x64 session, by default unbounded: it runs until cancelled, so a test never races
-    its end."""
+    its end (the replicas allow unbounded sessions)."""
     return pb.GenerateRequest(
         session_id=session_id,
         timeline=[pb.TimelineEntry(from_chunk=0, text=PROMPT)],
         num_chunks=chunks,
+        unbounded=chunks == 0,
         width_px=64,
         height_px=64,
         seed=1,

@@ -26,6 +26,7 @@ API = {
     "CancelSession": ("CancelSessionRequest", "CancelSessionResponse", False, False),
     "GetSession": ("GetSessionRequest", "SessionInfo", False, False),
     "ListModels": ("ListModelsRequest", "ListModelsResponse", False, False),
+    "ListSessions": ("ListSessionsRequest", "ListSessionsResponse", False, False),
 }
 
 
@@ -174,11 +175,14 @@ EXAMPLES: dict[str, Message] = {
         params=_params(),
         status_code=0,
         status_message="",
+        owner="alice",
     ),
+    "ListSessionsRequest": pb.ListSessionsRequest(),
     "ListModelsResponse": pb.ListModelsResponse(models=[_model()], default_model="tiny"),
     "ModelInfo": _model(),
     "ResolutionLimits": _model().resolution,
 }
+EXAMPLES["ListSessionsResponse"] = pb.ListSessionsResponse(sessions=[EXAMPLES["SessionInfo"]])
 
 EVENTS = {
     "started": pb.GenerateEvent(started=EXAMPLES["SessionStarted"]),

@@ -47,6 +47,8 @@ def start_server(tiny_folder, tmp_path_factory):
     ) -> ServerProcess:
         server = ServerProcess(
             tmp_path_factory.mktemp("server"),
+            "--allow-unbounded",
+            "1",
             *args,
             model=model,
             env=env,

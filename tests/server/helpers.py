@@ -21,6 +21,8 @@ def request(text: str = PROMPT, chunks: int = 2, size: int = 64, **fields) -> pb
     return pb.GenerateRequest(
         timeline=[pb.TimelineEntry(from_chunk=0, text=text)],
         num_chunks=chunks,
+        # 0: until cancelled (the servers of these tests start with --allow-unbounded 1)
+        unbounded=fields.pop("unbounded", chunks == 0),
         width_px=size,
         height_px=size,
         seed=fields.pop("seed", 1),
