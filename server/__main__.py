@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     import uvloop
 
     from engine import logs
+    from server import memory
     from server.app import serve
     from server.auth import Credentials
 
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(f"magi-server: {e}", file=sys.stderr)
         return 2
     logs.configure(args.log_level)
+    # before any request: large buffers are mapped on their own, and unmapped when freed (only
+    # here, in the serving process: tests call main() in theirs to check the flags)
+    memory.configure()
     return uvloop.run(serve(config, model, encoding, credentials, sys.stdout))
 
 

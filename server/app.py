@@ -27,6 +27,7 @@ from server.auth import AuthInterceptor, Credentials
 from server.config import MAX_SEND_BYTES, ServerConfig
 from server.encode import VideoEncoding
 from server.interceptors import StatusInterceptor
+from server.memory import Reclaimer
 from server.metrics import Metrics
 from server.metrics_http import MetricsServer
 from server.pools import BoundedPool
@@ -76,6 +77,7 @@ class App:
         self.encode_pool = BoundedPool("encode", config.encode_threads, 1 << 30)
         self.model, self.encoding = model, encoding
         self.serving: bool | None = None  # what health says now; None before the first set
+        self.reclaimer = Reclaimer()  # hands freed memory (request bytes) back to the OS
 
     def _build_server(self) -> None:
         """gRPC objects bind to the running loop, so they are made inside it."""
@@ -186,6 +188,7 @@ class App:
                 self.credentials.reload_if_changed()
             self.supervisor.check()
             self.sessions.sweep()
+            self.reclaimer.poll()
             await self._set_health(self.supervisor.healthy() and not self.sessions.draining)
             await asyncio.sleep(WATCH_INTERVAL_S)
 
@@ -216,7 +219,8 @@ class App:
         for session in self.sessions.live():
             self.sessions.cancel(
                 session.id,
-                f"the server is shutting down and the {self.config.grace_period_s:g}"
+                owner=session.owner,
+                reason=f"the server is shutting down and the {self.config.grace_period_s:g}"
                 " s grace period ran out; retry on another replica",
                 state=SessionState.FAILED,
                 code=grpc.StatusCode.UNAVAILABLE,

@@ -135,9 +135,10 @@ def finished(session: LiveSession) -> pb.GenerateEvent:
     )
 
 
-def prompt_ack(applied: ipc.PromptApplied) -> pb.PromptAck:
+def prompt_ack(applied: ipc.PromptApplied, session_id: str) -> pb.PromptAck:
+    """`session_id`: the client's name for the session (the engine's is its key)."""
     return pb.PromptAck(
-        session_id=applied.session_id, prompt_version=applied.version, from_chunk=applied.from_chunk
+        session_id=session_id, prompt_version=applied.version, from_chunk=applied.from_chunk
     )
 
 

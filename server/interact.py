@@ -123,7 +123,9 @@ class ClientReader:
                 self._slots.release()
                 if kind == "cancel":
                     session_id = parse_cancel(message.cancel, self.session.id)
-                    self.sessions.cancel(session_id, "cancelled by the client")
+                    self.sessions.cancel(
+                        session_id, "cancelled by the client", owner=self.session.owner
+                    )
         except ServiceError as e:
             self._order.put_nowait(e)
         except grpc.aio.AioRpcError:
@@ -160,7 +162,8 @@ class ClientReader:
 
     async def _apply(self, spec: PromptSpec) -> pb.PromptAck:
         try:
-            return convert.prompt_ack(await self.sessions.update_prompt(spec))
+            applied = await self.sessions.update_prompt(spec, self.session.owner)
+            return convert.prompt_ack(applied, self.session.id)
         except ServiceError as e:  # bad from_chunk, nothing left to steer, worker down
             return self._rejection(str(e))
 

@@ -168,22 +168,34 @@ class _Outcome:
 
     async def failed(self, error: BaseException) -> None:
         """Record the status and raise what gRPC needs to end the call with it."""
-        if isinstance(error, ServiceError):
-            self.code = status_of(error)
-            await self.context.abort(self.code, str(error), error.trailing_metadata())
-        if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            deadline = deadline_passed(self.context)
-            self.code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
-            raise error
-        if isinstance(error, grpc.aio.AbortError):
-            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
-            raise error
-        self.code = grpc.StatusCode.INTERNAL
-        event(
-            logger, "rpc.internal_error", level=logging.ERROR, method=self.method, error=repr(error)
-        )
-        logger.error("unexpected error in %s", self.method, exc_info=error)
-        await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        try:
+            if isinstance(error, ServiceError):
+                self.code = status_of(error)
+                await self.context.abort(self.code, str(error), error.trailing_metadata())
+            if isinstance(error, asyncio.CancelledError | GeneratorExit):
+                deadline = deadline_passed(self.context)
+                self.code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
+                )
+                raise error
+            if isinstance(error, grpc.aio.AbortError):
+                self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+                raise error
+            self.code = grpc.StatusCode.INTERNAL
+            event(
+                logger,
+                "rpc.internal_error",
+                level=logging.ERROR,
+                method=self.method,
+                error=repr(error),
+            )
+            logger.error("unexpected error in %s", self.method, exc_info=error)
+            await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        finally:
+            # The raised error's traceback holds this frame: without this, error -> traceback
+            # -> frame -> error is a cycle, and the whole call (its request, the image bytes)
+            # waits for the cycle collector instead of going when the call ends.
+            del error
 
     def record(self) -> None:
         code = self.code or grpc.StatusCode.CANCELLED

@@ -65,8 +65,8 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
     async def StreamGenerate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        spec = parse_generate(request, self.model, self.limits)
-        session = await self._open(spec)
+        session = await self._open(parse_generate(request, self.model, self.limits))
+        del request  # decoded: its bytes are not held while the session streams
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
         with self._released_if_broken(session, context):
             async for item in self._events(session):
@@ -81,6 +81,7 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
             raise InvalidRequest("event", "the stream closed before its start event")
         parse_client_event(first, first=True)
         session = await self._open(parse_generate(first.start, self.model, self.limits))
+        del first  # decoded: its bytes are not held while the session streams
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
         reader = ClientReader(session, self.sessions, self.limits)
         reader.start(requests)
@@ -101,15 +102,16 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         self, request: pb.PromptUpdate, context: grpc.aio.ServicerContext
     ) -> pb.PromptAck:
         spec = parse_prompt_update(request, self.limits)
-        self.sessions.visible(spec.session_id, current_principal.get())
-        applied = await self.sessions.update_prompt(spec)
-        return convert.prompt_ack(applied)
+        session = self.sessions.visible(spec.session_id, current_principal.get())
+        spec = dataclasses.replace(spec, session_id=session.id)
+        applied = await self.sessions.update_prompt(spec, session.owner)
+        return convert.prompt_ack(applied, session.id)
 
     async def CancelSession(
         self, request: pb.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelSessionResponse:
         session = self.sessions.visible(parse_cancel(request), current_principal.get())
-        state = self.sessions.cancel(session.id, "cancelled by CancelSession")
+        state = self.sessions.cancel(session.id, "cancelled by CancelSession", owner=session.owner)
         return pb.CancelSessionResponse(state=convert.STATES[state])
 
     async def GetSession(
@@ -164,8 +166,9 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
                 image, video = await self.decode_pool.run(
                     decode_inputs, params, self.model, self.limits
                 )
-            decoded = dataclasses.replace(params, image=image, video=video)
-            return await self.sessions.open(decoded, owner, slot)
+            # the encoded bytes go here, before the wait for the worker
+            params = dataclasses.replace(params, image=image, video=video)
+            return await self.sessions.open(params, owner, slot)
         except BaseException:
             slot.release()  # no session holds it (a session that ended released it already)
             raise

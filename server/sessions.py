@@ -21,6 +21,7 @@ import grpc
 from engine import ipc
 from engine.logs import event
 from scheduler.session import SessionParams, SessionState
+from server.auth import ANONYMOUS
 from server.config import Security
 from server.errors import (
     InvalidRequest,
@@ -54,11 +55,20 @@ class SessionEnd:
     message: str
 
 
+def session_key(owner: str, session_id: str) -> str:
+    """The engine's name for a session: ids are per principal, so two principals may both
+    have a session `demo` and neither can learn of the other's (`/` is in neither alphabet)."""
+    return f"{owner}/{session_id}"
+
+
 class LiveSession:
     """One session's client-visible record and its event queue."""
 
-    def __init__(self, params: SessionParams, owner: str, slot: Slot | None = None) -> None:
-        self.id = params.session_id
+    def __init__(
+        self, params: SessionParams, session_id: str, owner: str, slot: Slot | None = None
+    ) -> None:
+        self.id = session_id  # what its owner calls it
+        self.key = params.session_id  # what the engine calls it: session_key(owner, id)
         self.owner = owner  # the principal that opened it; only it (and admins) may see it
         self.slot = slot  # its claim on the owner's session limit, released when it ends
         # the request as opened, without its image or video: nothing is held past need
@@ -93,6 +103,11 @@ class LiveSession:
     def push(self, item: ipc.ChunkReady | SessionEnd | object) -> None:
         self._events.put_nowait(item)
 
+    def drop_events(self) -> None:
+        """Its stream is gone: chunks nobody will read are not kept for the TTL."""
+        while not self._events.empty():
+            self._events.get_nowait()
+
 
 class SessionManager:
     def __init__(
@@ -120,7 +135,7 @@ class SessionManager:
     # ---- requests -------------------------------------------------------------------------
 
     async def open(
-        self, params: SessionParams, owner: str = "anonymous", slot: Slot | None = None
+        self, params: SessionParams, owner: str = ANONYMOUS, slot: Slot | None = None
     ) -> LiveSession:
         """Hand a validated request (inputs decoded) to the worker; returns once it is running
         or queued. The record goes down as it is, with the session id and seed now set. The
@@ -129,15 +144,15 @@ class SessionManager:
         params = await self._reserve(params, owner, slot)
         session = self.sessions[params.session_id]
         try:
-            answer = await self._ask(self._opening, session.id, ipc.OpenSession(params))
+            answer = await self._ask(self._opening, session.key, ipc.OpenSession(params))
         except asyncio.CancelledError:  # the client left while we waited for the worker
-            self.cancel(session.id, "client went away while the session opened")
+            self._cancel(session, "client went away while the session opened")
             raise
         except Unavailable:
-            del self.sessions[session.id]
+            del self.sessions[session.key]
             raise
         if isinstance(answer, ipc.OpenRefused):
-            del self.sessions[session.id]
+            del self.sessions[session.key]
             if answer.reason == "full":
                 raise ServerFull(answer.message, self.retry_after_ms())
             if answer.reason == "internal":
@@ -152,7 +167,7 @@ class SessionManager:
         event(
             logger,
             "session.opened",
-            session.id,
+            session.key,
             mode=params.mode,
             chunks=params.num_chunks,
             size=f"{params.width}x{params.height}",
@@ -161,19 +176,20 @@ class SessionManager:
         return session
 
     async def _reserve(self, params: SessionParams, owner: str, slot: Slot | None) -> SessionParams:
-        """Claim the session id once the worker is up (or refuse); the record with its id and
-        seed set."""
+        """Claim the session id in the owner's namespace once the worker is up (or refuse); the
+        record with its engine key and seed set."""
         self._refuse_if_draining()
         session_id = params.session_id or uuid.uuid4().hex
-        if session_id in self.sessions:
+        key = session_key(owner, session_id)
+        if key in self.sessions:
             raise SessionExists(session_id)
         await self.supervisor.wait_ready(self.startup_timeout_s)
         self._refuse_if_draining()
-        if session_id in self.sessions:  # taken while we waited
+        if key in self.sessions:  # taken while we waited
             raise SessionExists(session_id)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        params = dataclasses.replace(params, session_id=session_id, seed=seed)
-        self.sessions[session_id] = LiveSession(params, owner, slot)
+        params = dataclasses.replace(params, session_id=key, seed=seed)
+        self.sessions[key] = LiveSession(params, session_id, owner, slot)
         return params
 
     async def _ask(self, pending: dict, key: object, command: ipc.Command) -> ipc.Event:
@@ -186,8 +202,8 @@ class SessionManager:
         finally:
             pending.pop(key, None)
 
-    async def update_prompt(self, prompt: PromptSpec) -> ipc.PromptApplied:
-        session = self.get(prompt.session_id)
+    async def update_prompt(self, prompt: PromptSpec, owner: str = ANONYMOUS) -> ipc.PromptApplied:
+        session = self.get(prompt.session_id, owner)
         if session.ended:
             raise NotSteerable(
                 f"session {session.id!r} has ended ({session.state.value}); "
@@ -200,7 +216,7 @@ class SessionManager:
             )
         request_id = next(self._request_ids)
         command = ipc.UpdatePrompt(
-            request_id, session.id, prompt.text, prompt.from_chunk, prompt.replace_later
+            request_id, session.key, prompt.text, prompt.from_chunk, prompt.replace_later
         )
         answer = await self._ask(self._prompts, request_id, command)
         if isinstance(answer, ipc.PromptRejected):
@@ -214,7 +230,7 @@ class SessionManager:
         event(
             logger,
             "session.prompt",
-            session.id,
+            session.key,
             version=answer.version,
             from_chunk=answer.from_chunk,
         )
@@ -226,26 +242,48 @@ class SessionManager:
         reason: str,
         state: SessionState = SessionState.CANCELLED,
         code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+        owner: str = ANONYMOUS,
     ) -> SessionState:
-        """End a session now (the worker frees it within one step); its state afterwards."""
-        session = self.get(session_id)
+        """End `owner`'s session now (the worker frees it within one step); its state
+        afterwards."""
+        return self._cancel(self.get(session_id, owner), reason, state, code)
+
+    def _cancel(
+        self,
+        session: LiveSession,
+        reason: str,
+        state: SessionState = SessionState.CANCELLED,
+        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+    ) -> SessionState:
         if session.ended:
             return session.state
         if self.supervisor.ready.is_set():
-            self.supervisor.send(ipc.CancelSession(session_id))
+            self.supervisor.send(ipc.CancelSession(session.key))
         self._end(session, state, code, reason)
         return session.state
 
-    def get(self, session_id: str) -> LiveSession:
-        session = self.sessions.get(session_id)
+    def get(self, session_id: str, owner: str = ANONYMOUS) -> LiveSession:
+        """`owner`'s session `session_id`."""
+        session = self.sessions.get(session_key(owner, session_id))
         if session is None:
             raise SessionNotFound(session_id)
         return session
 
     def visible(self, session_id: str, principal: str) -> LiveSession:
-        """The session if `principal` owns it or is an admin; NOT_FOUND otherwise, worded as
-        for an unknown id, so a caller cannot tell another principal's session exists."""
-        session = self.sessions.get(session_id)
+        """The session `principal` means by `session_id`: its own; for an admin also another
+        principal's, by its id when only one principal has it, else as OWNER/ID. NOT_FOUND
+        otherwise, worded as for an unknown id: nobody learns of another's sessions."""
+        owner, _, name = session_id.rpartition("/")
+        session = self.sessions.get(session_key(owner or principal, name))
+        if session is None and not owner and principal in self.admins:
+            same = [s for s in self.sessions.values() if s.id == name]
+            if len(same) > 1:
+                raise InvalidRequest(
+                    "session_id",
+                    f"{len(same)} principals have a session {name!r}; name it as OWNER/{name} "
+                    f"(owners: {', '.join(sorted(s.owner for s in same))})",
+                )
+            session = same[0] if same else None
         if session is None or not self.may_see(principal, session):
             raise SessionNotFound(session_id)
         return session
@@ -278,14 +316,16 @@ class SessionManager:
         session.chunks_done += 1
         session.frames_done += chunk.frame_count
         if not session.ended and self.supervisor.ready.is_set():
-            self.supervisor.send(ipc.Consumed(session.id))
+            self.supervisor.send(ipc.Consumed(session.key))
 
     def release(
         self, session: LiveSession, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED
     ) -> None:
-        """The stream is over; a session still going has lost its client."""
+        """The stream is over; a session still going has lost its client. What it had not
+        sent is dropped: an ended session keeps its summary only."""
         if not session.ended:
-            self.cancel(session.id, reason, code=code)
+            self._cancel(session, reason, code=code)
+        session.drop_events()
 
     def retry_after_ms(self) -> int:
         """About when a slot may free up: a chunk's time (a session may finish by then)."""
@@ -295,8 +335,8 @@ class SessionManager:
     def sweep(self) -> None:
         """Forget sessions that ended more than ttl_s ago."""
         horizon = time.monotonic() - self.ttl_s
-        for sid in [s.id for s in self.sessions.values() if s.ended and s.ended_at < horizon]:
-            del self.sessions[sid]
+        for key in [s.key for s in self.sessions.values() if s.ended and s.ended_at < horizon]:
+            del self.sessions[key]
 
     def _refuse_if_draining(self) -> None:
         if self.draining:
@@ -340,7 +380,7 @@ class SessionManager:
         session.queue_position = progress.queue_position
         session.next_steerable_chunk = progress.next_steerable_chunk
         if admitted:
-            event(logger, "session.admitted", session.id, waited_s=session.wall_time_s)
+            event(logger, "session.admitted", session.key, waited_s=session.wall_time_s)
             self._refresh_gauges()
 
     def on_worker_lost(self, message: str) -> None:
@@ -365,7 +405,7 @@ class SessionManager:
         event(
             logger,
             "session.ended",
-            session.id,
+            session.key,
             state=state.value,
             code=code.name,
             streamed=session.chunks_done,

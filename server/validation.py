@@ -21,6 +21,8 @@ from server.config import GRPC_MESSAGE_BYTES, RAW_FRAME_OVERHEAD_BYTES, Limits
 from server.errors import InvalidRequest
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Control calls may name another principal's session as OWNER/ID (admins; server/sessions.py)
+OWNED_SESSION_ID = re.compile(r"(?:[A-Za-z0-9._@:+-]{1,128}/)?[A-Za-z0-9._-]{1,64}")
 SIZE_MULTIPLE_PX = 16  # VAE stride 8 x DiT patch 2
 MIN_SIZE_PX = 16
 V2V_PREFIX_FRAMES = 32  # frames of the prefix video the model continues from
@@ -435,6 +437,9 @@ def _session_id(value: str, stream_session: str | None) -> str:
         return stream_session
     if not value:
         raise InvalidRequest("session_id", "is required")
-    if not SESSION_ID.fullmatch(value):
-        raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-]")
+    if not OWNED_SESSION_ID.fullmatch(value):
+        raise InvalidRequest(
+            "session_id",
+            "must be 1-64 characters of [A-Za-z0-9._-] (an admin may prefix the owner: OWNER/ID)",
+        )
     return value

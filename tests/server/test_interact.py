@@ -26,7 +26,7 @@ from server.interact import ClientReader
 from server.metrics import Metrics
 from server.sessions import SessionManager
 from tests.server.helpers import request, stub
-from tests.server.test_sessions import FakeEngine, open_session, params, queued
+from tests.server.test_sessions import FakeEngine, key, open_session, params, queued
 
 BURST = 1000
 CHUNKS = 200  # long enough that a session never finishes by itself during a burst
@@ -237,7 +237,7 @@ async def test_a_stream_reads_no_further_than_its_in_flight_limit_and_drops_noth
         # answered newest first: the acks still go out in the order read
         for command in reversed(commands):
             version = 2 + int(command.text.split()[-1])
-            engine.answer(ipc.PromptApplied(command.request_id, "s", 3, version, None))
+            engine.answer(ipc.PromptApplied(command.request_id, key("s"), 3, version, None))
         await settle()
         for ack in queued(session):
             acks.append(ack)

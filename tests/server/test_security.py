@@ -192,6 +192,38 @@ def test_only_the_owner_and_admins_see_and_control_a_session(token_server):
         assert last.finished.state == pb.SESSION_STATE_CANCELLED
 
 
+def test_session_ids_are_per_principal(token_server):
+    """Two principals may both call a session `demo`: neither is refused nor learns of the
+    other's. An admin names one as OWNER/ID when the id alone is ambiguous."""
+    with token_server.channel() as channel:
+        stub = pb_grpc.VideoGenerationStub(channel)
+        streams = {
+            who: stub.StreamGenerate(long_request(session_id="demo"), metadata=bearer(who))
+            for who in ("alice", "bob")
+        }
+        for stream in streams.values():
+            assert next(stream).started.session_id == "demo"
+
+        def get(who: str, session_id: str) -> pb.SessionInfo:
+            request = pb.GetSessionRequest(session_id=session_id)
+            return stub.GetSession(request, metadata=bearer(who))
+
+        assert get("alice", "demo").owner == "alice" and get("bob", "demo").owner == "bob"
+        with pytest.raises(grpc.RpcError) as e:
+            get("bob", "alice/demo")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            get("admin", "demo")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "OWNER/demo (owners: alice, bob)" in e.value.details()
+        assert get("admin", "alice/demo").owner == "alice"
+        for who in ("alice", "bob"):
+            request = pb.CancelSessionRequest(session_id=f"{who}/demo")
+            state = stub.CancelSession(request, metadata=bearer("admin")).state
+            assert state == pb.SESSION_STATE_CANCELLED
+            assert list(streams[who])[-1].finished.state == pb.SESSION_STATE_CANCELLED
+
+
 def test_per_principal_limits(token_server):
     """One session open and one request waiting per principal; a third is refused, and the
     waiting one starts when the first ends. Other principals are not held up."""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import ipc
 from scheduler.session import SessionParams, SessionState
+from server.auth import ANONYMOUS
 from server.errors import (
     InvalidRequest,
     NotSteerable,
@@ -27,7 +28,7 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import Metrics
-from server.sessions import LiveSession, SessionEnd, SessionManager
+from server.sessions import LiveSession, SessionEnd, SessionManager, session_key
 from server.validation import PromptSpec
 
 PROMPT = "a red ball rolls"
@@ -102,6 +103,11 @@ def params(session_id: str = "", seed: int | None = 7, **fields: object) -> Sess
     )
 
 
+def key(session_id: str) -> str:
+    """The engine's name for a session the tests open (as the anonymous principal)."""
+    return session_key(ANONYMOUS, session_id)
+
+
 def chunk(session_id: str, index: int) -> ipc.ChunkReady:
     return ipc.ChunkReady(
         session_id=session_id,
@@ -145,7 +151,7 @@ async def open_session(
 async def open_refused(engine: FakeEngine, manager: SessionManager, reason: str) -> Exception:
     opening = asyncio.create_task(manager.open(params(session_id="s")))
     await engine.command()
-    engine.answer(ipc.OpenRefused("s", reason, "no room for 64x64 now"))
+    engine.answer(ipc.OpenRefused(key("s"), reason, "no room for 64x64 now"))
     with pytest.raises(Exception) as caught:
         await opening
     return caught.value
@@ -165,7 +171,7 @@ async def test_open_sends_the_request_with_id_and_seed_set_and_retains_no_image(
     command.request.check_openable()
     engine.answer(ipc.SessionOpened(sent.session_id, 0))
     session = await opening
-    assert session.id == sent.session_id and session.seed == sent.seed
+    assert session.key == sent.session_id and session.seed == sent.seed
     assert session.spec.image is None and session.spec.video is None
     assert session.spec == SessionParams(**{**vars(sent), "image": None})
     assert manager.get(session.id) is session
@@ -174,7 +180,8 @@ async def test_open_sends_the_request_with_id_and_seed_set_and_retains_no_image(
 
 async def test_open_keeps_the_session_id_and_seed_the_request_names(engine, manager):
     session = await open_session(engine, manager, params(session_id="mine", seed=42))
-    assert engine.sent[0].request.session_id == "mine" and engine.sent[0].request.seed == 42
+    sent = engine.sent[0].request
+    assert sent.session_id == key("mine") and sent.seed == 42  # ids are per principal
     assert session.id == "mine" and session.seed == 42
 
 
@@ -193,9 +200,9 @@ async def test_open_answered_with_a_place_leaves_the_session_queued_until_admitt
     assert sample(registry, "magistream_sessions_queued") == 1
     assert sample(registry, "magistream_sessions_active") == 0
 
-    engine.answer(ipc.SessionProgress("s", SessionState.QUEUED, 1, 0))
+    engine.answer(ipc.SessionProgress(key("s"), SessionState.QUEUED, 1, 0))
     assert session.queue_position == 1
-    engine.answer(ipc.SessionProgress("s", SessionState.RUNNING, 0, 2))
+    engine.answer(ipc.SessionProgress(key("s"), SessionState.RUNNING, 0, 2))
     assert session.state == SessionState.RUNNING and session.queue_position == 0
     assert session.next_steerable_chunk == 2
     assert sample(registry, "magistream_sessions_queued") == 0
@@ -241,7 +248,7 @@ async def test_only_the_first_of_two_opens_waiting_for_the_worker_claims_an_id(e
     assert manager.sessions == {} and engine.sent == []
     engine.ready.set()
     await engine.command()
-    engine.answer(ipc.SessionOpened("s", 0))
+    engine.answer(ipc.SessionOpened(key("s"), 0))
     with pytest.raises(SessionExists):
         await second
     assert (await first).id == "s"
@@ -262,9 +269,9 @@ async def test_a_client_leaving_while_its_session_opens_cancels_it(engine, manag
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opening
-    assert await engine.command() == ipc.CancelSession("s")
+    assert await engine.command() == ipc.CancelSession(key("s"))
     assert manager.get("s").state == SessionState.CANCELLED
-    engine.answer(ipc.SessionOpened("s", 0))  # the worker's late answer changes nothing
+    engine.answer(ipc.SessionOpened(key("s"), 0))  # the worker's late answer changes nothing
     assert manager.get("s").state == SessionState.CANCELLED
 
 
@@ -272,8 +279,8 @@ async def test_an_end_delivered_with_the_open_answer_keeps_the_session_ended(eng
     opening = asyncio.create_task(manager.open(params(session_id="s")))
     await engine.command()
     engine.answer(
-        ipc.SessionOpened("s", 0),
-        ipc.SessionEnded("s", SessionState.FAILED, "engine step failed: boom"),
+        ipc.SessionOpened(key("s"), 0),
+        ipc.SessionEnded(key("s"), SessionState.FAILED, "engine step failed: boom"),
     )
     session = await opening
     assert session.ended
@@ -285,7 +292,9 @@ async def test_an_admission_delivered_with_the_open_answer_leaves_it_running(
 ):
     opening = asyncio.create_task(manager.open(params(session_id="s")))
     await engine.command()
-    engine.answer(ipc.SessionOpened("s", 1), ipc.SessionProgress("s", SessionState.RUNNING, 0, 0))
+    engine.answer(
+        ipc.SessionOpened(key("s"), 1), ipc.SessionProgress(key("s"), SessionState.RUNNING, 0, 0)
+    )
     session = await opening
     assert session.state == SessionState.RUNNING and session.queue_position == 0
     assert sample(registry, "magistream_sessions_active") == 1
@@ -299,8 +308,8 @@ async def test_draining_refuses_new_opens_and_keeps_live_sessions(engine, manage
     manager.draining = True
     with pytest.raises(Unavailable, match="shutting down"):
         await manager.open(params(session_id="new"))
-    assert list(manager.sessions) == ["live"] and len(engine.sent) == 1
-    engine.answer(chunk("live", 0))
+    assert list(manager.sessions) == [key("live")] and len(engine.sent) == 1
+    engine.answer(chunk(key("live"), 0))
     assert [c.chunk_index for c in queued(live)] == [0]
 
 
@@ -321,8 +330,10 @@ async def test_a_drain_that_starts_while_an_open_waits_for_the_worker_refuses_it
 async def test_chunks_are_queued_in_order_and_counted(engine, manager, registry):
     session = await open_session(engine, manager, params(session_id="s"))
     other = await open_session(engine, manager, params(session_id="other"))
-    engine.answer(chunk("s", 0), chunk("other", 0), chunk("s", 1), chunk("s", 2))
-    engine.answer(chunk("unknown", 0))  # a session forgotten here: dropped
+    engine.answer(
+        chunk(key("s"), 0), chunk(key("other"), 0), chunk(key("s"), 1), chunk(key("s"), 2)
+    )
+    engine.answer(chunk(key("unknown"), 0))  # a session forgotten here: dropped
     assert sample(registry, "magistream_chunks_generated_total") == 4
     assert sample(registry, "magistream_frames_generated_total") == 4 * FRAMES
 
@@ -335,13 +346,13 @@ async def test_chunks_are_queued_in_order_and_counted(engine, manager, registry)
     assert session.time_to_first_chunk_s is not None and session.last_chunk_at is not None
     assert sample(registry, "magistream_time_to_first_chunk_seconds_count") == 1
     assert sample(registry, "magistream_inter_chunk_latency_seconds_count") == 2
-    assert engine.sent[2:] == [ipc.Consumed("s")] * 3
+    assert engine.sent[2:] == [ipc.Consumed(key("s"))] * 3
 
 
 async def test_retry_hint_is_two_chunk_intervals_but_at_least_250_ms(engine, manager):
     assert manager.retry_after_ms() == 2000  # nothing timed yet
     session = await open_session(engine, manager, params(session_id="s"))
-    engine.answer(chunk("s", 0), chunk("s", 1))
+    engine.answer(chunk(key("s"), 0), chunk(key("s"), 1))
     for item in queued(session):
         manager.chunk_streamed(session, item)  # back to back: an interval of microseconds
     assert manager.retry_after_ms() == 250
@@ -360,7 +371,7 @@ async def test_engine_end_maps_the_state_to_a_status_code_after_the_chunks(
     engine, manager, registry, state, code, error
 ):
     session = await open_session(engine, manager, params(session_id="s"))
-    engine.answer(chunk("s", 0), ipc.SessionEnded("s", state, error))
+    engine.answer(chunk(key("s"), 0), ipc.SessionEnded(key("s"), state, error))
     items = queued(session)
     assert [type(item) for item in items] == [ipc.ChunkReady, SessionEnd]
     assert items[1] == SessionEnd(state, code, error or "") == session.end
@@ -373,7 +384,7 @@ async def test_engine_end_maps_the_state_to_a_status_code_after_the_chunks(
 
 async def test_chunk_streamed_after_the_end_sends_no_consumed(engine, manager):
     session = await open_session(engine, manager, params(session_id="s", num_chunks=1))
-    engine.answer(chunk("s", 0), ipc.SessionEnded("s", SessionState.FINISHED))
+    engine.answer(chunk(key("s"), 0), ipc.SessionEnded(key("s"), SessionState.FINISHED))
     last = await session.next_event()
     manager.chunk_streamed(session, last)
     assert session.chunks_done == 1
@@ -389,9 +400,9 @@ async def test_update_prompt_sends_it_and_resolves_with_the_engine_timeline(
     session = await open_session(engine, manager, params(session_id="s"))
     updating = asyncio.create_task(manager.update_prompt(PromptSpec("s", "it turns blue", 2, True)))
     command = await engine.command()
-    assert command == ipc.UpdatePrompt(command.request_id, "s", "it turns blue", 2, True)
+    assert command == ipc.UpdatePrompt(command.request_id, key("s"), "it turns blue", 2, True)
     timeline = ((0, PROMPT, 1), (2, "it turns blue", 2))
-    applied = ipc.PromptApplied(command.request_id, "s", 2, 2, timeline)
+    applied = ipc.PromptApplied(command.request_id, key("s"), 2, 2, timeline)
     engine.answer(applied)
     assert await updating == applied
     assert session.timeline == timeline and session.prompt_version == 2
@@ -402,7 +413,8 @@ async def test_update_prompt_rejected_by_the_engine_raises_not_steerable(engine,
     session = await open_session(engine, manager, params(session_id="s"))
     updating = asyncio.create_task(manager.update_prompt(PromptSpec("s", "blue", None, False)))
     command = await engine.command()
-    engine.answer(ipc.PromptRejected(command.request_id, "s", "chunk 1 is already in the window"))
+    refusal = "chunk 1 is already in the window"
+    engine.answer(ipc.PromptRejected(command.request_id, key("s"), refusal))
     with pytest.raises(NotSteerable, match="chunk 1 is already in the window"):
         await updating
     assert session.timeline == ((0, PROMPT, 1),) and session.prompt_version == 1
@@ -417,8 +429,8 @@ async def test_prompt_answers_are_matched_to_their_requests(engine, manager):
     two = await engine.command()
     assert one.request_id != two.request_id
     engine.answer(
-        ipc.PromptRejected(two.request_id, "s", "no chunk left"),
-        ipc.PromptApplied(one.request_id, "s", 1, 2, ((0, PROMPT, 1), (1, "one", 2))),
+        ipc.PromptRejected(two.request_id, key("s"), "no chunk left"),
+        ipc.PromptApplied(one.request_id, key("s"), 1, 2, ((0, PROMPT, 1), (1, "one", 2))),
     )
     assert (await first).version == 2
     with pytest.raises(NotSteerable):
@@ -427,7 +439,7 @@ async def test_prompt_answers_are_matched_to_their_requests(engine, manager):
 
 async def test_update_prompt_of_an_ended_session_raises_without_asking_the_engine(engine, manager):
     await open_session(engine, manager, params(session_id="s"))
-    engine.answer(ipc.SessionEnded("s", SessionState.FINISHED))
+    engine.answer(ipc.SessionEnded(key("s"), SessionState.FINISHED))
     with pytest.raises(NotSteerable, match="has ended"):
         await manager.update_prompt(PromptSpec("s", "blue", None, False))
     assert len(engine.sent) == 1
@@ -448,7 +460,7 @@ async def test_update_prompt_past_the_last_chunk_raises_invalid_request(engine, 
 async def test_cancel_sends_cancel_session_and_ends_the_session_at_once(engine, manager, registry):
     session = await open_session(engine, manager, params(session_id="s"))
     assert manager.cancel("s", "cancelled by CancelSession") == SessionState.CANCELLED
-    assert engine.sent[-1] == ipc.CancelSession("s")
+    assert engine.sent[-1] == ipc.CancelSession(key("s"))
     end = SessionEnd(
         SessionState.CANCELLED, grpc.StatusCode.CANCELLED, "cancelled by CancelSession"
     )
@@ -456,14 +468,14 @@ async def test_cancel_sends_cancel_session_and_ends_the_session_at_once(engine, 
     labels = {"state": "cancelled", "code": "CANCELLED"}
     assert sample(registry, "magistream_sessions_finished_total", **labels) == 1
     assert manager.cancel("s", "again") == SessionState.CANCELLED  # no second command
-    assert engine.sent.count(ipc.CancelSession("s")) == 1
+    assert engine.sent.count(ipc.CancelSession(key("s"))) == 1
 
 
 async def test_engine_events_after_a_cancel_are_dropped(engine, manager, registry):
     session = await open_session(engine, manager, params(session_id="s"))
     manager.cancel("s", "cancelled by the client")
     queued(session)
-    engine.answer(chunk("s", 0), ipc.SessionEnded("s", SessionState.FINISHED))
+    engine.answer(chunk(key("s"), 0), ipc.SessionEnded(key("s"), SessionState.FINISHED))
     assert queued(session) == []
     assert session.state == SessionState.CANCELLED
     assert sample(registry, "magistream_chunks_generated_total") == 0
@@ -478,7 +490,16 @@ async def test_release_of_a_live_session_cancels_it_with_the_given_code(engine, 
     assert session.state == SessionState.CANCELLED
     manager.release(session, "client disconnected")  # over already: nothing changes
     assert session.end.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert engine.sent.count(ipc.CancelSession("s")) == 1
+    assert engine.sent.count(ipc.CancelSession(key("s"))) == 1
+
+
+async def test_a_released_session_keeps_no_unsent_chunks(engine, manager):
+    """Its stream broke with chunks queued: the ended session keeps its summary only."""
+    session = await open_session(engine, manager, params(session_id="s"))
+    engine.answer(chunk(key("s"), 0), chunk(key("s"), 1))
+    manager.release(session, "client disconnected")
+    assert session._events.empty() and session.chunks_done == 0
+    assert manager.get("s").state == SessionState.CANCELLED  # the summary stays for the TTL
 
 
 async def test_cancel_while_the_worker_restarts_ends_the_session_without_a_command(engine, manager):
@@ -495,7 +516,7 @@ async def test_worker_loss_fails_every_live_session_with_unavailable(engine, man
     running = await open_session(engine, manager, params(session_id="running"))
     waiting = await open_session(engine, manager, params(session_id="waiting"), queue_position=1)
     done = await open_session(engine, manager, params(session_id="done"))
-    engine.answer(ipc.SessionEnded("done", SessionState.FINISHED))
+    engine.answer(ipc.SessionEnded(key("done"), SessionState.FINISHED))
     engine.die("the worker process died (exit code -9); retry the request")
     for session in (running, waiting):
         assert session.state == SessionState.FAILED
@@ -533,7 +554,7 @@ async def test_ended_sessions_are_forgotten_after_the_ttl(engine, manager):
     manager.ttl_s = 0.01
     live = await open_session(engine, manager, params(session_id="live"))
     await open_session(engine, manager, params(session_id="ended"))
-    engine.answer(ipc.SessionEnded("ended", SessionState.FINISHED))
+    engine.answer(ipc.SessionEnded(key("ended"), SessionState.FINISHED))
     manager.sweep()
     assert manager.get("ended").state == SessionState.FINISHED  # ended just now: still visible
     with pytest.raises(SessionExists):  # and its id still taken
