@@ -171,6 +171,11 @@ class _Outcome:
         try:
             if isinstance(error, ServiceError):
                 self.code = status_of(error)
+                # The client's error needs no traceback, and the abort below is raised with this
+                # error as its context: its frames (a request's decoded image among their locals)
+                # would live as long as gRPC keeps the abort, in cycles only a full collection
+                # finds.
+                error.__traceback__ = None
                 await self.context.abort(self.code, str(error), error.trailing_metadata())
             if isinstance(error, asyncio.CancelledError | GeneratorExit):
                 deadline = deadline_passed(self.context)

@@ -154,3 +154,29 @@ async def test_cancelled_large_interact_starts_leave_no_memory_behind(server, ap
     )
     info = await api.GetSession(pb.GetSessionRequest(session_id=ids[0]))
     assert info.state == pb.SESSION_STATE_CANCELLED
+
+
+async def test_refused_large_requests_leave_no_memory_behind(server, api, image):
+    """Requests refused after their bytes arrived (the image data is corrupt past its header:
+    INVALID_ARGUMENT from the decoder) take their bytes with them: the refusal's traceback
+    holds no frame of theirs once the client has its status."""
+    await warm_up(api, image)
+    baseline = await settled_rss(server.pid)
+    corrupt = image[:64] + bytes(len(image) - 64)  # a valid header, then zeros
+    bad = request(chunks=1, image=corrupt)
+
+    async def refused() -> grpc.StatusCode:
+        try:
+            async for _ in api.StreamGenerate(bad):
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(refused() for _ in range(REQUESTS // 2)))
+    assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}, codes
+    growth = await growth_under(server.pid, baseline, MAX_GROWTH_BYTES)
+    assert growth < MAX_GROWTH_BYTES, (
+        f"{len(codes)} refused requests of {len(image) / MiB:.1f} MiB left the server "
+        f"{growth / MiB:.0f} MiB larger after {SETTLE_S:g} s"
+    )

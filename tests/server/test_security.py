@@ -144,6 +144,25 @@ def test_every_rpc_needs_a_valid_token_and_health_stays_open(token_server):
     assert TOKENS["alice"] not in token_server.logs()  # tokens are never logged
 
 
+def list_services(channel: grpc.Channel, metadata=None) -> list[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+        metadata=metadata,
+        timeout=10,
+    )
+    return [s.name for reply in replies for s in reply.list_services_response.service]
+
+
+def test_reflection_needs_credentials_by_default(token_server):
+    with token_server.channel() as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list_services(channel)
+        assert e.value.code() == UNAUTH
+        assert "magistream.v1.VideoGeneration" in list_services(channel, bearer("bob"))
+
+
 def test_plaintext_cannot_talk_to_a_tls_server(token_server):
     with grpc.insecure_channel(token_server.address) as channel:
         with pytest.raises(grpc.RpcError) as e:
@@ -296,6 +315,7 @@ def test_a_rewritten_tokens_file_applies_without_restart(token_server):
         wait_for(lambda: "auth.reload_failed" in token_server.logs(), 15, "the failed reload")
         assert code("carol") == grpc.StatusCode.OK
         token_server.tokens_file.write_text(original)
+        token_server.proc.send_signal(signal.SIGHUP)  # at once, not at the next file check
         wait_for(lambda: code("bob") == grpc.StatusCode.OK, 15, "bob's token to return")
     assert "short alice" not in token_server.logs()
 
@@ -448,9 +468,13 @@ def test_protected_mode_end_to_end(tiny_folder, tmp_path):
     """No credentials: the server says it is in protected mode; a loopback client is served,
     a client reaching it on this machine's non-loopback address is refused."""
     address = own_address()
-    server = ServerProcess(tmp_path, "--host", "0.0.0.0", model=tiny_folder)
+    server = ServerProcess(tmp_path, "--host", "0.0.0.0", "--reflection", "off", model=tiny_folder)
     with server:
         assert "protected mode" in server.logs()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as e:  # --reflection off: not served at all
+                list_services(channel)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.VideoGenerationStub(channel)
             assert stub.ListModels(pb.ListModelsRequest(), timeout=30).default_model
@@ -528,3 +552,23 @@ def test_the_sdk_and_cli_speak_tls_and_tokens(token_server, pki, capsys):
     assert sid not in capsys.readouterr().out
     code = cli(["sessions", *connect])
     assert code != 0 and "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_open_reflection_skips_authentication_for_reflection_only(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from server.auth import AuthInterceptor
+    from server.metrics import Metrics
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKENS['alice']} alice\n")
+    credentials = Credentials(Security(auth_tokens=tokens, reflection="open"))
+    metrics = Metrics(CollectorRegistry())
+    opened = AuthInterceptor(credentials, metrics, open_reflection=True).open_prefixes
+    closed = AuthInterceptor(credentials, metrics, open_reflection=False).open_prefixes
+    reflection = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    health = "/grpc.health.v1.Health/Check"
+    service = "/magistream.v1.VideoGeneration/ListModels"
+    assert reflection.startswith(opened) and not reflection.startswith(closed)
+    assert health.startswith(opened) and health.startswith(closed)
+    assert not service.startswith(opened)
