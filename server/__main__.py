@@ -75,6 +75,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ),
     ("--admin-principals", str, "admin", "comma-separated principals that control every session"),
     (
+        "--metrics-principals",
+        str,
+        "prometheus",
+        "comma-separated principals that may read the metrics port and call nothing else "
+        "(admins may read it too)",
+    ),
+    (
         "--insecure",
         int,
         0,
@@ -240,13 +247,16 @@ def _security(args: argparse.Namespace) -> Security:
     def path(value: str) -> Path | None:
         return Path(value).expanduser() if value else None
 
-    admins = tuple(p.strip() for p in args.admin_principals.split(",") if p.strip())
+    def names(value: str) -> tuple[str, ...]:
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+
     return Security(
         tls_cert=path(args.tls_cert),
         tls_key=path(args.tls_key),
         tls_client_ca=path(args.tls_client_ca),
         auth_tokens=path(args.auth_tokens),
-        admin_principals=admins,
+        admin_principals=names(args.admin_principals),
+        metrics_principals=names(args.metrics_principals),
         insecure=bool(args.insecure),
         reflection=args.reflection,
         principal_max_sessions=args.principal_max_sessions,

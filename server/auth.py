@@ -99,8 +99,11 @@ class TokenTable:
 class Denied:
     """Why a call is refused: a metrics label and a message that says what to do."""
 
-    reason: str  # missing, invalid_token, not_loopback, no_client_cert
+    reason: str  # missing, invalid_token, not_loopback, no_client_cert, scrape_only, no_metrics
     message: str
+    # the caller is known but may not do this (PERMISSION_DENIED / HTTP 403), rather than
+    # unknown (UNAUTHENTICATED / HTTP 401)
+    forbidden: bool = False
 
 
 def is_loopback_peer(peer: str) -> bool:
@@ -242,7 +245,16 @@ class Credentials:
         metadata = dict(context.invocation_metadata() or ())
         token = metadata.get("authorization")
         common_name = context.auth_context().get("x509_common_name")
-        return self._decide(token, common_name[0].decode() if common_name else None)
+        decision = self._decide(token, common_name[0].decode() if common_name else None)
+        s = self.security
+        if decision in s.metrics_principals and decision not in s.admin_principals:
+            return Denied(
+                "scrape_only",
+                f"principal {decision!r} may only read the metrics port (--metrics-principals); "
+                "use another principal's credentials for the service",
+                forbidden=True,
+            )
+        return decision
 
     def check_http(
         self, peer_host: str, authorization: str | None, cert: dict | None
@@ -253,7 +265,17 @@ class Credentials:
             if is_loopback_peer(peer):
                 return ANONYMOUS
             return self._protected_denial()
-        return self._decide(authorization, _common_name(cert))
+        decision = self._decide(authorization, _common_name(cert))
+        s = self.security
+        allowed = (*s.metrics_principals, *s.admin_principals, ANONYMOUS)
+        if isinstance(decision, str) and decision not in allowed:
+            return Denied(
+                "no_metrics",
+                f"principal {decision!r} may not read metrics; the operator lists scrapers in "
+                "--metrics-principals",
+                forbidden=True,
+            )
+        return decision
 
     def _decide(self, authorization: str | None, common_name: str | None) -> str | Denied:
         s = self.security
@@ -343,10 +365,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
         decision = self.credentials.check_grpc(method, context)
         if isinstance(decision, Denied):
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if decision.forbidden
+                else grpc.StatusCode.UNAUTHENTICATED
+            )
             self.metrics.auth_failures.labels(decision.reason).inc()
-            self.metrics.grpc_calls.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            self.metrics.grpc_calls.labels(method, code.name).inc()
             event(logger, "rpc.unauthenticated", method=method, reason=decision.reason)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, decision.message)
+            await context.abort(code, decision.message)
         current_principal.set(decision)
 
     def _unary(self, method: str, behavior: Callable) -> Callable:

@@ -56,6 +56,8 @@ class Security:
     tls_client_ca: Path | None = None  # PEM CA bundle: clients need a certificate it signed
     auth_tokens: Path | None = None  # `TOKEN PRINCIPAL` lines; callers send a bearer token
     admin_principals: tuple[str, ...] = ("admin",)  # may see, list and cancel any session
+    # may read the metrics port and nothing else (admins may read it too; nobody else may)
+    metrics_principals: tuple[str, ...] = ("prometheus",)
     insecure: bool = False  # no credentials, and still serve non-loopback clients
     reflection: str = "auth"  # auth: like the service; open: without credentials; off
     principal_max_sessions: int = 0  # sessions a principal may have open; 0 = no own cap

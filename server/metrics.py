@@ -95,7 +95,7 @@ class Metrics:
         self.auth_failures = Counter(
             "magistream_auth_failures",
             "Calls and scrapes refused for their credentials, by reason (missing, invalid_token, "
-            "not_loopback, no_client_cert, tls_handshake).",
+            "not_loopback, no_client_cert, tls_handshake, scrape_only, no_metrics).",
             ["reason"],
             registry=r,
         )

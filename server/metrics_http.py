@@ -61,7 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if isinstance(decision, Denied):
             self.server.metrics.auth_failures.labels(decision.reason).inc()
-            self._reply(401, (decision.message + "\n").encode(), "text/plain")
+            code = 403 if decision.forbidden else 401
+            self._reply(code, (decision.message + "\n").encode(), "text/plain")
             return
         encoder, content_type = choose_encoder(self.headers.get("Accept"))
         self._reply(200, encoder(self.server.registry), content_type)

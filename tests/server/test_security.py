@@ -42,6 +42,7 @@ TOKENS = {
     "bob": "bob-token-0123456789abcdef01",
     "admin": "admin-token-0123456789abcdef",
     "carol": "carol-token-0123456789abcdef",
+    "prometheus": "prometheus-token-0123456789ab",
 }
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 # the module shares its servers: one xdist worker runs it all (make test: --dist loadgroup)
@@ -69,7 +70,8 @@ def token_server(pki, tiny_folder, tmp_path_factory):
     request per principal."""
     folder = tmp_path_factory.mktemp("token-server")
     tokens = folder / "tokens"
-    tokens.write_text("".join(f"{TOKENS[p]} {p}\n" for p in ("alice", "bob", "admin")))
+    principals = ("alice", "bob", "admin", "prometheus")
+    tokens.write_text("".join(f"{TOKENS[p]} {p}\n" for p in principals))
     server = ServerProcess(
         folder,
         *("--auth-tokens", str(tokens)),
@@ -288,6 +290,28 @@ def test_metrics_port_wants_tls_and_a_token(token_server, pki):
     with pytest.raises(OSError):  # plain HTTP on the TLS port: reset or refused
         urllib.request.urlopen(f"http://{token_server.metrics_address}/metrics", timeout=5)
     assert "magistream_grpc_calls_total" in token_server.metrics_text()  # admin's token
+
+    def scrape(who: str) -> int:
+        request = urllib.request.Request(url, headers=dict(bearer(who)))
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as reply:
+                return reply.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    # only --metrics-principals (default prometheus) and admins read metrics
+    assert scrape("prometheus") == 200 and scrape("bob") == 403
+
+
+def test_a_metrics_principal_may_only_scrape(token_server):
+    with token_server.channel() as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.VideoGenerationStub(channel).ListModels(
+                pb.ListModelsRequest(), metadata=bearer("prometheus"), timeout=5
+            )
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "may only read the metrics port" in e.value.details()
+    assert token_server.metric("magistream_auth_failures_total", 'reason="scrape_only"') == 1
 
 
 def test_a_rewritten_tokens_file_applies_without_restart(token_server):
