@@ -218,8 +218,7 @@ class App:
             await asyncio.sleep(0.05)
         for session in self.sessions.live():
             self.sessions.cancel(
-                session.id,
-                owner=session.owner,
+                session,
                 reason=f"the server is shutting down and the {self.config.grace_period_s:g}"
                 " s grace period ran out; retry on another replica",
                 state=SessionState.FAILED,

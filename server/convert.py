@@ -146,6 +146,7 @@ def session_info(session: LiveSession, model: ServedModel) -> pb.SessionInfo:
     end = session.end
     return pb.SessionInfo(
         session_id=session.id,
+        owner=session.owner,
         state=STATES[session.state],
         queue_position=session.queue_position if session.state is SessionState.QUEUED else 0,
         stats=stats(session),

@@ -122,10 +122,8 @@ class ClientReader:
                     continue
                 self._slots.release()
                 if kind == "cancel":
-                    session_id = parse_cancel(message.cancel, self.session.id)
-                    self.sessions.cancel(
-                        session_id, "cancelled by the client", owner=self.session.owner
-                    )
+                    parse_cancel(message.cancel, self.session.id)  # this stream's session only
+                    self.sessions.cancel(self.session, "cancelled by the client")
         except ServiceError as e:
             self._order.put_nowait(e)
         except grpc.aio.AioRpcError:

@@ -135,7 +135,7 @@ class Reclaimer:
     # the heaps' free bytes after the last trim, lowered as they are reused
     _free_floor: int = 0
     _rss_after_trim: int = 0
-    _rss_floor: int = 0  # the lowest RSS a trim left
+    _rss_floor: int = 1 << 62  # the lowest RSS a trim left (none yet: no floor)
     _retry_s: float = MIN_RETRY_S
     _retry_at: float = float("-inf")
     _checked_at: float = float("-inf")
@@ -164,7 +164,7 @@ class Reclaimer:
         await asyncio.to_thread(trim)
         took_s, after = time.perf_counter() - t0, resident_bytes()
         self._free_floor, self._rss_after_trim = _GLIBC.mallinfo2().fordblks, after or 0
-        self._rss_floor = min(self._rss_floor, after) if self._rss_floor and after else after or 0
+        self._rss_floor = min(self._rss_floor, after or 0)
         released = (before or 0) - (after or 0)
         if released >= self.threshold_bytes // 2:
             self._retry_s = MIN_RETRY_S

@@ -111,20 +111,22 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         self, request: pb.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CancelSessionResponse:
         session = self.sessions.visible(parse_cancel(request), current_principal.get())
-        state = self.sessions.cancel(session.id, "cancelled by CancelSession", owner=session.owner)
+        state = self.sessions.cancel(session, "cancelled by CancelSession")
         return pb.CancelSessionResponse(state=convert.STATES[state])
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.SessionInfo:
         session = self.sessions.visible(parse_get_session(request), current_principal.get())
-        return self._info(session)
+        return convert.session_info(session, self.model)
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         listed = self.sessions.listed(current_principal.get())
-        return pb.ListSessionsResponse(sessions=[self._info(s) for s in listed])
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_info(s, self.model) for s in listed]
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -149,11 +151,6 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         except Exception as e:
             self.sessions.release(session, f"its call failed: {e}")
             raise
-
-    def _info(self, session: LiveSession) -> pb.SessionInfo:
-        info = convert.session_info(session, self.model)
-        info.owner = session.owner
-        return info
 
     async def _open(self, params: SessionParams) -> LiveSession:
         """Wait for the caller's own session limit, decode the inputs off the event loop, then

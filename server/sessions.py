@@ -146,7 +146,7 @@ class SessionManager:
         try:
             answer = await self._ask(self._opening, session.key, ipc.OpenSession(params))
         except asyncio.CancelledError:  # the client left while we waited for the worker
-            self._cancel(session, "client went away while the session opened")
+            self.cancel(session, "client went away while the session opened")
             raise
         except Unavailable:
             del self.sessions[session.key]
@@ -238,23 +238,13 @@ class SessionManager:
 
     def cancel(
         self,
-        session_id: str,
-        reason: str,
-        state: SessionState = SessionState.CANCELLED,
-        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
-        owner: str = ANONYMOUS,
-    ) -> SessionState:
-        """End `owner`'s session now (the worker frees it within one step); its state
-        afterwards."""
-        return self._cancel(self.get(session_id, owner), reason, state, code)
-
-    def _cancel(
-        self,
         session: LiveSession,
         reason: str,
         state: SessionState = SessionState.CANCELLED,
         code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
     ) -> SessionState:
+        """End a session now (the worker frees it within one step); its state afterwards.
+        Callers find the session first (`get`, or `visible` for a client's call)."""
         if session.ended:
             return session.state
         if self.supervisor.ready.is_set():
@@ -324,7 +314,7 @@ class SessionManager:
         """The stream is over; a session still going has lost its client. What it had not
         sent is dropped: an ended session keeps its summary only."""
         if not session.ended:
-            self._cancel(session, reason, code=code)
+            self.cancel(session, reason, code=code)
         session.drop_events()
 
     def retry_after_ms(self) -> int:

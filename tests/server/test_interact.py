@@ -247,7 +247,7 @@ async def test_a_stream_reads_no_further_than_its_in_flight_limit_and_drops_noth
     # is answered, in order, and the prompts the server never read are left to `finished`.
     await settle()
     assert pulled == 32
-    manager.cancel("s", "cancelled by the client")
+    manager.cancel(manager.get("s"), "cancelled by the client")
     late = await reader.close()
     assert len(late) == 8 and all("ended (cancelled)" in a.rejection for a in late)
     assert pulled == 32

@@ -459,7 +459,7 @@ async def test_update_prompt_past_the_last_chunk_raises_invalid_request(engine, 
 
 async def test_cancel_sends_cancel_session_and_ends_the_session_at_once(engine, manager, registry):
     session = await open_session(engine, manager, params(session_id="s"))
-    assert manager.cancel("s", "cancelled by CancelSession") == SessionState.CANCELLED
+    assert manager.cancel(manager.get("s"), "cancelled by CancelSession") == SessionState.CANCELLED
     assert engine.sent[-1] == ipc.CancelSession(key("s"))
     end = SessionEnd(
         SessionState.CANCELLED, grpc.StatusCode.CANCELLED, "cancelled by CancelSession"
@@ -467,13 +467,13 @@ async def test_cancel_sends_cancel_session_and_ends_the_session_at_once(engine, 
     assert queued(session) == [end]
     labels = {"state": "cancelled", "code": "CANCELLED"}
     assert sample(registry, "magistream_sessions_finished_total", **labels) == 1
-    assert manager.cancel("s", "again") == SessionState.CANCELLED  # no second command
+    assert manager.cancel(manager.get("s"), "again") == SessionState.CANCELLED  # no second command
     assert engine.sent.count(ipc.CancelSession(key("s"))) == 1
 
 
 async def test_engine_events_after_a_cancel_are_dropped(engine, manager, registry):
     session = await open_session(engine, manager, params(session_id="s"))
-    manager.cancel("s", "cancelled by the client")
+    manager.cancel(manager.get("s"), "cancelled by the client")
     queued(session)
     engine.answer(chunk(key("s"), 0), ipc.SessionEnded(key("s"), SessionState.FINISHED))
     assert queued(session) == []
@@ -505,7 +505,7 @@ async def test_a_released_session_keeps_no_unsent_chunks(engine, manager):
 async def test_cancel_while_the_worker_restarts_ends_the_session_without_a_command(engine, manager):
     session = await open_session(engine, manager, params(session_id="s"))
     engine.ready.clear()
-    assert manager.cancel("s", "cancelled by CancelSession") == SessionState.CANCELLED
+    assert manager.cancel(manager.get("s"), "cancelled by CancelSession") == SessionState.CANCELLED
     assert session.ended and not any(isinstance(c, ipc.CancelSession) for c in engine.sent)
 
 
