@@ -222,7 +222,7 @@ class SessionParams(_message.Message):
     def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., fps: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., cfg_number: _Optional[int] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("chunk_index", "first_frame_index", "frame_count", "width_px", "height_px", "fps", "prompt_text", "prompt_version", "timings", "init_segment", "media_segment")
+    __slots__ = ("chunk_index", "first_frame_index", "frame_count", "width_px", "height_px", "fps", "prompt_text", "prompt_version", "timings", "init_segment", "media_segment", "init_segment_size", "media_segment_size")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,8 @@ class Chunk(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     INIT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     MEDIA_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    INIT_SEGMENT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_SEGMENT_SIZE_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     first_frame_index: int
     frame_count: int
@@ -245,7 +247,9 @@ class Chunk(_message.Message):
     timings: ChunkTimings
     init_segment: bytes
     media_segment: bytes
-    def __init__(self, chunk_index: _Optional[int] = ..., first_frame_index: _Optional[int] = ..., frame_count: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., fps: _Optional[int] = ..., prompt_text: _Optional[str] = ..., prompt_version: _Optional[int] = ..., timings: _Optional[_Union[ChunkTimings, _Mapping]] = ..., init_segment: _Optional[bytes] = ..., media_segment: _Optional[bytes] = ...) -> None: ...
+    init_segment_size: int
+    media_segment_size: int
+    def __init__(self, chunk_index: _Optional[int] = ..., first_frame_index: _Optional[int] = ..., frame_count: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., fps: _Optional[int] = ..., prompt_text: _Optional[str] = ..., prompt_version: _Optional[int] = ..., timings: _Optional[_Union[ChunkTimings, _Mapping]] = ..., init_segment: _Optional[bytes] = ..., media_segment: _Optional[bytes] = ..., init_segment_size: _Optional[int] = ..., media_segment_size: _Optional[int] = ...) -> None: ...
 
 class ChunkTimings(_message.Message):
     __slots__ = ("queue_ms", "denoise_ms", "decode_ms", "encode_ms")

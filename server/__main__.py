@@ -28,6 +28,21 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--metrics-host", str, "0.0.0.0", "Prometheus bind address"),
     ("--metrics-port", int, 9400, "Prometheus port; 0 = pick one (printed as 'metrics on H:P')"),
     (
+        "--http-port",
+        int,
+        -1,
+        "HTTP port of the playground page and the WebSocket realtime API (/v1/realtime); -1 = "
+        "off, 0 = pick one (printed as 'http on H:P')",
+    ),
+    ("--http-host", str, "", "HTTP bind address; empty = the gRPC --host"),
+    (
+        "--http-origins",
+        str,
+        "",
+        "comma-separated page origins (https://app.example) besides the server's own that may "
+        "open the realtime WebSocket",
+    ),
+    (
         "--device",
         str,
         "auto",
@@ -230,6 +245,9 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        http_host=args.http_host or None,
+        http_port=args.http_port if args.http_port >= 0 else None,
+        http_origins=tuple(o.strip() for o in args.http_origins.split(",") if o.strip()),
         limits=limits,
         grace_period_s=args.grace_period_s,
         session_ttl_s=args.session_ttl_s,

@@ -31,10 +31,12 @@ from server.memory import Reclaimer
 from server.metrics import Metrics
 from server.metrics_http import MetricsServer
 from server.pools import BoundedPool
+from server.realtime import Realtime
 from server.service import VideoGenerationService
 from server.sessions import SessionManager
 from server.supervisor import Supervisor
 from server.validation import ServedModel
+from server.web import WebServer, page_address
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class App:
         self.model, self.encoding = model, encoding
         self.serving: bool | None = None  # what health says now; None before the first set
         self.reclaimer = Reclaimer()  # hands freed memory (request bytes) back to the OS
+        self.web: WebServer | None = None  # the HTTP port, when --http-port is set
 
     def _build_server(self) -> None:
         """gRPC objects bind to the running loop, so they are made inside it."""
@@ -94,7 +97,7 @@ class App:
                 ("grpc.max_receive_message_length", _max_request_bytes(self.config)),
             ],
         )
-        service = VideoGenerationService(
+        self.service = service = VideoGenerationService(
             self.sessions,
             self.model,
             self.config.limits,
@@ -127,12 +130,19 @@ class App:
         )
         print(f"listening on {c.host}:{port}", file=out, flush=True)
         print(f"metrics on {c.metrics_host}:{metrics_http.port}", file=out, flush=True)
+        self.web = await self._start_web()
+        if self.web is not None:
+            host = c.http_host or c.host
+            print(f"http on {host}:{self.web.port}", file=out, flush=True)
+            page = page_address(self.web.scheme, host, self.web.port)
+            print(f"playground: {page}", file=out, flush=True)
         print(_security_line(c), file=out, flush=True)
         event(
             logger,
             "server.started",
             port=port,
             metrics_port=metrics_http.port,
+            http_port=self.web.port if self.web is not None else None,
             tls=tls is not None,
             mutual_tls=c.security.tls_client_ca is not None,
             tokens=c.security.auth_tokens is not None,
@@ -161,6 +171,18 @@ class App:
         await self._shutdown(metrics_http)
         event(logger, "server.stopped")
         return 0
+
+    async def _start_web(self) -> WebServer | None:
+        """The playground page and the WebSocket realtime API, when --http-port is set."""
+        c = self.config
+        if c.http_port is None:
+            return None
+        # a start message carries its media as base64: 4/3 of the bytes, and room for the rest
+        max_message = _max_request_bytes(c) * 4 // 3 + (64 << 10)
+        realtime = Realtime(self.service, self.credentials, self.metrics, max_message)
+        web = WebServer(realtime, self.credentials, self.metrics, c.http_origins)
+        await web.start(c.http_host or c.host, c.http_port)
+        return web
 
     async def _start_worker(self, stop: asyncio.Event) -> bool:
         """Whether the worker is up; False if it failed to load or a SIGTERM came first (a
@@ -229,6 +251,8 @@ class App:
 
     async def _shutdown(self, metrics_http) -> None:
         await self.server.stop(grace=None)
+        if self.web is not None:
+            await self.web.close()
         await self.supervisor.stop()
         metrics_http.shutdown()
         self.decode_pool.shutdown()

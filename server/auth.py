@@ -128,6 +128,11 @@ def is_loopback_peer(peer: str) -> bool:
     return address.is_loopback
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether an IP address (a socket peer's, `127.0.0.1` or `::1`) is this machine."""
+    return is_loopback_peer(f"ipv6:[{host}]:0" if ":" in host else f"ipv4:{host}:0")
+
+
 def bearer_token(value: str | None) -> str | None:
     """The token of an `authorization: Bearer <token>` value (scheme case-insensitive)."""
     if not value:
@@ -236,16 +241,41 @@ class Credentials:
         """TLS for the metrics port: the current context (a reload makes a new one)."""
         return self._ssl_context
 
+    def following_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for a port served by asyncio (the HTTP port): a context whose every handshake
+        switches to the current one, so a reloaded certificate applies to new connections.
+        Python calls the SNI callback on every handshake, with or without a server name."""
+        first = self._ssl_context
+        if first is None:
+            return None
+        following = self._make_ssl_context()
+
+        def newest(connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            current = self._ssl_context
+            if current is not None:
+                connection.context = current
+
+        following.sni_callback = newest
+        return following
+
     def check_grpc(self, method: str, context: grpc.aio.ServicerContext) -> str | Denied:
         """The principal of a call, or why it is refused."""
-        if self.protected:
-            if is_loopback_peer(context.peer()):
-                return ANONYMOUS
-            return self._protected_denial()
+        if self.protected:  # decided by the address alone: nothing else is read
+            return self.check_service(is_loopback_peer(context.peer()), None, None)
         metadata = dict(context.invocation_metadata() or ())
-        token = metadata.get("authorization")
-        common_name = context.auth_context().get("x509_common_name")
-        decision = self._decide(token, common_name[0].decode() if common_name else None)
+        names = context.auth_context().get("x509_common_name")
+        return self.check_service(
+            False, metadata.get("authorization"), names[0].decode() if names else None
+        )
+
+    def check_service(
+        self, loopback: bool, authorization: str | None, common_name: str | None
+    ) -> str | Denied:
+        """Who may use the service (gRPC and the WebSocket API alike): from whether the peer is
+        this machine, its `authorization` value and its verified certificate's common name."""
+        if self.protected:
+            return ANONYMOUS if loopback else self._protected_denial()
+        decision = self._decide(authorization, common_name)
         s = self.security
         if decision in s.metrics_principals and decision not in s.admin_principals:
             return Denied(
@@ -261,11 +291,8 @@ class Credentials:
     ) -> str | Denied:
         """The same decision for the metrics port (peer address, header, verified cert)."""
         if self.protected:
-            peer = f"ipv6:[{peer_host}]:0" if ":" in peer_host else f"ipv4:{peer_host}:0"
-            if is_loopback_peer(peer):
-                return ANONYMOUS
-            return self._protected_denial()
-        decision = self._decide(authorization, _common_name(cert))
+            return ANONYMOUS if is_loopback_host(peer_host) else self._protected_denial()
+        decision = self._decide(authorization, common_name(cert))
         s = self.security
         allowed = (*s.metrics_principals, *s.admin_principals, ANONYMOUS)
         if isinstance(decision, str) and decision not in allowed:
@@ -327,7 +354,7 @@ def _stamp(path: Path) -> tuple[int, int]:
     return (st.st_mtime_ns, st.st_size)
 
 
-def _common_name(cert: dict | None) -> str | None:
+def common_name(cert: dict | None) -> str | None:
     """The subject CN of a certificate as ssl.SSLSocket.getpeercert() gives it."""
     for rdn in (cert or {}).get("subject", ()):
         for key, value in rdn:

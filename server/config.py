@@ -90,6 +90,10 @@ class ServerConfig:
     port: int = 50051  # gRPC port; 0 = pick a free one
     metrics_host: str = "0.0.0.0"  # Prometheus bind address
     metrics_port: int = 9400  # Prometheus port; 0 = pick a free one
+    # The HTTP port: the playground page and the WebSocket realtime API (server/web.py)
+    http_host: str | None = None  # its bind address; None = the gRPC host
+    http_port: int | None = None  # None = off; 0 = pick a free one
+    http_origins: tuple[str, ...] = ()  # page origins besides its own that may open a WebSocket
     limits: Limits = field(default_factory=Limits)
     security: Security = field(default_factory=Security)
     grace_period_s: float = 30.0  # on SIGTERM, how long running sessions may go on
@@ -101,7 +105,8 @@ class ServerConfig:
     encode_threads: int = 2  # thread pool encoding output chunks (never shared with decoding)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+        ports = (self.port, self.metrics_port, self.http_port or 0)
+        if not all(0 <= p < 65536 for p in ports):
             raise ValueError("ports must be in 0..65535")
         if self.grace_period_s < 0 or self.session_ttl_s < 0:
             raise ValueError("grace period and session ttl must be >= 0")

@@ -96,6 +96,8 @@ def chunk(
             ),
             init_segment=init_segment,
             media_segment=media_segment,
+            init_segment_size=len(init_segment),
+            media_segment_size=len(media_segment),
         )
     )
 

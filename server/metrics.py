@@ -95,7 +95,8 @@ class Metrics:
         self.auth_failures = Counter(
             "magistream_auth_failures",
             "Calls and scrapes refused for their credentials, by reason (missing, invalid_token, "
-            "not_loopback, no_client_cert, tls_handshake, scrape_only, no_metrics).",
+            "not_loopback, no_client_cert, tls_handshake, scrape_only, no_metrics; on the HTTP "
+            "port also http_not_loopback, http_host, http_origin).",
             ["reason"],
             registry=r,
         )
@@ -103,5 +104,12 @@ class Metrics:
             "magistream_grpc_calls",
             "Finished gRPC calls, by method and status code.",
             ["method", "code"],
+            registry=r,
+        )
+        self.realtime_calls = Counter(
+            "magistream_realtime_calls",
+            "Finished WebSocket realtime sessions (/v1/realtime), by gRPC status code name "
+            "(OK: finished or cancelled by the client's cancel; CANCELLED: the connection went).",
+            ["code"],
             registry=r,
         )

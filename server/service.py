@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -68,25 +68,40 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         session = await self._open(parse_generate(request, self.model, self.limits))
         del request  # decoded: its bytes are not held while the session streams
         await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
-        with self._released_if_broken(session, context):
+        with self._released_if_broken(session, lambda: _why_broken(context)):
             async for item in self._events(session):
                 yield item
 
     async def Interact(
         self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        requests = aiter(request_iterator)
+        async def announce(session: LiveSession) -> None:
+            await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
+
+        async for item in self.interact(request_iterator, announce, lambda: _why_broken(context)):
+            yield item
+
+    async def interact(
+        self,
+        requests: AsyncIterator[pb.ClientEvent],
+        announce: Callable[[LiveSession], Awaitable[None]],
+        why_broken: Callable[[], tuple[str, grpc.StatusCode]],
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        """One Interact session, whatever carries it (gRPC here, a WebSocket in
+        server.realtime): `announce` runs once the session is open, `why_broken` says why the
+        carrier stopped early. The caller is `current_principal`."""
+        requests = aiter(requests)
         first = await anext(requests, None)
         if first is None:
             raise InvalidRequest("event", "the stream closed before its start event")
         parse_client_event(first, first=True)
         session = await self._open(parse_generate(first.start, self.model, self.limits))
         del first  # decoded: its bytes are not held while the session streams
-        await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
+        await announce(session)
         reader = ClientReader(session, self.sessions, self.limits)
         reader.start(requests)
         try:
-            with self._released_if_broken(session, context):
+            with self._released_if_broken(session, why_broken):
                 async for item in self._events(session):
                     if item.WhichOneof("event") == "finished":
                         # every prompt read so far is answered before the end
@@ -139,14 +154,14 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
 
     @contextlib.contextmanager
     def _released_if_broken(
-        self, session: LiveSession, context: grpc.aio.ServicerContext
+        self, session: LiveSession, why_broken: Callable[[], tuple[str, grpc.StatusCode]]
     ) -> Iterator[None]:
         """Around a call's event stream: a cancelled, disconnected or failed call frees its
         session (and says why) before the error goes on."""
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
-            self.sessions.release(session, *_why_broken(context))
+            self.sessions.release(session, *why_broken())
             raise
         except Exception as e:
             self.sessions.release(session, f"its call failed: {e}")

@@ -33,7 +33,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # One thread each and the fastest encode: tests share 2 cores with the worker processes.
 # Flags given to ServerProcess come after these, so they win.
 QUIET_FLAGS = ("--torch-threads", "1", "--encode-threads", "1", "--x264-preset", "ultrafast")
-_ADDRESS = re.compile(r"^(listening|metrics) on (\S+)$", re.M)
+_ADDRESS = re.compile(r"^(listening|metrics|http) on (\S+)$", re.M)
 
 
 class ServerProcess:
@@ -66,6 +66,9 @@ class ServerProcess:
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.address = self.metrics_address = ""
+        # HOST:PORT of the playground and realtime API, when --http-port is among the flags
+        self.http_address = ""
+        self.http = "--http-port" in flags
         self.command = [
             sys.executable,
             "-m",
@@ -93,8 +96,10 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while True:
             found = dict(_ADDRESS.findall(self.logs()))
-            if len(found) == 2:
+            wanted = {"listening", "metrics"} | ({"http"} if self.http else set())
+            if wanted <= found.keys():
                 self.address, self.metrics_address = found["listening"], found["metrics"]
+                self.http_address = found.get("http", "")
                 return self.address
             if self.proc.poll() is not None:
                 self._fail(f"the server exited ({self.proc.returncode}) before listening")

@@ -67,8 +67,11 @@ def start_server(tiny_folder, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server) -> ServerProcess:
-    """The shared server: small limits so validation tests can reach them."""
+    """The shared server: small limits so validation tests can reach them; the HTTP port on
+    (tests/server/test_realtime.py)."""
     return start_server(
+        "--http-port",
+        "0",
         "--max-sessions",
         "4",
         "--queue-size",

@@ -4,6 +4,7 @@ metrics, flags."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,16 @@ from grpc_health.v1 import health_pb2
 
 from proto import video_generation_pb2 as pb
 from tests.server.conftest import health_status, wait_for
-from tests.server.helpers import kinds, request, stub
+from tests.server.helpers import (
+    WsEnd,
+    kinds,
+    request,
+    stub,
+    ws_connect,
+    ws_next,
+    ws_start,
+    ws_until_closed,
+)
 
 SERVING, NOT_SERVING = (
     health_pb2.HealthCheckResponse.SERVING,
@@ -83,7 +93,11 @@ async def test_a_killed_worker_fails_its_sessions_and_is_replaced(start_server):
 
 
 async def test_sigterm_drains_running_sessions_and_exits_zero(start_server):
-    server = start_server("--grace-period-s", "5")
+    server = start_server("--grace-period-s", "5", "--http-port", "0")
+    # a WebSocket realtime session drains like a gRPC one
+    ws, ws_end = ws_connect(server.http_address), WsEnd()
+    ws.send(json.dumps(ws_start(request(chunks=0))))
+    await asyncio.to_thread(ws_next, ws, ws_end)  # started
     async with grpc.aio.insecure_channel(server.address) as channel:
         api = stub(channel)
         short = api.StreamGenerate(request(chunks=3))
@@ -106,6 +120,10 @@ async def test_sigterm_drains_running_sessions_and_exits_zero(start_server):
                 pass
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "grace period" in error.value.details()
+    ws_end = await asyncio.to_thread(ws_until_closed, ws, ws_end)
+    assert ws_end.of("finished")[0]["state"] == "SESSION_STATE_FAILED"
+    assert ws_end.error["code"] == "UNAVAILABLE" and "grace period" in ws_end.error["message"]
+    assert ws_end.close_code == 4014
     assert await asyncio.to_thread(server.proc.wait, 30) == 0
     assert "event=server.stopped" in server.logs()
 

@@ -33,7 +33,7 @@ from proto import video_generation_pb2_grpc as pb_grpc
 from server.auth import ANONYMOUS, Credentials, Denied, TokenFileError, TokenTable, is_loopback_peer
 from server.config import Security
 from tests.server.conftest import wait_for
-from tests.server.helpers import request
+from tests.server.helpers import request, ws_connect, ws_first, ws_start
 from tests.serverproc import ServerProcess
 from tests.tls import make_pki
 
@@ -77,6 +77,7 @@ def token_server(pki, tiny_folder, tmp_path_factory):
         *("--auth-tokens", str(tokens)),
         *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
         *("--principal-max-sessions", "1", "--principal-max-queued", "1"),
+        *("--http-port", "0"),
         model=tiny_folder,
         ca=pki.ca,
         token=TOKENS["admin"],
@@ -344,6 +345,56 @@ def test_a_rewritten_tokens_file_applies_without_restart(token_server):
     assert "short alice" not in token_server.logs()
 
 
+# ---- the WebSocket realtime API: the same callers as gRPC -----------------------------------
+
+
+def wss(pki, who: str | None = None) -> ssl.SSLContext:
+    """A client TLS context trusting the test CA (with `who`'s client certificate)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if who:
+        context.load_cert_chain(str(pki.client_cert(who)), str(pki.client_key(who)))
+    return context
+
+
+def test_realtime_takes_the_same_tokens_and_owner_rules(token_server, pki):
+    tls = wss(pki)
+    address = token_server.http_address
+    # refused callers still complete the handshake, so a browser can read why
+    for token, code in (
+        (None, "UNAUTHENTICATED"),
+        ("not-a-known-token-at-all", "UNAUTHENTICATED"),
+        (TOKENS["prometheus"], "PERMISSION_DENIED"),
+    ):
+        with ws_connect(address, token, tls=tls) as ws:
+            end = ws_first(ws, ws_start(request(chunks=1, size=16)))
+        assert end.events == [] and end.error["code"] == code, (token, end.error)
+        assert end.close_code == 4000 + getattr(grpc.StatusCode, code).value[0]
+    assert "may only read the metrics port" in end.error["message"]
+    with ws_connect(address, tls=tls) as ws:
+        end = ws_first(ws, ws_start(request(chunks=1, size=16)))
+    assert end.error["message"].startswith("this server requires credentials: send a bearer")
+    assert "magistream.bearer." in end.error["message"]
+    # a token as a header, a subprotocol (the page's way) or a query parameter
+    with token_server.channel() as channel:
+        stub = pb_grpc.VideoGenerationStub(channel)
+        for via in ("header", "protocol", "query"):
+            with ws_connect(address, TOKENS["alice"], via=via, tls=tls) as ws:
+                end = ws_first(ws, ws_start(request(chunks=1, size=16)))
+            assert end.close_code == 1000 and end.kinds()[-1] == "finished", (via, end.error)
+            sid = end.of("started")[0]["sessionId"]
+            info = stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bearer("alice"))
+            assert info.owner == "alice", via
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bearer("bob"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # the page itself is served over the same TLS
+    with urllib.request.urlopen(f"https://{address}/", context=tls, timeout=10) as reply:
+        assert reply.status == 200
+    # plaintext cannot talk to it
+    with pytest.raises(Exception):  # noqa: B017 - any failure to connect will do
+        ws_connect(address, TOKENS["alice"])
+
+
 # ---- mutual TLS ---------------------------------------------------------------------------
 
 
@@ -356,6 +407,7 @@ def mtls_server(pki, tiny_folder, tmp_path_factory):
     server = ServerProcess(
         folder,
         *("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki.ca)),
+        *("--http-port", "0"),
         model=tiny_folder,
         ca=pki.ca,
         client_cert=(pki.client_cert("admin"), pki.client_key("admin")),
@@ -402,6 +454,18 @@ def test_mutual_tls_refuses_unknown_or_missing_certificates(mtls_server, pki):
             with pytest.raises(grpc.RpcError) as e:
                 pb_grpc.VideoGenerationStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_realtime_over_mutual_tls_names_the_certificate(mtls_server, pki):
+    with ws_connect(mtls_server.http_address, tls=wss(pki, "alice")) as ws:
+        end = ws_first(ws, ws_start(request(chunks=1, size=16)))
+    assert end.close_code == 1000 and end.kinds()[-1] == "finished", end.error
+    sid = end.of("started")[0]["sessionId"]
+    with mtls_channel(mtls_server, pki, "alice") as channel:
+        info = pb_grpc.VideoGenerationStub(channel).GetSession(pb.GetSessionRequest(session_id=sid))
+    assert info.owner == "alice"
+    with pytest.raises(Exception):  # noqa: B017 - no client certificate: no TLS session
+        ws_connect(mtls_server.http_address, tls=wss(pki)).recv(timeout=10)
 
 
 def test_a_new_certificate_applies_after_sighup(mtls_server, pki, tmp_path):
