@@ -20,6 +20,24 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make `xdist_group` marks work again. pytest-xdist 3.8 tags `--dist loadgroup` tests by
+    setting `item._nodeid`, which pytest 9 no longer reads (the node id is built from
+    `item._id`): a grouped module's tests spread over both workers, each paying the module's
+    fixtures (a server, a browser, a rank group). This tags them the way xdist means to."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = {
+            str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+            for m in item.iter_markers("xdist_group")
+        }
+        suffix = "@" + "_".join(sorted(names))
+        if names and not item.nodeid.endswith(suffix):
+            item._id = type(item._id).parse(item.nodeid + suffix)
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     path = SHARED / "conformance"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.__main__ import main as model_main
 from model.checkpoint import CheckpointError, random_dit
 from model.config import get_preset
 from model.dit import ChunkGroup, ChunkInput
@@ -23,6 +24,15 @@ def run_model_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "model", *args], cwd=REPO_ROOT, capture_output=True, text=True
     )
+
+
+def call_model_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`python -m model` in this process (a new interpreter costs ~2 s of imports; the tests
+    that run the command in its own check what the process adds): exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = model_main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def probe_chunk() -> ChunkInput:
@@ -114,15 +124,15 @@ def test_damaged_checkpoint_errors_name_the_key(tiny_folder, tmp_path, damage):
     assert ("not_a_weight" if damage == "unknown_key" else key) in message
 
 
-def test_folder_without_config_is_refused(tmp_path):
-    result = run_model_cli("check", str(tmp_path))
-    assert result.returncode == 1 and "no config.json" in result.stderr
+def test_folder_without_config_is_refused(tmp_path, capsys):
+    code, _, err = call_model_cli(capsys, "check", str(tmp_path))
+    assert code == 1 and "no config.json" in err
 
 
-def test_keys_command_prints_key_tab_shape():
-    result = run_model_cli("keys", "--preset", "24B_distill_quant")
-    assert result.returncode == 0
-    lines = dict(line.split("\t") for line in result.stdout.splitlines())
+def test_keys_command_prints_key_tab_shape(capsys):
+    code, out, _ = call_model_cli(capsys, "keys", "--preset", "24B_distill_quant")
+    assert code == 0
+    lines = dict(line.split("\t") for line in out.splitlines())
     assert len(lines) == 1998
     assert lines["videodit_blocks.layers.1.mlp.linear_fc1.weight"] == "1,32768,6144"
     assert lines["x_embedder.weight"] == "6144,32,1,2,2"

@@ -1,10 +1,16 @@
 """Ulysses context parallelism: N gloo ranks on CPU give the single-rank velocities, with and
 without reading a KV cache written by an earlier parallel forward; world size 1 is the plain
-forward."""
+forward.
+
+The multi-rank tests share one launch of 8 ranks (`eight_ranks`): a spawned rank costs ~2 s of
+CPU to start, the forwards a fraction of that. Smaller worlds run in process groups of its
+first ranks, which the parallel code sees as it sees any group: its size and its own rank."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from engine import ranks
 from model import parallel
@@ -13,6 +19,9 @@ from model.config import get_preset
 from model.dit import ChunkGroup, ChunkInput, Seam
 from model.kv_cache import KVCache
 from tests.model.test_kv_cache import CHUNK_FRAMES, clean_chunk, window_chunks
+
+# one pytest-xdist worker runs the module, so the shared launch happens once per suite run
+pytestmark = pytest.mark.xdist_group("model_parallel")
 
 NP = CHUNK_FRAMES * 4 * 4  # tokens of one 64x64 chunk (8x8 latent, 2x2 patches)
 
@@ -131,13 +140,47 @@ def test_shard_bounds_give_first_ranks_the_extra_tokens():
     assert parallel.shard_bounds(8, 2) == [(0, 4), (4, 8)]
 
 
-def test_two_and_four_ranks_equal_one_rank():
+def split_decode(rank: int, world: int, group) -> torch.Tensor | None:
+    from model.vae import VAEConfig, random_vae
+
+    vae = random_vae(VAEConfig.tiny(), seed=1)
+    z = torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    return parallel.split_tiled_decode(vae, z, group, tile_frames=8, tile_px=32)
+
+
+FORWARD_WORLDS = (2, 4, 8)
+DECODE_WORLDS = (2, 3)
+
+
+def every_world(rank: int, world: int, group) -> dict:
+    """One rank of the shared launch: `two_forwards` in groups of the first 2, 4 and 8 ranks,
+    then `split_decode` in groups of the first 2 and 3; the results of the groups it is in."""
+    # every rank takes part in creating every group, members or not (torch.distributed's rule)
+    subgroups = {n: dist.new_group(list(range(n))) for n in (2, 3, 4)}
+    subgroups[world] = group
+    out: dict = {"forwards": {}, "decodes": {}}
+    for n in FORWARD_WORLDS:
+        if rank < n:
+            out["forwards"][n] = two_forwards(rank, n, subgroups[n])
+    for n in DECODE_WORLDS:
+        if rank < n:
+            out["decodes"][n] = split_decode(rank, n, subgroups[n])
+    return out
+
+
+@pytest.fixture(scope="module")
+def eight_ranks() -> list[dict]:
+    """Every rank's results of `every_world` on one 8-rank launch."""
+    return ranks.launch(every_world, max(FORWARD_WORLDS))
+
+
+def test_two_and_four_ranks_equal_one_rank(eight_ranks):
     """N = 2 (2 KV groups per rank) and N = 4 (G/N = 1): velocities of both forwards match,
     each rank caches G/N KV heads, and the bytes sent match the formula."""
     want = reference()
     tiny = get_preset("tiny").model_config
     for world in (2, 4):
-        results = ranks.launch(two_forwards, world)
+        results = [r["forwards"][world] for r in eight_ranks[:world]]
         for rank, got in enumerate(results):
             assert_matches(got, want)
             assert got["cache_shape"] == (NP, 4 // world, 2 * 16), (world, rank)
@@ -149,24 +192,17 @@ def test_two_and_four_ranks_equal_one_rank():
         assert results[0]["stats"].per_layer == [results[0]["stats"].per_layer[0]] * 3
 
 
-def test_eight_ranks_repeat_kv_heads():
+def test_eight_ranks_repeat_kv_heads(eight_ranks):
     """N = 8 > G = 4: every rank gets one query head and one repeated KV head."""
     want = reference()
-    results = ranks.launch(two_forwards, 8)
+    results = [r["forwards"][8] for r in eight_ranks]
+    assert len(results) == 8
     for got in results:
         assert_matches(got, want)
         assert got["cache_shape"] == (NP, 1, 2 * 16)
 
 
-def split_decode(rank: int, world: int, group) -> torch.Tensor | None:
-    from model.vae import VAEConfig, random_vae
-
-    vae = random_vae(VAEConfig.tiny(), seed=1)
-    z = torch.randn(1, 16, 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    return parallel.split_tiled_decode(vae, z, group, tile_frames=8, tile_px=32)
-
-
-def test_vae_decode_split_over_ranks_is_the_tiled_decode():
+def test_vae_decode_split_over_ranks_is_the_tiled_decode(eight_ranks):
     """18 tiles (2 x 3 x 3, edge tiles smaller) decoded round-robin on 2 and 3 ranks, blended on
     rank 0: bit-identical to `tiled_decode`; the other ranks return None."""
     from model.vae import VAEConfig, random_vae
@@ -176,6 +212,6 @@ def test_vae_decode_split_over_ranks_is_the_tiled_decode():
     want = vae.tiled_decode(z, tile_frames=8, tile_px=32)
     assert torch.equal(split_decode(0, 1, None), want)
     for world in (2, 3):
-        results = ranks.launch(split_decode, world)
+        results = [r["decodes"][world] for r in eight_ranks[:world]]
         assert torch.equal(results[0], want)
         assert all(r is None for r in results[1:])

@@ -1,6 +1,10 @@
 """Weight sharding on top of Ulysses CP (model/sharding.py): every rank loads only its slice of
 the transformer layers from the safetensors files, the sharded forward (per-layer all-gather of
-weights) equals the single-process forward, and broken folders raise CheckpointError."""
+weights) equals the single-process forward, and broken folders raise CheckpointError.
+
+The multi-rank tests share one launch of 4 ranks (`four_ranks`): a spawned rank costs ~2 s of
+CPU to start, the forwards a fraction of that. Two-rank worlds run in a process group of its
+first two ranks, which the sharded forward sees as it sees any group: its size and its rank."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from engine import ranks
@@ -23,6 +28,9 @@ from model.kv_cache import KVCache
 from model.sharding import ShardedDiT, is_sharded_key, load_dit_shard, sharded_bytes_total
 from tests.model.test_kv_cache import clean_chunk, window_chunks
 from tests.model.test_parallel import NP, lone_chunk
+
+# one pytest-xdist worker runs the module, so the shared launch happens once per suite run
+pytestmark = pytest.mark.xdist_group("model_sharding")
 
 
 def _distill(chunks, config):
@@ -80,13 +88,60 @@ def assert_matches(got: dict, want: dict) -> None:
                 assert float((g - w).abs().max()) < 1e-5
 
 
-def check_ranks(folder: Path, worlds: tuple[int, ...]) -> None:
+def every_case(rank: int, world: int, group, folders: dict[str, Path]) -> dict:
+    """One rank of the shared launch: the sharded forwards of the `tiny` folder on the first 2
+    ranks and on all 4, of the fp8 folder on 2, and the bf16 folder's unsharded and sharded
+    forwards on 2. Each case's result on the ranks of its group."""
+    # every rank takes part in creating the group, member or not (torch.distributed's rule)
+    first_two = dist.new_group([0, 1])
+    cases = {
+        ("tiny", 2): (folders["tiny"], first_two, True),
+        ("tiny", 4): (folders["tiny"], group, True),
+        ("fp8", 2): (folders["fp8"], first_two, True),
+        ("bf16 unsharded", 2): (folders["bf16"], first_two, False),
+        ("bf16", 2): (folders["bf16"], first_two, True),
+    }
+    return {
+        (name, n): two_forwards(rank, n, g, folder, shard)
+        for (name, n), (folder, g, shard) in cases.items()
+        if rank < n
+    }
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory) -> Path:
+    """The `tiny` model in bf16 (the norms promoted to fp32 on load)."""
+    folder = tmp_path_factory.mktemp("bf16")
+    tiny = get_preset("tiny")
+    model = dataclasses.replace(tiny.model_config, params_dtype="torch.bfloat16")
+    config = MagiConfig(model, tiny.runtime_config, tiny.engine_config)
+    config.to_json(folder / CONFIG_FILE)
+    save_dit(random_dit(config, seed=0), folder / config.weight_subdir, num_shards=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8_folder(tmp_path_factory) -> Path:
+    """tiny_distill_quant: an fp8 middle layer (e4m3 and fp32 flat vectors) next to two
+    dense ones, so two scratch kinds and several dtypes per layer."""
+    return write_random("tiny_distill_quant", tmp_path_factory.mktemp("fp8") / "quant", seed=0)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tiny_folder, fp8_folder, bf16_folder) -> dict:
+    """(case, world) -> every rank's result of that case, from one 4-rank launch."""
+    folders = {"tiny": tiny_folder, "fp8": fp8_folder, "bf16": bf16_folder}
+    per_rank = ranks.launch(every_case, 4, folders)
+    return {case: [r[case] for r in per_rank if case in r] for case in per_rank[0]}
+
+
+def check_ranks(folder: Path, results_by_world: dict[int, list[dict]]) -> None:
     config = read_config(folder)
     want = two_forwards(0, 1, None, folder)
     sharded_total, replicated_total = sharded_bytes_total(config)
     groups = config.model_config.num_query_groups
-    for world in worlds:
-        results = ranks.launch(two_forwards, world, folder)
+    for world, results in results_by_world.items():
+        assert len(results) == world
         for rank, got in enumerate(results):
             assert_matches(got, want)
             assert got["cache_shape"][1] == groups // world, (world, rank)
@@ -109,30 +164,25 @@ def check_ranks(folder: Path, worlds: tuple[int, ...]) -> None:
             assert sent == tiny.num_layers * per_layer
 
 
-def test_sharded_two_and_four_ranks_equal_one_rank(tiny_folder):
-    check_ranks(tiny_folder, (2, 4))
+def test_sharded_two_and_four_ranks_equal_one_rank(tiny_folder, four_ranks):
+    check_ranks(tiny_folder, {n: four_ranks["tiny", n] for n in (2, 4)})
 
 
-def test_sharded_fp8_layers_equal_one_rank(tmp_path):
-    """tiny_distill_quant: an fp8 middle layer (e4m3 and fp32 flat vectors) next to two
-    dense ones, so two scratch kinds and several dtypes per layer."""
-    folder = write_random("tiny_distill_quant", tmp_path / "quant", seed=0)
-    check_ranks(folder, (2,))
+def test_sharded_fp8_layers_equal_one_rank(fp8_folder, four_ranks):
+    """tiny_distill_quant (`fp8_folder`): two scratch kinds and several dtypes per layer."""
+    check_ranks(fp8_folder, {2: four_ranks["fp8", 2]})
 
 
-def test_bf16_sharded_forward_is_bitwise_the_unsharded_one(tmp_path):
+def test_bf16_sharded_forward_is_bitwise_the_unsharded_one(bf16_folder, four_ranks):
     """bf16 weights with the norms promoted to fp32 on load (two flat vectors per layer, the
     norms converted while reading): gathering weights changes no arithmetic, so the sharded
     forward equals the unsharded context-parallel forward bit for bit."""
-    tiny = get_preset("tiny")
-    model = dataclasses.replace(tiny.model_config, params_dtype="torch.bfloat16")
-    config = MagiConfig(model, tiny.runtime_config, tiny.engine_config)
-    config.to_json(tmp_path / CONFIG_FILE)
-    save_dit(random_dit(config, seed=0), tmp_path / config.weight_subdir, num_shards=2)
-    part = load_dit_shard(tmp_path, config, 1, 2)
+    config = read_config(bf16_folder)
+    part = load_dit_shard(bf16_folder, config, 1, 2)
     assert [s.dtype for s in part.layouts[0].specs] == [torch.bfloat16, torch.float32]
-    full = ranks.launch(two_forwards, 2, tmp_path, False)
-    sharded = ranks.launch(two_forwards, 2, tmp_path, True)
+    full = four_ranks["bf16 unsharded", 2]
+    sharded = four_ranks["bf16", 2]
+    assert len(full) == len(sharded) == 2
     for got, want in zip(sharded, full, strict=True):
         for key in ("out1", "out2"):
             for g_group, w_group in zip(got[key], want[key], strict=True):

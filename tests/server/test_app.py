@@ -95,35 +95,36 @@ async def test_a_killed_worker_fails_its_sessions_and_is_replaced(start_server):
 async def test_sigterm_drains_running_sessions_and_exits_zero(start_server):
     server = start_server("--grace-period-s", "5", "--http-port", "0")
     # a WebSocket realtime session drains like a gRPC one
-    ws, ws_end = ws_connect(server.http_address), WsEnd()
-    ws.send(json.dumps(ws_start(request(chunks=0))))
-    await asyncio.to_thread(ws_next, ws, ws_end)  # started
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        api = stub(channel)
-        short = api.StreamGenerate(request(chunks=3))
-        endless = api.StreamGenerate(request(chunks=0))
-        await first_chunk(short)
-        await first_chunk(endless)
-        server.terminate()
-        await asyncio.to_thread(
-            wait_for, lambda: health_status(server.address) == NOT_SERVING, 5, "NOT_SERVING"
-        )
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in api.StreamGenerate(request(chunks=1)):
-                pass
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        rest = [e async for e in short]  # finishes within the grace period
-        assert rest[-1].finished.state == pb.SESSION_STATE_FINISHED
-        assert rest[-1].finished.stats.chunks_done == 3
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            async for _ in endless:  # still running when the grace period ends
-                pass
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "grace period" in error.value.details()
-    ws_end = await asyncio.to_thread(ws_until_closed, ws, ws_end)
-    assert ws_end.of("finished")[0]["state"] == "SESSION_STATE_FAILED"
-    assert ws_end.error["code"] == "UNAVAILABLE" and "grace period" in ws_end.error["message"]
-    assert ws_end.close_code == 4014
+    ws_end = WsEnd()
+    with ws_connect(server.http_address) as ws:
+        ws.send(json.dumps(ws_start(request(chunks=0))))
+        await asyncio.to_thread(ws_next, ws, ws_end)  # started
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            api = stub(channel)
+            short = api.StreamGenerate(request(chunks=3))
+            endless = api.StreamGenerate(request(chunks=0))
+            await first_chunk(short)
+            await first_chunk(endless)
+            server.terminate()
+            await asyncio.to_thread(
+                wait_for, lambda: health_status(server.address) == NOT_SERVING, 5, "NOT_SERVING"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in api.StreamGenerate(request(chunks=1)):
+                    pass
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = [e async for e in short]  # finishes within the grace period
+            assert rest[-1].finished.state == pb.SESSION_STATE_FINISHED
+            assert rest[-1].finished.stats.chunks_done == 3
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in endless:  # still running when the grace period ends
+                    pass
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "grace period" in error.value.details()
+        ws_end = await asyncio.to_thread(ws_until_closed, ws, ws_end)
+        assert ws_end.of("finished")[0]["state"] == "SESSION_STATE_FAILED"
+        assert ws_end.error["code"] == "UNAVAILABLE" and "grace period" in ws_end.error["message"]
+        assert ws_end.close_code == 4014
     assert await asyncio.to_thread(server.proc.wait, 30) == 0
     assert "event=server.stopped" in server.logs()
 

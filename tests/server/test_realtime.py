@@ -109,6 +109,8 @@ def test_a_lost_connection_frees_the_session(server, grpc_stub):
 
     wait_for(lambda: state().state == pb.SESSION_STATE_CANCELLED, 10, "the session to be freed")
     assert state().status_message == "client disconnected"
+    assert "never retrieved" not in server.logs()  # no task of the connection left behind
+    assert "unexpected error in the realtime API" not in server.logs()
     wait_for(
         lambda: server.metric("magistream_realtime_calls_total", 'code="CANCELLED"') >= 1,
         what="the lost connection counted",

@@ -1,11 +1,13 @@
 """The toy training command: phases, resume, the folder it writes, and the training examples
-matching what the sampler feeds the DiT."""
+matching what the sampler feeds the DiT.
+
+The tests that need a finished run with the default tiny budget share one (`full_run`, read
+only): a run is deterministic, so each would train the same weights again."""
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,12 @@ import pytest
 import torch
 
 from engine.sampling import time_grid
+from model.__main__ import main as model_cli
 from model.folder import load_model
 from train import toy as T
+
+# one pytest-xdist worker runs the module, so `full_run` trains once per suite run
+pytestmark = pytest.mark.xdist_group("train_toy")
 
 
 def tiny_run(out: Path, dit_steps: int = 3, decoder_steps: int = 2) -> T.TrainConfig:
@@ -39,21 +45,32 @@ def saved_weights(out: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> None:
-    out = tmp_path / "toy"
-    state = T.train(tiny_run(out))
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, T.TrainState]:
+    """A finished run with `tiny_run`'s budget: its folder (tests copy it before they train
+    on in it) and the state `train` returned."""
+    out = tmp_path_factory.mktemp("full") / "toy"
+    return out, T.train(tiny_run(out))
+
+
+def test_training_smoke_writes_a_loadable_folder_and_resumes(
+    full_run: tuple[Path, T.TrainState], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, state = full_run
     assert (state.phase, len(state.vae_losses), len(state.dit_losses)) == ("done", 3, 3)
     assert len(state.decoder_losses) == 2 and state.decoder_psnr > 0
     assert all(np.isfinite(state.vae_losses + state.dit_losses + state.decoder_losses))
     assert state.scale_factor > 0
+    out = tmp_path / "toy"  # resumed below: a copy, the shared run stays as it is
+    shutil.copytree(first, out)
     png = (out / "train" / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and png.endswith(b"IEND\xaeB`\x82")
     model = load_model(out)  # the loader of the official checkpoints, strict
     assert model.config.runtime_config.scale_factor == pytest.approx(state.scale_factor)
-    check = subprocess.run(
-        [sys.executable, "-m", "model", "check", str(out)], capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stderr
+    # `python -m model check` on it, in this process (tests/model/test_folder.py runs the
+    # command in its own): a new interpreter would cost ~4 s of imports, and load the same way
+    assert model_cli(["check", str(out)]) == 0, capsys.readouterr().err
+    assert f"folder: {out}" in capsys.readouterr().out
     # the same command with a bigger budget picks up where it stopped: VAE untouched
     state = T.train(tiny_run(out, dit_steps=5))
     assert (len(state.vae_losses), len(state.dit_losses), len(state.decoder_losses)) == (3, 5, 2)
@@ -67,9 +84,10 @@ def test_training_smoke_writes_a_loadable_folder_and_resumes(tmp_path: Path) -> 
     assert changed and all(k.startswith("vae.decoder.") for k in changed)
 
 
-def test_vae_from_trains_phase_3_of_the_same_run(tmp_path: Path) -> None:
-    full = tmp_path / "full"
-    T.train(tiny_run(full))
+def test_vae_from_trains_phase_3_of_the_same_run(
+    full_run: tuple[Path, T.TrainState], tmp_path: Path
+) -> None:
+    full, _ = full_run
     dit_only = tmp_path / "dit-only"
     state = T.train(dataclasses.replace(tiny_run(dit_only), vae_from=full))
     assert state.phase == "done" and not state.vae_losses and not state.decoder_losses
@@ -86,9 +104,10 @@ def test_vae_from_trains_phase_3_of_the_same_run(tmp_path: Path) -> None:
     assert T.train(dataclasses.replace(tiny_run(dit_only), vae_from=full)).decoder_losses == []
 
 
-def test_dit_from_trains_the_folders_decoder_on_and_nothing_else(tmp_path: Path) -> None:
-    full = tmp_path / "full"
-    T.train(tiny_run(full))
+def test_dit_from_trains_the_folders_decoder_on_and_nothing_else(
+    full_run: tuple[Path, T.TrainState], tmp_path: Path
+) -> None:
+    full, _ = full_run
     decoder = tmp_path / "decoder"
     state = T.train(dataclasses.replace(tiny_run(decoder, decoder_steps=3), dit_from=full))
     assert state.phase == "done" and not state.vae_losses and not state.dit_losses
@@ -109,10 +128,12 @@ def test_dit_from_trains_the_folders_decoder_on_and_nothing_else(tmp_path: Path)
         T.train(dataclasses.replace(tiny_run(tmp_path / "both"), dit_from=full, vae_from=full))
 
 
-def test_decoder_latent_noise_changes_phase_4_only(tmp_path: Path) -> None:
-    quiet, noisy = tmp_path / "quiet", tmp_path / "noisy"
+def test_decoder_latent_noise_changes_phase_4_only(
+    full_run: tuple[Path, T.TrainState], tmp_path: Path
+) -> None:
+    quiet, (noisy, _) = tmp_path / "quiet", full_run
+    assert tiny_run(noisy).decoder_latent_noise > 0  # the shared run has the default noise
     T.train(dataclasses.replace(tiny_run(quiet), decoder_latent_noise=0.0))
-    T.train(tiny_run(noisy))
     a, b = saved_weights(quiet), saved_weights(noisy)
     moved = {k for k in a if not torch.equal(a[k], b[k])}
     assert moved and all(k.startswith("vae.decoder.") for k in moved)
