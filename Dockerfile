@@ -1,54 +1,44 @@
 # syntax=docker/dockerfile:1.7
-# magistream server image. Two variants from one file:
-#   docker build -t magistream:gpu .                       # CUDA base, torch cu128 build
-#   docker build -t magistream:cpu --build-arg VARIANT=cpu .   # Debian 12, torch CPU build
-# Run: docker run --gpus all -p 50051:50051 -p 9400:9400 \
+# magistream server image: Debian 12's own Python 3.11, the project installed by `make install`
+# (the pins of requirements.txt), on any Debian 12 (bookworm) base given by BASE_IMAGE.
+#   docker build -t magistream:gpu .                                  # torch cu128 (default)
+#   docker build -t magistream:cpu \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .  # torch CPU build
+#   make image   # here, with no registry: a debootstrap base, buildah, a smoke test
+# The GPU image needs no NVIDIA base image: torch's CUDA wheels bring the CUDA libraries as
+# Python packages, and the container runtime (NVIDIA Container Toolkit) mounts the host's
+# driver. Run: docker run --gpus all -p 50051:50051 -p 9400:9400 \
 #        -v /srv/models/4.5B_distill:/models/4.5B_distill:ro magistream:gpu \
 #        --model /models/4.5B_distill
 # A real model is never in the image and never downloaded: mount its folder under /models (the
 # folder's name is the model's name). With no --model the server runs the embedded `toy` world
 # model (models/toy, ~30 MB, part of the source). See docs/deploy.md.
 
-ARG VARIANT=gpu
-# "-base" (cudart and the NVIDIA container settings) rather than "-runtime": torch's cu128
-# wheels bring their own cuBLAS/cuDNN/NCCL, so -runtime's copies would be 2+ GB unused.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
-ARG CPU_IMAGE=debian:12.11-slim
-ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.8.14
+# debian:12.11-slim from a registry, or `make image`'s localhost/magistream-base:bookworm
+ARG BASE_IMAGE=debian:12.11-slim
 
-FROM ${UV_IMAGE} AS uv
-
-FROM ${CUDA_IMAGE} AS base-gpu
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
-
-FROM ${CPU_IMAGE} AS base-cpu
-# PyPI's Linux torch wheel is the CUDA one; the CPU index keeps 3 GB of CUDA libraries out.
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
-
-# One CPython for both variants (the CUDA base is Ubuntu, whose python3 is 3.12; everything is
-# tested on 3.11): a standalone build that needs no system libraries.
-# DL3006 ignored: base-${VARIANT} is one of the two stages above, not an image to tag.
+# DL3006 ignored: the base is a build argument (a tag or digest is the caller's choice).
 # hadolint ignore=DL3006
-FROM base-${VARIANT} AS python
-ARG PYTHON_VERSION=3.11.13
-ENV UV_PYTHON_INSTALL_DIR=/opt/python UV_PYTHON_BIN_DIR=/opt/python/bin
-RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
-    uv python install "${PYTHON_VERSION}" \
-    && ln -s /opt/python/cpython-"${PYTHON_VERSION}"-linux-*/bin/python3.11 /usr/local/bin/python3.11 \
-    && python3.11 --version
-
-FROM python AS build
-# Only make: `make install` is the single source of truth for what goes into the venv.
-# Debian/Ubuntu package versions are not pinned (DL3008): the base image tag pins the release
-# and a pinned .deb version disappears from the archive at its next security update.
+FROM ${BASE_IMAGE} AS python
+# Debian's CPython 3.11 (bookworm's python3; everything is tested on it), and make.
+# Debian package versions are not pinned (DL3008): the base image pins the release and a pinned
+# .deb version disappears from the archive at its next security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make ca-certificates \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv make ca-certificates \
     && rm -rf /var/lib/apt/lists/*
+
+FROM python AS build
+# Where pip takes torch from: the CUDA 12.8 build by default; .../whl/cpu for the CPU build;
+# empty to take it from the indexes pip already knows. `make image` installs offline from a
+# mounted wheel folder: PIP_FIND_LINKS=/wheels, PIP_NO_INDEX=1.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ARG PIP_FIND_LINKS=
+ARG PIP_NO_INDEX=
 WORKDIR /opt/magistream
 COPY . .
-# `-o system-deps`: skip the target that apt-installs ffmpeg/prometheus for the test suite;
-# the server itself needs neither (PyAV bundles its FFmpeg).
+# `-o system-deps`: skip the target that apt-installs the test suite's tools (ffmpeg,
+# prometheus, nginx, chromium); the server needs none of them (PyAV bundles its FFmpeg).
 RUN --mount=type=cache,target=/root/.cache/pip \
     make -o system-deps install VENV=/opt/venv PYTHON=python3.11 TORCH_INDEX="${TORCH_INDEX}"
 

@@ -7,7 +7,7 @@ PYTHON ?= python3.11
 TORCH_INDEX ?=
 RUN_DIR ?= .cache/run
 
-.PHONY: install system-deps proto run test lint fmt bench clean
+.PHONY: install system-deps proto run test lint fmt bench clean image image-test image-deps
 
 install: system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,27 @@ run:
 # them fill the two cores CI has; the suite is 5 min serial, 3.5 min so.
 test:
 	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The CPU container image, built on this machine with no Docker engine and no registry: a
+# Debian base from debootstrap (kept once made), `buildah bud` of the Dockerfile, then the smoke
+# test (docs/deploy.md, "Building here"). Needs root. `make image-test` builds only when the
+# image is missing, then runs the smoke test (.ci/run runs it after the tests).
+IMAGE ?= localhost/magistream:cpu
+image: image-deps
+	IMAGE=$(IMAGE) PY=$(PY) bash deploy/image/build.sh
+	IMAGE=$(IMAGE) $(PY) deploy/image/smoke.py
+
+image-test: image-deps
+	@buildah --storage-driver vfs inspect --type image $(IMAGE) >/dev/null 2>&1 || \
+		IMAGE=$(IMAGE) PY=$(PY) bash deploy/image/build.sh
+	IMAGE=$(IMAGE) $(PY) deploy/image/smoke.py
+
+image-deps:
+	@if command -v buildah >/dev/null && command -v debootstrap >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends buildah debootstrap >/dev/null; \
+	else echo "image-deps: install buildah and debootstrap (as root)"; exit 1; fi
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,8 @@
 """The Dockerfile: hadolint passes, and the image agrees with the rest of the project (it
 installs through `make install`, runs as the user the manifests expect, exposes the ports the
-server listens on). No Docker engine runs here, so the image itself is not built."""
+server listens on). Building and running the image takes minutes, so it is not part of `make
+test`: `make image-test` (deploy/image/) builds it here with buildah and smoke-tests it, and
+.ci/run runs that after the tests."""
 
 from __future__ import annotations
 
@@ -93,3 +95,16 @@ def test_the_runtime_image_matches_the_manifests(rendered):
         int(gid),
     )
     assert int(uid) != 0
+
+
+def test_any_debian_base_given_by_a_build_argument():
+    """The base is an argument (a registry's debian:12 slim image, or `make image`'s local
+    debootstrap one), and Python is Debian's own, installed by apt: no registry-only images."""
+    steps = instructions()
+    assert steps[0] == ("ARG", "BASE_IMAGE=debian:12.11-slim")
+    froms = [args for k, args in steps if k == "FROM"]
+    assert froms[0] == "${BASE_IMAGE} AS python"
+    assert all(f.split()[0] in ("${BASE_IMAGE}", "python") for f in froms)
+    assert "python3.11" in next(args for k, args in steps if k == "RUN")
+    build = (REPO / "deploy" / "image" / "build.sh").read_text()
+    assert "localhost/magistream-base:bookworm" in build and "--build-arg BASE_IMAGE" in build
