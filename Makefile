@@ -7,7 +7,7 @@ PYTHON ?= python3.11
 TORCH_INDEX ?=
 RUN_DIR ?= .cache/run
 
-.PHONY: install system-deps proto run test lint fmt bench clean image image-test image-deps
+.PHONY: install system-deps proto run test lint fmt bench gpu-check clean image image-test image-deps
 
 install: system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,13 @@ fmt:
 bench:
 	$(PY) bench/model_forward.py
 	$(PY) bench/batching.py
+
+# The GPU check (issue 22, docs/gpu.md): correctness on the device, the 4.5B step, real time and
+# batching, in under 8 minutes on one H100 or H200. GPU_CHECK_FLAGS="--quick --device cpu" runs
+# every part at tiny sizes here.
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	$(PY) bench/gpu_check.py $(GPU_CHECK_FLAGS)
 
 clean:
 	rm -rf .cache .pytest_cache

@@ -149,6 +149,19 @@ class Heartbeat:
     chunks_in_flight: int  # chunks inside denoising windows
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The worker's device memory, sent with every heartbeat (rank 0's device in a group)."""
+
+    device: str  # "cuda:0", "cpu"
+    total_bytes: int  # the GPU's memory; on CPU the host's (MemTotal)
+    free_bytes: int  # free now, every process counted (cudaMemGetInfo); on CPU MemAvailable
+    allocated_bytes: int | None  # held by live tensors; None on CPU, where torch counts nothing
+    reserved_bytes: int | None  # held by torch's caching allocator (>= allocated); None on CPU
+    worker_resident_bytes: int  # this process's resident set (VmRSS); 0 where /proc is missing
+    budget_bytes: int  # admission's budget: KV cache + latents of all sessions
+
+
 Event = (
     WorkerReady
     | WorkerFailed
@@ -161,4 +174,5 @@ Event = (
     | PromptRejected
     | StepDone
     | Heartbeat
+    | DeviceMemory
 )

@@ -22,10 +22,11 @@ class RankSpec:
     local_rank: int  # rank within its host: which GPU it would own
     master_addr: str  # host of rank 0, where the rendezvous store listens
     master_port: int
-    timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
+    timeout_s: float = 60.0  # collective timeout: how long a lost or hung rank can stall the rest
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the --device values
+CPU_MEMORY_BUDGET_BYTES = 8 << 30  # admission's budget on CPU when none is given
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class GroupConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0 = a free port on each group start (single host only)
-    timeout_s: float = 600.0  # collective timeout: the backstop for a hung rank
+    timeout_s: float = 60.0  # collective timeout: how long a lost or hung rank can stall the rest
+    # Meeting and loading: nodes may be started minutes apart, and a large model loads for
+    # minutes, so the rendezvous and the barrier after loading wait this long instead.
+    join_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or self.nnodes < 1 or self.world_size % self.nnodes:
@@ -51,8 +55,8 @@ class GroupConfig:
             raise ValueError(f"--node-rank {self.node_rank} must be in 0..{self.nnodes - 1}")
         if self.nnodes > 1 and self.master_port == 0:
             raise ValueError("a group over several nodes needs --master-port (MASTER_PORT)")
-        if self.timeout_s <= 0:
-            raise ValueError("the group timeout must be > 0")
+        if self.timeout_s <= 0 or self.join_timeout_s <= 0:
+            raise ValueError("--group-timeout-s and --group-join-timeout-s must be > 0")
 
     @property
     def ranks_per_node(self) -> int:
@@ -76,7 +80,11 @@ class WorkerConfig:
 
     model_folder: Path  # a model folder (config.json + weights)
     write_preset: str | None = None  # write this random-weight preset there first if missing
-    memory_budget_bytes: int = 8 << 30  # KV cache + latents of all running sessions
+    # KV cache + latents of all running sessions. None: on CPU CPU_MEMORY_BUDGET_BYTES; on CUDA
+    # the device's free memory after loading less memory_reserve_bytes (engine.process)
+    memory_budget_bytes: int | None = None
+    # CUDA only: memory kept back from admission for activations, the VAE decode, fragmentation
+    memory_reserve_bytes: int = 2 << 30
     max_sessions: int = 8  # sessions generating at once; more wait in the queue
     queue_size: int = 16  # sessions waiting for a slot or memory; one more is refused
     max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts)
@@ -88,8 +96,11 @@ class WorkerConfig:
     group: GroupConfig = field(default_factory=GroupConfig)  # ranks (one process each)
 
     def __post_init__(self) -> None:
-        if self.memory_budget_bytes <= 0 or self.max_sessions < 1 or self.queue_size < 0:
+        budget = self.memory_budget_bytes
+        if (budget is not None and budget <= 0) or self.max_sessions < 1 or self.queue_size < 0:
             raise ValueError("memory budget and max_sessions must be > 0, queue_size >= 0")
+        if self.memory_reserve_bytes < 0:
+            raise ValueError("--memory-reserve-mb must be >= 0")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:

@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 
 from engine import ipc, logs
 from engine.engine import ChunkDone, Engine
-from engine.launch import WorkerConfig
+from engine.launch import CPU_MEMORY_BUDGET_BYTES, WorkerConfig
 from engine.logs import event
 from engine.ranks import (
     GroupLost,
@@ -38,6 +39,7 @@ from engine.ranks import (
     leave_group,
     load_rank,
     serve_follower,
+    wait_loaded,
 )
 from model.text import TextConditioning
 from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
@@ -54,10 +56,10 @@ def worker_main(conn: Connection, config: WorkerConfig, rank: RankSpec | None = 
     try:
         device = engine_device(config.device, 0 if rank is None else rank.local_rank)
         if rank is not None:
-            group = join_group(rank, device)
+            group = join_group(rank, device, config.group.join_timeout_s)
         engine = _load_engine(config, group, device)
         if group is not None:
-            torch.distributed.barrier(group=group.control)  # every rank has its weights
+            wait_loaded(group)  # every rank has its weights
     except Exception as e:  # any load failure is reported, not raised into the void
         conn.send(ipc.WorkerFailed(f"{type(e).__name__}: {e}"))
         return
@@ -93,10 +95,10 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
     _setup_process(config)
     try:
         device = engine_device(config.device, rank.local_rank)
-        group = join_group(rank, device)
+        group = join_group(rank, device, config.group.join_timeout_s)
         _ensure_folder(config)
         model, forward = load_rank(config.model_folder, group, device)
-        torch.distributed.barrier(group=group.control)
+        wait_loaded(group)
     except Exception as e:
         conn.send(ipc.WorkerFailed(f"rank {rank.rank}: {type(e).__name__}: {e}"))
         return
@@ -161,16 +163,131 @@ def _load_engine(
         model, forward, link = load_model(config.model_folder, device=device), None, None
     else:  # rank 0 of a group: its own DiT share, and the plans go to every rank
         (model, forward), link = load_rank(config.model_folder, group, device), StepLink(group)
+    budget = admission_budget(config, device)  # after loading: what the weights left free
+    event(
+        logger,
+        "worker.memory_budget",
+        level=logging.WARNING if budget.capped else logging.INFO,
+        device=device,
+        budget_mib=budget.bytes >> 20,
+        source=budget.source,
+    )
     sched_config = SchedulerConfig(
-        memory_budget_bytes=config.memory_budget_bytes,
+        memory_budget_bytes=budget.bytes,
         max_queued=config.queue_size,
         max_chunk_slots=config.max_chunk_slots,
         output_queue_chunks=2,
         max_running=config.max_sessions,
     )
     return Engine(
-        model, sched_config, dit=forward, link=link, text_conditioning=_text_conditioning(config)
+        model,
+        sched_config,
+        dit=forward,
+        link=link,
+        text_conditioning=_text_conditioning(config),
     )
+
+
+class MemoryBudgetError(RuntimeError):
+    """The device has no memory left for sessions after loading the model."""
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    bytes: int  # admission's budget: KV cache + latents of all running sessions
+    source: str  # where it came from, for the start-up log
+    capped: bool = False  # an explicit --memory-budget-mb was more than the device has
+
+
+def device_budget(
+    device: str, free_bytes: int, total_bytes: int, reserve_bytes: int, explicit: int | None
+) -> MemoryBudget:
+    """Admission's budget on a GPU: its free memory after loading, less the reserve (for
+    activations, the VAE decode and fragmentation), capped by an explicit budget if one was
+    given. Raises MemoryBudgetError, saying what to lower, when nothing is left."""
+    mib = 1 << 20
+    available = free_bytes - reserve_bytes
+    found = (
+        f"{device} has {free_bytes // mib} MiB free of {total_bytes // mib} MiB after loading the "
+        f"model, less the {reserve_bytes // mib} MiB reserve"
+    )
+    if available <= 0:
+        raise MemoryBudgetError(
+            f"{found}: no memory is left for sessions. Lower --memory-reserve-mb (now "
+            f"{reserve_bytes // mib}), free the GPU of other processes, or spread the model over "
+            "more GPUs (--world-size)"
+        )
+    if explicit is None:
+        return MemoryBudget(available, found)
+    if explicit <= available:
+        return MemoryBudget(explicit, f"--memory-budget-mb ({found}: {available // mib} MiB)")
+    return MemoryBudget(
+        available,
+        f"{found}; --memory-budget-mb {explicit // mib} is more, lowered to {available // mib}",
+        capped=True,
+    )
+
+
+def admission_budget(config: WorkerConfig, device: torch.device) -> MemoryBudget:
+    """The budget admission checks sessions against, once the model is on `device`. The CPU
+    keeps the configured one (default CPU_MEMORY_BUDGET_BYTES): its memory is the host's,
+    shared with everything else, so no free figure of it is the engine's to spend."""
+    explicit = config.memory_budget_bytes
+    if device.type != "cuda":
+        if explicit is None:
+            return MemoryBudget(CPU_MEMORY_BUDGET_BYTES, "the CPU default (--memory-budget-mb 0)")
+        return MemoryBudget(explicit, "--memory-budget-mb")
+    torch.cuda.empty_cache()  # blocks torch cached while loading count as used to the driver
+    free, total = torch.cuda.mem_get_info(device)
+    return device_budget(str(device), free, total, config.memory_reserve_bytes, explicit)
+
+
+def device_memory(device: torch.device, budget_bytes: int) -> ipc.DeviceMemory:
+    """What the worker reports of its device's memory (with every heartbeat)."""
+    resident = _resident_bytes()
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return ipc.DeviceMemory(
+            device=str(device),
+            total_bytes=total,
+            free_bytes=free,
+            allocated_bytes=torch.cuda.memory_allocated(device),
+            reserved_bytes=torch.cuda.memory_reserved(device),
+            worker_resident_bytes=resident,
+            budget_bytes=budget_bytes,
+        )
+    total, available = _host_memory()
+    return ipc.DeviceMemory(
+        device=str(device),
+        total_bytes=total,
+        free_bytes=available,
+        allocated_bytes=None,  # torch keeps no count of CPU tensors
+        reserved_bytes=None,
+        worker_resident_bytes=resident,
+        budget_bytes=budget_bytes,
+    )
+
+
+def _resident_bytes() -> int:
+    """This process's resident set (VmRSS); 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError, AttributeError):
+        return 0
+
+
+def _host_memory() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) of the host in bytes; (0, 0) where /proc is missing."""
+    fields = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                fields[name] = int(rest.split()[0]) * 1024  # the file counts kB
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+    return fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
 
 
 def _text_conditioning(config: WorkerConfig) -> TextConditioning:
@@ -394,3 +511,5 @@ class WorkerLoop:
                 chunks_in_flight=self.sched.chunks_in_flight(),
             )
         )
+        budget = self.sched.config.memory_budget_bytes
+        self.conn.send(device_memory(self.engine.runner.device, budget))

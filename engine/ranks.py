@@ -23,7 +23,7 @@ import os
 import pickle
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -59,25 +59,89 @@ class RankGroup:
     world_size: int
     forward: dist.ProcessGroup  # the Ulysses collectives (gloo on CPU; NCCL on GPUs)
     control: dist.ProcessGroup  # step messages: always gloo, messages are CPU bytes
+    join_timeout: timedelta = timedelta(minutes=10)  # the barrier after loading (wait_loaded)
 
 
-def join_group(spec: RankSpec, device: torch.device | str = "cpu") -> RankGroup:
+# NCCL's watchdog aborts the communicator and ends the process once a collective passes the
+# group's timeout (1 = TearDown: abort, then exit), so a lost rank fails the group fast instead
+# of leaving the others spinning on the GPU. Blocking wait (TORCH_NCCL_BLOCKING_WAIT=1) would
+# take precedence and cost a host sync per collective: it stays off unless the operator sets it.
+NCCL_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """How a rank makes its group (group_settings decides; join_group applies)."""
+
+    backend: str  # nccl on CUDA, gloo on CPU
+    timeout: timedelta  # every collective, both backends: how long a lost rank stalls the rest
+    join_timeout: timedelta  # the rendezvous and the barrier after loading
+    environment: dict[str, str]  # set before the group is made: what the operator has not set
+
+
+def group_settings(
+    device_type: str, timeout_s: float, join_timeout_s: float, env: Mapping[str, str]
+) -> GroupSettings:
+    """The backend, timeouts and NCCL variables of a rank on `device_type` ("cuda", "cpu").
+    A variable already in `env` is the operator's choice and is kept."""
+    if timeout_s <= 0 or join_timeout_s <= 0:
+        raise ValueError("the group's timeouts must be > 0")
+    nccl = device_type == "cuda"
+    environment = {k: v for k, v in NCCL_ENVIRONMENT.items() if k not in env} if nccl else {}
+    return GroupSettings(
+        backend="nccl" if nccl else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        join_timeout=timedelta(seconds=max(join_timeout_s, timeout_s)),
+        environment=environment,
+    )
+
+
+def join_group(
+    spec: RankSpec, device: torch.device | str = "cpu", join_timeout_s: float = 600.0
+) -> RankGroup:
     """Initialise torch.distributed for this process and return its group handles. Blocks until
-    every rank has joined (or the timeout passes)."""
-    timeout = timedelta(seconds=spec.timeout_s)
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    if backend == "nccl":
+    every rank has joined (or join_timeout_s passes); collectives then time out after
+    spec.timeout_s."""
+    settings = group_settings(torch.device(device).type, spec.timeout_s, join_timeout_s, os.environ)
+    os.environ.update(settings.environment)  # read when the NCCL group is made
+    if settings.backend == "nccl":
         torch.cuda.set_device(spec.local_rank)
+    # Our own store, so the rendezvous waits join_timeout (ranks on other nodes may start
+    # minutes later) while the group's collectives use the shorter timeout.
+    store = dist.TCPStore(
+        spec.master_addr,
+        spec.master_port,
+        spec.world_size,
+        is_master=spec.rank == 0,
+        timeout=settings.join_timeout,
+    )
     dist.init_process_group(
-        backend,
-        init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+        settings.backend,
+        store=store,
         rank=spec.rank,
         world_size=spec.world_size,
-        timeout=timeout,
+        timeout=settings.timeout,
     )
     world = dist.group.WORLD
-    control = world if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return RankGroup(spec.rank, spec.world_size, forward=world, control=control)
+    control = (
+        world
+        if settings.backend == "gloo"
+        else dist.new_group(backend="gloo", timeout=settings.timeout)
+    )
+    return RankGroup(
+        spec.rank,
+        spec.world_size,
+        forward=world,
+        control=control,
+        join_timeout=settings.join_timeout,
+    )
+
+
+def wait_loaded(group: RankGroup) -> None:
+    """The barrier after loading: every rank has its weights. It waits the join timeout, not
+    the collective one (loading takes minutes on a large model), and names a rank that did not
+    arrive."""
+    dist.monitored_barrier(group=group.control, timeout=group.join_timeout, wait_all_ranks=True)
 
 
 def leave_group() -> None:

@@ -300,7 +300,7 @@ class SessionStats(_message.Message):
     def __init__(self, chunks_done: _Optional[int] = ..., frames_done: _Optional[int] = ..., wall_time_s: _Optional[float] = ..., time_to_first_chunk_s: _Optional[float] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner")
+    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner", "worker_memory")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +312,7 @@ class SessionInfo(_message.Message):
     STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_MEMORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionState
     queue_position: int
@@ -323,7 +324,26 @@ class SessionInfo(_message.Message):
     status_code: int
     status_message: str
     owner: str
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    worker_memory: DeviceMemory
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ..., worker_memory: _Optional[_Union[DeviceMemory, _Mapping]] = ...) -> None: ...
+
+class DeviceMemory(_message.Message):
+    __slots__ = ("device", "total_bytes", "free_bytes", "allocated_bytes", "reserved_bytes", "worker_resident_bytes", "budget_bytes")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    total_bytes: int
+    free_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+    worker_resident_bytes: int
+    budget_bytes: int
+    def __init__(self, device: _Optional[str] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., worker_resident_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")

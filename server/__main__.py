@@ -54,10 +54,33 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--node-rank", int, 0, "this host's index; 0 runs rank 0 and serves, others followers"),
     ("--master-addr", str, "127.0.0.1", "host of node 0, where the ranks meet"),
     ("--master-port", int, 0, "rendezvous port on node 0; 0 = a free one (one host only)"),
-    ("--group-timeout-s", float, 600.0, "collective timeout of the group (hung-rank backstop)"),
+    (
+        "--group-timeout-s",
+        float,
+        60.0,
+        "collective timeout of the group: how long a lost or hung rank can stall the others",
+    ),
+    (
+        "--group-join-timeout-s",
+        float,
+        600.0,
+        "how long ranks wait for each other to start and to load the model",
+    ),
     ("--max-sessions", int, 8, "sessions generating at once"),
     ("--queue-size", int, 16, "sessions waiting for admission; one more is refused"),
-    ("--memory-budget-mb", int, 8192, "KV cache + latent memory of all sessions, MiB"),
+    (
+        "--memory-budget-mb",
+        int,
+        0,
+        "KV cache + latent memory of all sessions, MiB; 0 = on CUDA the free memory after "
+        "loading less --memory-reserve-mb, on CPU 8192; on CUDA a set budget is capped by that",
+    ),
+    (
+        "--memory-reserve-mb",
+        int,
+        2048,
+        "CUDA: device memory kept back from admission (activations, VAE decode), MiB",
+    ),
     ("--max-chunk-slots", int, 512, "chunk slots per forward (CFG branches count)"),
     ("--max-width", int, 1280, "largest output width, pixels"),
     ("--max-height", int, 1280, "largest output height, pixels"),
@@ -208,6 +231,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         master_addr=args.master_addr,
         master_port=args.master_port,
         timeout_s=args.group_timeout_s,
+        join_timeout_s=args.group_join_timeout_s,
     )
     mc = magi.model_config
     try:  # Ulysses splits the heads over the ranks
@@ -227,7 +251,9 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
     worker = WorkerConfig(
         model_folder=folder,
         write_preset=write_preset,
-        memory_budget_bytes=args.memory_budget_mb << 20,
+        # 0 = chosen by the worker from its device (engine.process.admission_budget)
+        memory_budget_bytes=(args.memory_budget_mb << 20) or None,
+        memory_reserve_bytes=args.memory_reserve_mb << 20,
         max_sessions=args.max_sessions,
         queue_size=args.queue_size,
         max_chunk_slots=args.max_chunk_slots,

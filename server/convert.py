@@ -158,6 +158,22 @@ def session_info(session: LiveSession, model: ServedModel) -> pb.SessionInfo:
         params=session_params(session, model),
         status_code=end.code.value[0] if end else 0,
         status_message=end.message if end else "",
+        worker_memory=device_memory(session.worker.memory),
+    )
+
+
+def device_memory(memory: ipc.DeviceMemory | None) -> pb.DeviceMemory | None:
+    """None (the field unset) while the worker (re)starts; allocated and reserved unset on CPU."""
+    if memory is None:
+        return None
+    return pb.DeviceMemory(
+        device=memory.device,
+        total_bytes=memory.total_bytes,
+        free_bytes=memory.free_bytes,
+        allocated_bytes=memory.allocated_bytes,
+        reserved_bytes=memory.reserved_bytes,
+        worker_resident_bytes=memory.worker_resident_bytes,
+        budget_bytes=memory.budget_bytes,
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from engine.ipc import DeviceMemory
 
 # Chunk latencies span a tiny CPU model (tens of ms) to the 24B model (tens of seconds).
 _LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -73,6 +78,45 @@ class Metrics:
             "KV cache and latent memory admission has reserved.",
             registry=r,
         )
+        # The worker's device (rank 0's in a group), from its heartbeats; absent while it
+        # (re)starts, and allocated/reserved absent on CPU, where torch counts nothing.
+        self.device_memory_total = Gauge(
+            "magistream_device_memory_total_bytes",
+            "Memory of the worker's device (on CPU the host's MemTotal).",
+            ["device"],
+            registry=r,
+        )
+        self.device_memory_free = Gauge(
+            "magistream_device_memory_free_bytes",
+            "Free memory of the worker's device, every process counted (on CPU MemAvailable).",
+            ["device"],
+            registry=r,
+        )
+        self.device_memory_allocated = Gauge(
+            "magistream_device_memory_allocated_bytes",
+            "Device memory held by the worker's live tensors (CUDA only).",
+            ["device"],
+            registry=r,
+        )
+        self.device_memory_reserved = Gauge(
+            "magistream_device_memory_reserved_bytes",
+            "Device memory held by torch's caching allocator in the worker (CUDA only).",
+            ["device"],
+            registry=r,
+        )
+        self.memory_budget = Gauge(
+            "magistream_memory_budget_bytes",
+            "Admission's budget for KV cache and latents (on CUDA: free after loading less the "
+            "reserve).",
+            ["device"],
+            registry=r,
+        )
+        self.worker_resident = Gauge(
+            "magistream_worker_resident_bytes",
+            "Resident set (VmRSS) of the worker process (rank 0).",
+            registry=r,
+        )
+        self._reported_device: str | None = None  # the device the gauges above are labelled with
         self.prompt_updates = Counter(
             "magistream_prompt_updates",
             "Prompts pushed to running sessions, by result.",
@@ -113,3 +157,31 @@ class Metrics:
             ["code"],
             registry=r,
         )
+
+    def observe_device_memory(self, memory: DeviceMemory | None) -> None:
+        """Set the device gauges from the worker's report; None (the worker is gone, or
+        restarting) removes them rather than leave a dead worker's figures."""
+        device_gauges = (
+            self.device_memory_total,
+            self.device_memory_free,
+            self.device_memory_allocated,
+            self.device_memory_reserved,
+            self.memory_budget,
+        )
+        device = None if memory is None else memory.device
+        if device != self._reported_device:  # a restarted worker may run on another device
+            for gauge in device_gauges:
+                gauge.clear()
+            self._reported_device = device
+        if memory is None:
+            self.worker_resident.set(0)
+            return
+        d = device
+        self.device_memory_total.labels(d).set(memory.total_bytes)
+        self.device_memory_free.labels(d).set(memory.free_bytes)
+        if memory.allocated_bytes is not None:
+            self.device_memory_allocated.labels(d).set(memory.allocated_bytes)
+        if memory.reserved_bytes is not None:
+            self.device_memory_reserved.labels(d).set(memory.reserved_bytes)
+        self.memory_budget.labels(d).set(memory.budget_bytes)
+        self.worker_resident.set(memory.worker_resident_bytes)

@@ -55,6 +55,13 @@ class SessionEnd:
     message: str
 
 
+@dataclass
+class WorkerReport:
+    """What the worker last said of itself; one, shared by every session's record (GetSession)."""
+
+    memory: ipc.DeviceMemory | None = None  # None while the worker (re)starts
+
+
 def session_key(owner: str, session_id: str) -> str:
     """The engine's name for a session: ids are per principal, so two principals may both
     have a session `demo` and neither can learn of the other's (`/` is in neither alphabet)."""
@@ -65,9 +72,15 @@ class LiveSession:
     """One session's client-visible record and its event queue."""
 
     def __init__(
-        self, params: SessionParams, session_id: str, owner: str, slot: Slot | None = None
+        self,
+        params: SessionParams,
+        session_id: str,
+        owner: str,
+        slot: Slot | None = None,
+        worker: WorkerReport | None = None,
     ) -> None:
         self.id = session_id  # what its owner calls it
+        self.worker = worker or WorkerReport()  # the worker's (device memory), shown with it
         self.key = params.session_id  # what the engine calls it: session_key(owner, id)
         self.owner = owner  # the principal that opened it; only it (and admins) may see it
         self.slot = slot  # its claim on the owner's session limit, released when it ends
@@ -126,6 +139,7 @@ class SessionManager:
         self.ttl_s = ttl_s
         self.startup_timeout_s = startup_timeout_s
         self.sessions: dict[str, LiveSession] = {}
+        self.worker = WorkerReport()
         self.draining = False
         self._opening: dict[str, asyncio.Future] = {}
         self._prompts: dict[int, asyncio.Future] = {}
@@ -189,7 +203,7 @@ class SessionManager:
             raise SessionExists(session_id)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         params = dataclasses.replace(params, session_id=key, seed=seed)
-        self.sessions[key] = LiveSession(params, session_id, owner, slot)
+        self.sessions[key] = LiveSession(params, session_id, owner, slot, self.worker)
         return params
 
     async def _ask(self, pending: dict, key: object, command: ipc.Command) -> ipc.Event:
@@ -341,6 +355,9 @@ class SessionManager:
             self._answer(self._opening.get(message.session_id), message)
         elif isinstance(message, ipc.PromptApplied | ipc.PromptRejected):
             self._answer(self._prompts.get(message.request_id), message)
+        elif isinstance(message, ipc.DeviceMemory):
+            self.worker.memory = message
+            self.metrics.observe_device_memory(message)
         else:
             session = self.sessions.get(message.session_id)
             # a session that ended here first (cancel, disconnect): the worker is catching up
@@ -375,6 +392,8 @@ class SessionManager:
 
     def on_worker_lost(self, message: str) -> None:
         """The worker died: every request waiting on it and every live session fails."""
+        self.worker.memory = None
+        self.metrics.observe_device_memory(None)
         for reply in [*self._opening.values(), *self._prompts.values()]:
             if not reply.done():
                 reply.set_exception(Unavailable(message))

@@ -63,6 +63,18 @@ def _params() -> pb.SessionParams:
     )
 
 
+def _device_memory() -> pb.DeviceMemory:
+    return pb.DeviceMemory(
+        device="cuda:0",
+        total_bytes=85_899_345_920,
+        free_bytes=10_737_418_240,
+        allocated_bytes=64_424_509_440,
+        reserved_bytes=68_719_476_736,
+        worker_resident_bytes=3_221_225_472,
+        budget_bytes=8_589_934_592,
+    )
+
+
 def _stats() -> pb.SessionStats:
     return pb.SessionStats(
         chunks_done=4, frames_done=96, wall_time_s=12.5, time_to_first_chunk_s=3.25
@@ -176,7 +188,9 @@ EXAMPLES: dict[str, Message] = {
         status_code=0,
         status_message="",
         owner="alice",
+        worker_memory=_device_memory(),
     ),
+    "DeviceMemory": _device_memory(),
     "ListSessionsRequest": pb.ListSessionsRequest(),
     "ListModelsResponse": pb.ListModelsResponse(models=[_model()], default_model="tiny"),
     "ModelInfo": _model(),
