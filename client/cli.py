@@ -1,4 +1,4 @@
-"""magi-client: generate, live, models, status and cancel from the command line.
+"""magi-client: generate, live, fork, models, status and cancel from the command line.
 
 Exit codes: 0 done; 2 bad arguments (found before any call); 3 the server refused (its status
 code and message are printed as it gave them); 4 connection or stream failure; 1 a local
@@ -51,6 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
         "steers from chunk N. Without --prompt the first line starts the video.",
     )
     _generation_args(live, live=True)
+    fork = subcommands.add_parser(
+        "fork",
+        parents=[conn],
+        help="continue one of your sessions from a recent chunk, into a file",
+        description="The fork takes the session's size, seed and length and streams from chunk "
+        "K on; its chunks equal the session's while their prompts agree. Rewind: fork, then "
+        "`cancel` the session.",
+    )
+    fork.add_argument("session", metavar="SESSION", help="the session to continue")
+    fork.add_argument(
+        "--at", type=int, required=True, metavar="K", help="the chunk it continues from"
+    )
+    fork.add_argument("--prompt", metavar="TEXT", help="a new prompt from chunk K on")
+    fork.add_argument(
+        "--prompt-at",
+        action="append",
+        default=[],
+        metavar="CHUNK:TEXT",
+        help="a new prompt from chunk CHUNK (>= K) on (repeatable); none: the session's prompts",
+    )
+    fork.add_argument("--session-id", default="", metavar="ID", help="choose the fork's id")
+    _output_args(fork)
     models = subcommands.add_parser("models", parents=[conn], help="list the served models")
     models.add_argument("--json", action="store_true", help="print the reply as JSON")
     sessions = subcommands.add_parser(
@@ -202,6 +224,28 @@ def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
     return StreamPlan(options, args.out, args.raw, args.raw_format, chunks, fields)
 
 
+def prepare_fork(args: argparse.Namespace) -> StreamPlan:
+    """Every local check of fork; raises UsageError."""
+    _check_out(args.out)
+    if args.at < 0:
+        raise UsageError(f"--at must be >= 0, got {args.at}")
+    prompts = [] if args.prompt is None else [(args.at, args.prompt)]
+    prompts += collect_prompts(None, args.prompt_at, None)
+    if len({c for c, _ in prompts}) < len(prompts):
+        raise UsageError(f"--prompt already steers chunk {args.at}; drop one of the two")
+    try:
+        options = GenerateOptions.fork(
+            args.session,
+            args.at,
+            tuple(sorted(prompts)),
+            raw=args.raw is not None,
+            session_id=args.session_id,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return StreamPlan(options, args.out, args.raw, args.raw_format, 0, {})
+
+
 def collect_prompts(
     prompt: str | None, prompt_at: list[str], prompts_file: Path | None
 ) -> tuple[tuple[int, str], ...]:
@@ -302,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = None
         if args.command in ("generate", "live"):
             plan = prepare_stream(args, live=args.command == "live")
+        if args.command == "fork":
+            plan = prepare_fork(args)
     except (UsageError, ValueError) as e:
         print(f"magi-client: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -309,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPlan | None) -> int:
-    if args.command == "generate":
+    if args.command in ("generate", "fork"):
         return await commands.generate(connect, plan)
     if args.command == "live":
         return await commands.live(connect, plan)

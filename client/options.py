@@ -107,9 +107,17 @@ class GenerateOptions:
     # run until cancelled instead of `chunks` chunks (chunks is then 0: leave it at its
     # default); refused unless the server allows it (ModelInfo.unbounded_allowed)
     unbounded: bool = False
+    # Fork: continue your session `fork_of` from its chunk `fork_at`; the new session takes the
+    # source's size, seed, sampling, mode and length (leave those at their defaults), and
+    # `prompts` are its own from fork_at on (empty: the source's). `GenerateOptions.fork(...)`
+    fork_of: str = ""
+    fork_at: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple((int(c), str(t)) for c, t in self.prompts))
+        if self.fork_of:
+            self._check_fork()
+            return
         if self.unbounded:
             if self.chunks not in (0, 1):
                 raise ValueError(
@@ -131,6 +139,42 @@ class GenerateOptions:
             raise ValueError("give an image (I2V) or a video (V2V), not both")
         if self.session_id and not SESSION_ID.fullmatch(self.session_id):
             raise ValueError("session_id must be 1-64 characters of [A-Za-z0-9._-]")
+
+    def _check_fork(self) -> None:
+        if not SESSION_ID.fullmatch(self.fork_of):
+            raise ValueError("fork_of must be a session id: 1-64 characters of [A-Za-z0-9._-]")
+        if self.fork_at < 0:
+            raise ValueError(f"fork_at must be >= 0, got {self.fork_at}")
+        inherited = dict(width=0, height=0, seed=None, steps=0, image=None, video=None)
+        inherited.update(unbounded=False)
+        given = [k for k, v in inherited.items() if getattr(self, k) != v]
+        if self.chunks not in (0, 1):
+            given.insert(0, "chunks")
+        if given:
+            raise ValueError(
+                f"a fork takes its source's size, seed, sampling, mode and length; drop {given[0]}"
+            )
+        object.__setattr__(self, "chunks", 0)
+        previous = self.fork_at - 1
+        for chunk, text in self.prompts:
+            if chunk <= previous:
+                raise ValueError(
+                    f"a fork's prompts start at its chunk {self.fork_at} and increase; "
+                    f"got chunk {chunk}"
+                )
+            if not text.strip():
+                raise ValueError(f"the prompt at chunk {chunk} is empty")
+            previous = chunk
+        if self.session_id and not SESSION_ID.fullmatch(self.session_id):
+            raise ValueError("session_id must be 1-64 characters of [A-Za-z0-9._-]")
+
+    @classmethod
+    def fork(
+        cls, source: str, at_chunk: int, prompts: tuple[tuple[int, str], ...] = (), **fields
+    ) -> GenerateOptions:
+        """Continue your session `source` from chunk `at_chunk`, with its own prompts from there
+        (none: the source's). Rewind = fork, then cancel the source."""
+        return cls(prompts=prompts, fork_of=source, fork_at=at_chunk, **fields)
 
     @classmethod
     def of(cls, prompt: str, **fields) -> GenerateOptions:

@@ -16,6 +16,16 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
+    if options.fork_of:  # the source's settings: only the id, timeline and output go
+        return pb.GenerateRequest(
+            model=options.model,
+            timeline=[pb.TimelineEntry(from_chunk=c, text=t) for c, t in options.prompts],
+            output_encoding=(
+                pb.OUTPUT_ENCODING_RAW_RGB24 if options.raw else pb.OUTPUT_ENCODING_FMP4_H264
+            ),
+            session_id=options.session_id or uuid.uuid4().hex,
+            fork=pb.ForkSource(session_id=options.fork_of, at_chunk=options.fork_at),
+        )
     request = pb.GenerateRequest(
         model=options.model,
         timeline=[pb.TimelineEntry(from_chunk=c, text=t) for c, t in options.prompts],

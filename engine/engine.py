@@ -28,7 +28,7 @@ from scheduler.session import (
     SessionSpec,
     SessionState,
 )
-from scheduler.window import Window, WindowSpec, max_cached_chunks
+from scheduler.window import Window, WindowSpec, max_cached_at_entry, max_cached_chunks
 
 
 @dataclass
@@ -74,9 +74,12 @@ class Engine:
         *,
         text_conditioning: TextConditioning | None = None,  # None: TextConditioning() defaults
         link: PlanLink | None = None,  # rank 0 of a group: sends each plan to the other ranks
+        batch_invariant: bool | None = None,  # None: on for the CPU (ModelRunner)
     ) -> None:
         self.model = model
-        self.runner = ModelRunner(model, text_conditioning=text_conditioning, dit=dit)
+        self.runner = ModelRunner(
+            model, text_conditioning=text_conditioning, dit=dit, batch_invariant=batch_invariant
+        )
         self.link = link
         self._opened: list[SessionParams] = []  # opened since the last plan went to the link
         rc = model.config.runtime_config
@@ -88,12 +91,15 @@ class Engine:
 
     def open(self, params: SessionParams) -> Session:
         """Create a session: encode its prefix, size its window, reserve its memory. Raises
-        AdmissionRefused when full and ValueError for a request the model cannot serve."""
+        AdmissionRefused when full, ForkUnavailable for a fork point that is not held, and
+        ValueError for a request the model cannot serve."""
         params.check_openable()
         rc, ec = self.model.config.runtime_config, self.model.config.engine_config
         existing = self.scheduler.sessions.get(params.session_id)
         if existing is not None and not existing.finished:
             raise ValueError(f"session id {params.session_id!r} is already in use")
+        if params.fork is not None:
+            return self._open_fork(params)
         num_steps = params.num_steps or rc.num_steps
         # the window's shape is checked before any work (a bad step count fails here)
         shape = dataclasses.replace(WindowSpec.from_runtime(rc, None), num_steps=num_steps)
@@ -116,17 +122,57 @@ class Engine:
                 prefix_latent_frames=prefix_frames,
                 prefix_chunks=prefix_chunks,
             )
+            history = self.history_bytes(spec, window)
             session = Session(
                 spec=spec,
                 window=Window(window),
                 timeline=PromptTimeline(params.prompts, first_chunk=prefix_chunks),
-                estimated_bytes=self.session_bytes(spec, window),
+                estimated_bytes=self.session_bytes(spec, window) + history,
+                history_bytes=history,
             )
             self.scheduler.add(session)
         except Exception:
             self.runner.free(params.session_id)
             raise
         if self.link is not None:  # the other ranks open it with the next plan
+            self._opened.append(params)
+        return session
+
+    def _open_fork(self, params: SessionParams) -> Session:
+        """A session that continues another from one of its fork points: the source's spec,
+        window, in-flight latents, KV and the prompts of its chunks in flight then; its own
+        timeline from the fork chunk on (the source's when it gives none). Its frames equal the
+        source's for as long as the two timelines agree (batch invariance keeps that true
+        whatever runs beside either)."""
+        fork = params.fork
+        source = self.scheduler.fork_source(fork.session_id)
+        at = source.to_global(fork.at_chunk)
+        mark = self.scheduler.fork_mark(fork.session_id, at)
+        spec = dataclasses.replace(source.spec, session_id=params.session_id, output_from=at)
+        if params.prompts:
+            timeline = PromptTimeline.of([e for e in source.timeline.entries if e.from_chunk < at])
+            for from_chunk, text in params.prompts:
+                timeline.add(source.to_global(from_chunk), text)
+        else:
+            timeline = PromptTimeline.of(list(source.timeline.entries))
+        now = time.monotonic()
+        self.runner.open(params)
+        try:
+            session = Session(
+                spec=spec,
+                window=Window.replayed(mark.window, mark.steps_done),
+                timeline=timeline,
+                estimated_bytes=source.estimated_bytes,
+                history_bytes=source.history_bytes,
+                bound_prompts=dict(mark.bound_prompts),
+                entered_at=dict.fromkeys((c for c, _ in mark.bound_prompts), now),
+                frames_out=mark.frames_out,
+            )
+            self.scheduler.add(session)
+        except Exception:
+            self.runner.free(params.session_id)
+            raise
+        if self.link is not None:
             self._opened.append(params)
         return session
 
@@ -146,15 +192,29 @@ class Engine:
     def session_bytes(self, spec: SessionSpec, window: WindowSpec) -> int:
         """Most memory a session holds at once: the clean chunks its kv ranges can reach (KV of
         every layer) plus the latents in flight and the one awaiting its clean re-forward."""
-        mc, rc = self.model.config.model_config, self.model.config.runtime_config
-        h8, w8 = spec.height // 8, spec.width // 8
-        tokens = rc.chunk_width * (h8 // mc.patch_size) * (w8 // mc.patch_size)
-        kv_per_chunk = mc.num_layers * tokens * mc.num_query_groups * 2 * mc.kv_channels
-        kv_per_chunk *= mc.dtype.itemsize
-        latent_per_chunk = LATENT_CHANNELS * rc.chunk_width * h8 * w8 * 4
+        kv_per_chunk, latent_per_chunk = self._chunk_bytes(spec)
         return (
             max_cached_chunks(window) * kv_per_chunk + (window.window_size + 1) * latent_per_chunk
         )
+
+    def history_bytes(self, spec: SessionSpec, window: WindowSpec) -> int:
+        """Most memory a session's fork history holds: per fork point, the latents then in
+        flight (and the one awaiting its clean re-forward) and the KV cached then (none with
+        window 4). Tensors shared with the live session count as if they were not."""
+        keep = self.scheduler.config.fork_history
+        if keep == 0:
+            return 0
+        per_chunk_kv, per_chunk_latent = self._chunk_bytes(spec)
+        cached = max_cached_at_entry(window)
+        return keep * ((window.window_size + 1) * per_chunk_latent + cached * per_chunk_kv)
+
+    def _chunk_bytes(self, spec: SessionSpec) -> tuple[int, int]:
+        """(KV of one chunk over all layers, one chunk's fp32 latent) at this size."""
+        mc, rc = self.model.config.model_config, self.model.config.runtime_config
+        h8, w8 = spec.height // 8, spec.width // 8
+        tokens = rc.chunk_width * (h8 // mc.patch_size) * (w8 // mc.patch_size)
+        kv = mc.num_layers * tokens * mc.num_query_groups * 2 * mc.kv_channels * mc.dtype.itemsize
+        return kv, LATENT_CHANNELS * rc.chunk_width * h8 * w8 * 4
 
     def used_bytes(self, session_id: str) -> int:
         """Tensors this session holds now (KV cache, latents, prefix)."""

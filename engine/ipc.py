@@ -73,7 +73,8 @@ class SessionOpened:
 class OpenRefused:
     session_id: str
     reason: str  # "full": no room now, retry later; "invalid": can never be served;
-    #              "internal": the engine failed while opening it
+    #              "internal": the engine failed while opening it; "fork": the fork point
+    #              is not in the source's fork history
     message: str
 
 
@@ -147,6 +148,8 @@ class Heartbeat:
     reserved_bytes: int  # memory admission has reserved
     kv_cache_bytes: int  # KV cache held now
     chunks_in_flight: int  # chunks inside denoising windows
+    fork_history_bytes: int = 0  # reserved for fork points (ended sessions' included)
+    fork_history_held_bytes: int = 0  # tensors the fork points hold now
 
 
 @dataclass(frozen=True)

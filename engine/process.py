@@ -28,7 +28,7 @@ import torch
 
 from engine import ipc, logs
 from engine.engine import ChunkDone, Engine
-from engine.launch import CPU_MEMORY_BUDGET_BYTES, WorkerConfig
+from engine.launch import BATCH_INVARIANT, CPU_MEMORY_BUDGET_BYTES, WorkerConfig
 from engine.logs import event
 from engine.ranks import (
     GroupLost,
@@ -42,7 +42,12 @@ from engine.ranks import (
     wait_loaded,
 )
 from model.text import TextConditioning
-from scheduler.scheduler import AdmissionRefused, RequestTooLarge, SchedulerConfig
+from scheduler.scheduler import (
+    AdmissionRefused,
+    ForkUnavailable,
+    RequestTooLarge,
+    SchedulerConfig,
+)
 from scheduler.session import SessionState
 
 logger = logging.getLogger(__name__)
@@ -104,7 +109,9 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
         return
     conn.send(ipc.WorkerReady(os.getpid()))
     try:
-        serve_follower(model, forward, _text_conditioning(config))
+        serve_follower(
+            model, forward, _text_conditioning(config), BATCH_INVARIANT[config.batch_invariant]
+        )
     except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
         _group_lost(e)
     leave_group()
@@ -178,6 +185,8 @@ def _load_engine(
         max_chunk_slots=config.max_chunk_slots,
         output_queue_chunks=2,
         max_running=config.max_sessions,
+        fork_history=config.fork_history,
+        fork_ttl_s=config.fork_ttl_s,
     )
     return Engine(
         model,
@@ -185,6 +194,7 @@ def _load_engine(
         dit=forward,
         link=link,
         text_conditioning=_text_conditioning(config),
+        batch_invariant=BATCH_INVARIANT[config.batch_invariant],
     )
 
 
@@ -376,6 +386,9 @@ class WorkerLoop:
         except AdmissionRefused as e:
             self.conn.send(ipc.OpenRefused(sid, "full", str(e)))
             return
+        except ForkUnavailable as e:  # the source's history does not hold that chunk
+            self.conn.send(ipc.OpenRefused(sid, "fork", str(e)))
+            return
         except ValueError as e:
             self.conn.send(ipc.OpenRefused(sid, "invalid", str(e)))
             return
@@ -509,6 +522,8 @@ class WorkerLoop:
                 reserved_bytes=self.sched.reserved_bytes(),
                 kv_cache_bytes=self.engine.kv_cache_bytes(),
                 chunks_in_flight=self.sched.chunks_in_flight(),
+                fork_history_bytes=self.sched.history_bytes(),
+                fork_history_held_bytes=self.engine.runner.marks_bytes(),
             )
         )
         budget = self.sched.config.memory_budget_bytes

@@ -321,11 +321,15 @@ def serve_follower(
     model: MagiModel,
     forward: GroupForward,
     text_conditioning: TextConditioning | None = None,
+    batch_invariant: bool | None = None,
 ) -> FollowerStats:
     """Run rank 0's plans on this rank's own tensors until it sends stop. A failed collective
     (rank 0 or another rank died) or step raises out of here: the process then exits and the
-    group is restarted. `text_conditioning` must be rank 0's."""
-    runner = ModelRunner(model, text_conditioning=text_conditioning, dit=forward)
+    group is restarted. `text_conditioning` and `batch_invariant` must be rank 0's (the ranks
+    make the same forward calls)."""
+    runner = ModelRunner(
+        model, text_conditioning=text_conditioning, dit=forward, batch_invariant=batch_invariant
+    )
     stats = FollowerStats()
     while True:
         message = _receive(forward.group)

@@ -48,6 +48,24 @@ class SessionTensors:
 
 
 @dataclass
+class TensorMark:
+    """A session's tensors at the moment a chunk was about to enter (scheduler.ForkMark holds
+    the rest of that moment): the latents in flight and the one awaiting its clean
+    re-forward, the prefix, the cached KV. References, not copies: the runner replaces latents
+    rather than changing them, and a cached chunk is never rewritten."""
+
+    prefix: Tensor | None
+    latents: dict[int, Tensor]
+    cache: KVCache
+    prefix_chunks: int  # to map a fork's output chunk index to the global one
+
+    @property
+    def nbytes(self) -> int:
+        held = [*self.latents.values()]
+        return self.cache.nbytes + sum(t.numel() * t.element_size() for t in held)
+
+
+@dataclass
 class Produced:
     """A chunk that became clean this step: its frames and latent, for the consumer."""
 
@@ -136,6 +154,7 @@ class ModelRunner:
         model: MagiModel,
         text_conditioning: TextConditioning | None = None,
         dit: DitForward | None = None,
+        batch_invariant: bool | None = None,
     ) -> None:
         self.model = model
         self.dit = dit  # None: `model.dit` on this process alone
@@ -150,26 +169,76 @@ class ModelRunner:
             self.text_conditioning,
         )
         self.device = model.dit.y_embedder.null_caption_embedding.device
+        # Batch invariance: each session's groups go through their own forward and each
+        # finished chunk through its own decode, with exactly the calls and shapes a run alone
+        # makes, so a session's frames never depend on what else is in the step. A packed
+        # GEMM's rows (and a batched conv's images) do depend on the batch: fp32 GEMMs take
+        # another kernel for the tail rows at small M, oneDNN another conv algorithm from batch
+        # 2 (docs/scheduler.md "Batch invariance"). None: on for the CPU, off for CUDA (its cost
+        # there is unmeasured; bench/gpu_check.py measures it).
+        self.batch_invariant = (
+            self.device.type == "cpu" if batch_invariant is None else batch_invariant
+        )
         self._null_tokens = _visible(self._null).to(self.device)
         self._grids: dict[tuple[int, str], Tensor] = {}
         self.sessions: dict[str, SessionTensors] = {}
+        # fork history: session -> chunk (global) -> its tensors just before that chunk entered;
+        # kept past the session's end until a plan forgets it
+        self.marks: dict[str, dict[int, TensorMark]] = {}
 
     # ---- sessions -------------------------------------------------------------------------
 
     def open(self, params: SessionParams) -> int:
-        """Encode the session's prefix and make its cache; returns the prefix's latent frames."""
+        """Encode the session's prefix and make its cache, or take a fork's tensors from its
+        fork point; returns the prefix's latent frames."""
+        if params.fork is not None:
+            return self._open_fork(params)
         prefix = self._encode_prefix(params)
         cache = self.dit.new_cache() if self.dit is not None else None
         cache = cache or KVCache(self.model.config.model_config.num_layers)
         self.sessions[params.session_id] = SessionTensors(prefix, cache)
         return 0 if prefix is None else prefix.shape[1]
 
+    def _open_fork(self, params: SessionParams) -> int:
+        source = params.fork
+        marks = self.marks.get(source.session_id, {})
+        mark = next((m for c, m in marks.items() if c - m.prefix_chunks == source.at_chunk), None)
+        if mark is None:  # the scheduler checked its marks first: the two disagree
+            raise RuntimeError(f"no fork point of {source.session_id} at chunk {source.at_chunk}")
+        self.sessions[params.session_id] = SessionTensors(
+            mark.prefix, mark.cache.share(), dict(mark.latents)
+        )
+        return 0 if mark.prefix is None else mark.prefix.shape[1]
+
     def free(self, session_id: str) -> None:
-        """Drop everything the session holds (idempotent)."""
+        """Drop everything the session holds but its fork marks (idempotent)."""
         held = self.sessions.pop(session_id, None)
         if held is not None:
             held.latents.clear()
             held.cache.clear()
+
+    def forget(self, session_id: str) -> None:
+        """Drop the session's fork marks (idempotent)."""
+        self.marks.pop(session_id, None)
+
+    def marks_bytes(self) -> int:
+        """Memory the fork marks hold beyond the live sessions' own tensors (an upper bound:
+        tensors shared with a live session count here too)."""
+        return sum(m.nbytes for marks in self.marks.values() for m in marks.values())
+
+    def _mark(self, step: SessionStep) -> None:
+        """Keep the session's marks of chunks >= marks_from; mark it now if a chunk enters."""
+        if step.marks_from is None:
+            return
+        sid, plan = step.session_id, step.forward
+        marks = self.marks.setdefault(sid, {})
+        for c in [c for c in marks if c < step.marks_from]:
+            del marks[c]
+        if plan.entered is not None and not plan.prefix_extraction:
+            held = self.sessions[sid]
+            marks[plan.entered] = TensorMark(
+                held.prefix, dict(held.latents), held.cache.share(), step.spec.prefix_chunks
+            )
 
     def _encode_prefix(self, params: SessionParams) -> Tensor | None:
         """i2v: the image's latent (16, 1, h, w); v2v: the prefix video's latents (16, n, h, w).
@@ -198,17 +267,20 @@ class ModelRunner:
         forward, take the Euler steps, evict unreachable KV, decode the chunks that finished."""
         for session_id in plan.freed:
             self.free(session_id)
+        for session_id in plan.forgotten:
+            self.forget(session_id)
         out = StepOutput()
         if not plan.forwards:
             return out, {}
         t0 = time.perf_counter()
         for step in plan.forwards:
+            self._mark(step)  # before the entering chunk's noise: the fork draws its own
             self._enter(step)
         groups: list[ChunkGroup] = []
         assembled = [self._assemble(step, groups) for step in plan.forwards]
         out.chunks_in_forward = sum(len(g.chunks) for g in groups)
         t1 = time.perf_counter()
-        velocities = (self.model.dit if self.dit is None else self.dit)(groups)
+        velocities = self._forward(groups, [a.first_group for a in assembled])
         t2 = time.perf_counter()
         finished = []
         for a in assembled:
@@ -228,6 +300,15 @@ class ModelRunner:
         out.dit_s, out.decode_s = t2 - t1, time.perf_counter() - t3
         out.assemble_s = (t1 - t0) + (t3 - t2)
         return out, produced
+
+    def _forward(self, groups: list[ChunkGroup], firsts: list[int]) -> list[list[Tensor]]:
+        """The DiT forward of every group: one packed call, or one per session (`firsts`: the
+        index of each session's first group) when batch invariant."""
+        forward = self.model.dit if self.dit is None else self.dit
+        if not self.batch_invariant:
+            return forward(groups)
+        ends = [*firsts[1:], len(groups)]
+        return [v for a, b in zip(firsts, ends, strict=True) for v in forward(groups[a:b])]
 
     def _enter(self, step: SessionStep) -> None:
         """The chunk entering the window starts as pure noise keyed by (seed, chunk)."""
@@ -390,16 +471,18 @@ class ModelRunner:
         self, finished: list[tuple[SessionSpec, int, Tensor]]
     ) -> dict[tuple[str, int], Produced]:
         """uint8 frames of the chunks that became clean; chunks of one latent shape (most
-        sessions' chunks) are decoded as one batch. Prefix latents are not output, except the
-        i2v image frame (§4.6 `real_start`)."""
+        sessions' chunks) are decoded as one batch unless batch invariant. Prefix latents are
+        not output, except the i2v image frame (§4.6 `real_start`)."""
         width = self.rc.chunk_width
-        by_shape: dict[tuple[int, ...], list[tuple[str, int, Tensor, Tensor]]] = {}
+        by_shape: dict[tuple, list[tuple[str, int, Tensor, Tensor]]] = {}
         for spec, c, latent in finished:
             start = width * c
             if spec.mode == "v2v":
                 start = max(start, spec.prefix_latent_frames)
             z = latent[:, start - width * c :]
-            by_shape.setdefault(tuple(z.shape), []).append((spec.session_id, c, z, latent))
+            # batch invariant: every chunk alone, as a session running alone decodes it
+            key = (spec.session_id, c) if self.batch_invariant else tuple(z.shape)
+            by_shape.setdefault(key, []).append((spec.session_id, c, z, latent))
         decoded = {}
         for members in by_shape.values():
             t0 = time.perf_counter()

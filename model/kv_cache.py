@@ -47,6 +47,13 @@ class KVCache:
         for index in [i for i in self._chunks if i < chunk_index]:
             del self._chunks[index]
 
+    def share(self) -> KVCache:
+        """A cache holding the same chunks' tensors (not copies): a clean chunk's K|V is never
+        rewritten, so a fork point can keep them while this cache moves on."""
+        other = KVCache(self.num_layers)
+        other._chunks = {c: list(slots) for c, slots in self._chunks.items()}
+        return other
+
     def clear(self) -> None:
         self._chunks.clear()
 

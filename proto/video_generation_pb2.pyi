@@ -52,7 +52,7 @@ SESSION_STATE_CANCELLED: SessionState
 SESSION_STATE_FAILED: SessionState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id", "unbounded")
+    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id", "unbounded", "fork")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UNBOUNDED_FIELD_NUMBER: _ClassVar[int]
+    FORK_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: GenerationMode
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
@@ -79,7 +80,16 @@ class GenerateRequest(_message.Message):
     output_encoding: OutputEncoding
     session_id: str
     unbounded: bool
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ..., unbounded: _Optional[bool] = ...) -> None: ...
+    fork: ForkSource
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ..., unbounded: _Optional[bool] = ..., fork: _Optional[_Union[ForkSource, _Mapping]] = ...) -> None: ...
+
+class ForkSource(_message.Message):
+    __slots__ = ("session_id", "at_chunk")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    at_chunk: int
+    def __init__(self, session_id: _Optional[str] = ..., at_chunk: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("num_steps", "text_guidance_scales", "prev_chunk_guidance_scales", "shortcut_mode")
@@ -194,7 +204,7 @@ class SessionStarted(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class SessionParams(_message.Message):
-    __slots__ = ("model", "mode", "num_chunks", "width_px", "height_px", "fps", "frames_per_chunk", "seed", "sampling", "cfg_number", "output_encoding", "timeline")
+    __slots__ = ("model", "mode", "num_chunks", "width_px", "height_px", "fps", "frames_per_chunk", "seed", "sampling", "cfg_number", "output_encoding", "timeline", "fork")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +217,7 @@ class SessionParams(_message.Message):
     CFG_NUMBER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
+    FORK_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: GenerationMode
     num_chunks: int
@@ -219,7 +230,8 @@ class SessionParams(_message.Message):
     cfg_number: int
     output_encoding: OutputEncoding
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., fps: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., cfg_number: _Optional[int] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ...) -> None: ...
+    fork: ForkSource
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., fps: _Optional[int] = ..., frames_per_chunk: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., cfg_number: _Optional[int] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., fork: _Optional[_Union[ForkSource, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("chunk_index", "first_frame_index", "frame_count", "width_px", "height_px", "fps", "prompt_text", "prompt_version", "timings", "init_segment", "media_segment", "init_segment_size", "media_segment_size")

@@ -23,6 +23,9 @@ class SessionStep:
     prompts: tuple[tuple[int, PromptEntry], ...]  # (chunk, its bound prompt) of every noisy
     #                                               chunk; none for a prefix extraction
     kv_keep_from: int  # after this step, cached KV of chunks below this is never read again
+    # Fork history: mark the session's tensors now, before the step (the chunk that enters in
+    # it is the fork point), and keep marks of chunks >= marks_from only. None: no marks.
+    marks_from: int | None = None
 
     @property
     def session_id(self) -> str:
@@ -35,6 +38,7 @@ class StepPlan:
 
     forwards: tuple[SessionStep, ...]  # one per scheduled session, fairness-ordered
     freed: tuple[str, ...] = ()  # sessions that ended since the last plan: free all they hold
+    forgotten: tuple[str, ...] = ()  # ended sessions whose fork history is dropped now
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from scheduler.plan import SessionStep, StepOutput, StepPlan
-from scheduler.session import ChunkOut, PromptEntry, Session, SessionState
+from scheduler.session import ChunkOut, ForkMark, PromptEntry, Session, SessionState
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class SchedulerConfig:
     max_chunk_slots: int = 512  # chunk slots per forward (each CFG branch counts), chunks
     output_queue_chunks: int = 2  # decoded chunks a session may hold before it pauses
     max_running: int | None = None  # sessions generating at once (None: memory decides alone)
+    fork_history: int = 8  # chunks back a session can be forked at (0: no fork points kept)
+    fork_ttl_s: float = 120.0  # how long an ended session can still be forked
 
     def __post_init__(self) -> None:
         if (
@@ -39,6 +41,8 @@ class SchedulerConfig:
             raise ValueError(f"max_running must be >= 1 or None, got {self.max_running}")
         if self.max_queued < 0:
             raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+        if self.fork_history < 0 or self.fork_ttl_s < 0:
+            raise ValueError("fork_history and fork_ttl_s must be >= 0")
 
 
 class AdmissionRefused(Exception):
@@ -49,6 +53,10 @@ class RequestTooLarge(AdmissionRefused):
     """The request needs more memory than the whole budget: it can never be admitted."""
 
 
+class ForkUnavailable(ValueError):
+    """No fork point there: the session is unknown here, or the chunk is outside its history."""
+
+
 class ChunkScheduler:
     def __init__(self, config: SchedulerConfig, branches: int) -> None:
         self.config = config
@@ -56,6 +64,9 @@ class ChunkScheduler:
         self.sessions: dict[str, Session] = {}
         self._queue: deque[str] = deque()
         self._freed: list[str] = []  # ended since the last plan; the next plan frees them
+        # ended sessions that can still be forked (their fork marks), oldest end first
+        self.histories: dict[str, Session] = {}
+        self._forgotten: list[str] = []  # histories dropped since the last plan
 
     # ---- requests from the outside ---------------------------------------------------------
 
@@ -70,6 +81,11 @@ class ChunkScheduler:
                 f"latents, more than the whole budget ({budget / 2**20:.0f} MiB): ask for a "
                 "smaller size"
             )
+        if sid in self.histories:  # the id is reused: the old session's history goes
+            self._drop_history(sid)
+        old = self.sessions.get(sid)
+        if old is not None and old.fork_marks:
+            self._drop_history(sid, old)
         if sid in self._freed:
             # an ended session's id reused before the next plan: the engine freed the old
             # session when it ended (Engine.cancel / Engine.step), and a free left in the plan
@@ -125,10 +141,52 @@ class ChunkScheduler:
         return self.sessions[session_id]
 
     def forget(self, session_id: str) -> None:
-        """Drop an ended session's record (after its stream has been closed)."""
+        """Drop an ended session's record (after its stream has been closed); its fork marks
+        stay in `histories` for fork_ttl_s."""
         session = self.sessions.get(session_id)
         if session is not None and session.finished:
             del self.sessions[session_id]
+            if session.fork_marks and self.config.fork_ttl_s > 0:
+                self.histories[session_id] = session
+            elif session.fork_marks:
+                self._drop_history(session_id, session)
+
+    # ---- forks -----------------------------------------------------------------------------
+
+    def fork_source(self, session_id: str) -> Session:
+        """A running or recently ended session that may be forked."""
+        session = self.sessions.get(session_id) or self.histories.get(session_id)
+        if session is None:
+            raise ForkUnavailable(
+                f"session {session_id!r} cannot be forked: it is unknown here or ended more "
+                f"than {self.config.fork_ttl_s:g} s ago"
+            )
+        return session
+
+    def fork_mark(self, session_id: str, at_chunk: int) -> ForkMark:
+        """The fork point of `session_id` at chunk `at_chunk` (global index)."""
+        session = self.fork_source(session_id)
+        marks = {m.chunk: m for m in session.fork_marks}
+        if at_chunk not in marks:
+            have = [session.to_output(m.chunk) for m in session.fork_marks]
+            where = f"chunks {have[0]}..{have[-1]}" if have else "no chunk yet"
+            raise ForkUnavailable(
+                f"session {session_id!r} cannot be forked at chunk "
+                f"{session.to_output(at_chunk)}: its fork history holds {where} (the last "
+                f"{self.config.fork_history} chunks to start)"
+            )
+        return marks[at_chunk]
+
+    def _drop_history(self, session_id: str, session: Session | None = None) -> None:
+        session = session or self.histories.pop(session_id)
+        session.fork_marks = []
+        self._forgotten.append(session_id)
+
+    def _expire_histories(self, now: float) -> None:
+        ttl = self.config.fork_ttl_s
+        for sid, session in list(self.histories.items()):
+            if session.ended_at is None or now - session.ended_at >= ttl:
+                self._drop_history(sid)
 
     def consumed(self, session_id: str) -> None:
         """The consumer took one more of this session's chunks: it may make another."""
@@ -147,9 +205,19 @@ class ChunkScheduler:
         return self._queue.index(session_id) if session_id in self._queue else None
 
     def reserved_bytes(self) -> int:
+        """Running sessions' reservations (their own fork history included)."""
         return sum(
             s.estimated_bytes for s in self.sessions.values() if s.state is SessionState.RUNNING
         )
+
+    def history_bytes(self, ended_only: bool = False) -> int:
+        """Memory reserved for fork history (ended sessions', and running ones' unless
+        `ended_only`)."""
+        ended = [s for s in self.sessions.values() if s.finished] + list(self.histories.values())
+        held = [s for s in ended if s.fork_marks]
+        if not ended_only:
+            held += [s for s in self.sessions.values() if s.state is SessionState.RUNNING]
+        return sum(s.history_bytes for s in held)
 
     def account_waits(self, now: float | None = None) -> None:
         """Add the time since the last call to every session that was not served meanwhile:
@@ -184,9 +252,15 @@ class ChunkScheduler:
     def schedule(self) -> StepPlan:
         """Invariant: each step moves every scheduled chunk one step along its time grid;
         there is no prefill and no decode phase."""
+        self._expire_histories(time.monotonic())
         self._admit()
         forwards = self._pack()
-        return StepPlan(forwards, self.take_freed())
+        return StepPlan(forwards, self.take_freed(), self.take_forgotten())
+
+    def take_forgotten(self) -> tuple[str, ...]:
+        """Ended sessions whose fork history was dropped since the last plan."""
+        forgotten, self._forgotten = tuple(self._forgotten), []
+        return forgotten
 
     def _admit(self) -> None:
         """First come, first served from the queue while the head fits the budget."""
@@ -220,6 +294,7 @@ class ChunkScheduler:
             if plan is None:
                 continue
             if plan.entered is not None:
+                self._mark(session, plan.entered)
                 self._enter(session, plan.entered)
             prompts = () if plan.prefix_extraction else plan.chunk_indices
             forwards.append(
@@ -228,6 +303,7 @@ class ChunkScheduler:
                     forward=plan,
                     prompts=tuple((c, session.bound_prompts[c]) for c in prompts),
                     kv_keep_from=session.window.oldest_needed_chunk(),
+                    marks_from=session.fork_marks[0].chunk if session.fork_marks else None,
                 )
             )
             slots += per_session
@@ -244,6 +320,9 @@ class ChunkScheduler:
             session.forwards_served += 1
             for c in forward.forward.finished:
                 finished = output.finished[(session.session_id, c)]
+                if c < session.spec.output_from:  # a fork's chunk before its fork chunk
+                    self._skip(session, c, finished.frame_count)
+                    continue
                 done.append(self._emit(session, c, finished.frame_count, finished.decode_s))
             if session.window.done:
                 session.state = SessionState.FINISHED
@@ -256,7 +335,32 @@ class ChunkScheduler:
         cap = self.config.max_running
         if cap is not None and self.running_count() >= cap:
             return False
-        return self.reserved_bytes() + session.estimated_bytes <= self.config.memory_budget_bytes
+        budget = self.config.memory_budget_bytes
+
+        def fits() -> bool:  # ended sessions' fork history is reserved too, until dropped
+            held = self.reserved_bytes() + self.history_bytes(ended_only=True)
+            return held + session.estimated_bytes <= budget
+
+        while not fits() and self.histories:  # it yields to new work, the oldest first
+            self._drop_history(next(iter(self.histories)))
+        return fits()
+
+    def _mark(self, session: Session, chunk: int) -> None:
+        """Chunk `chunk` is about to enter: remember how to fork from it (the runner marks its
+        tensors as it runs this step); keep the last fork_history marks."""
+        keep = self.config.fork_history
+        if keep == 0:
+            return
+        session.fork_marks.append(
+            ForkMark(
+                chunk=chunk,
+                window=session.window.spec,
+                steps_done=session.window.steps_done - 1,
+                bound_prompts=tuple(sorted(session.bound_prompts.items())),
+                frames_out=session.frames_out,
+            )
+        )
+        del session.fork_marks[:-keep]
 
     def _start(self, session: Session) -> None:
         session.state = SessionState.RUNNING
@@ -286,8 +390,18 @@ class ChunkScheduler:
         session.unconsumed += 1
         return result
 
+    def _skip(self, session: Session, chunk: int, frame_count: int) -> None:
+        """A chunk finished that is not handed up (it precedes a fork's fork chunk): its
+        frames still count, so the fork's first chunk starts at the right frame."""
+        session.entered_at.pop(chunk, None)
+        session.bound_prompts.pop(chunk, None)
+        session.queue_s.pop(chunk, None)
+        session.frames_out += frame_count
+
     def _free(self, session: Session) -> None:
-        """The session holds nothing from now on; the next plan tells the engine to free it."""
+        """The session holds nothing from now on but its fork history; the next plan tells the
+        engine to free it."""
+        session.ended_at = time.monotonic()
         session.bound_prompts.clear()
         session.entered_at.clear()
         session.queue_s.clear()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.window import Window
+from scheduler.window import Window, WindowSpec
 
 MODES = ("t2v", "i2v", "v2v")
 
@@ -51,12 +51,20 @@ class SessionParams:
     prev_chunk_scales: tuple[float, ...] | None = None  # override of prev_chunk_scales
     output_encoding: int = 0  # the payload the client asked for (proto OutputEncoding); the
     #                           edge's alone: the engine ignores it
+    # A fork: the session continues `fork.session_id` from its chunk `fork.at_chunk`. The server
+    # fills every other field from the source (a fork keeps its size, seed, mode, sampling and
+    # length); `prompts` are the fork's own entries from at_chunk on, empty = the source's.
+    fork: ForkSource | None = None
 
     def __post_init__(self) -> None:
+        if self.fork is not None and self.prompts and self.prompts[0][0] < self.fork.at_chunk:
+            raise ValueError(
+                f"a fork's timeline starts at its fork chunk {self.fork.at_chunk} or later"
+            )
+        if self.fork is None and (not self.prompts or self.prompts[0][0] != 0):
+            raise ValueError("the prompt timeline must start with an entry for chunk 0")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not self.prompts or self.prompts[0][0] != 0:
-            raise ValueError("the prompt timeline must start with an entry for chunk 0")
         if self.num_chunks is not None and self.num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1 or None, got {self.num_chunks}")
         if self.image is not None and self.mode != "i2v":
@@ -69,8 +77,31 @@ class SessionParams:
         if not self.session_id or self.seed is None:
             raise ValueError("a session is opened with its id and seed set")
         given = {"i2v": self.image, "v2v": self.video}
-        if self.mode in given and (given[self.mode] is None or isinstance(given[self.mode], bytes)):
+        decoded = given.get(self.mode) is not None and not isinstance(given[self.mode], bytes)
+        if self.fork is None and self.mode in given and not decoded:
             raise ValueError(f"{self.mode} needs its input decoded to uint8 frames")
+
+
+@dataclass(frozen=True)
+class ForkSource:
+    """Where a fork starts: chunk `at_chunk` (an output index, as clients count) of a session."""
+
+    session_id: str
+    at_chunk: int
+
+
+@dataclass(frozen=True)
+class ForkMark:
+    """A session's scheduler state at the moment chunk `chunk` (global index) was about to
+    enter its window: all a fork from that chunk needs besides the engine's tensors (which the
+    runner marks at the same moment). Chunks in flight then keep their prompts; the chunk and
+    those after it take the fork's timeline."""
+
+    chunk: int
+    window: WindowSpec  # the window's spec then (an unbounded one may have been ended since)
+    steps_done: int  # denoising forwards planned before it
+    bound_prompts: tuple[tuple[int, PromptEntry], ...]  # the chunks in flight then
+    frames_out: int  # frames handed up before it
 
 
 @dataclass(frozen=True)
@@ -90,6 +121,7 @@ class SessionSpec:
     generated_total: int | None  # generated chunks (prefix excluded), None = unbounded
     prefix_latent_frames: int  # latent frames of the i2v image / v2v prefix (official prefix_len)
     prefix_chunks: int  # v2v clean prefix chunks, whose KV is extracted before denoising
+    output_from: int = 0  # first chunk (global) handed up: a fork's fork chunk; 0 = all
 
 
 class PromptTimeline:
@@ -102,6 +134,14 @@ class PromptTimeline:
         self.version = 0  # version of the newest entry
         for from_chunk, text in prompts:
             self.add(first_chunk + from_chunk, text)
+
+    @classmethod
+    def of(cls, entries: list[PromptEntry]) -> PromptTimeline:
+        """A timeline with these entries and their versions (a fork's)."""
+        timeline = cls((), 0)
+        timeline.entries = sorted(entries, key=lambda e: e.from_chunk)
+        timeline.version = max((e.version for e in entries), default=0)
+        return timeline
 
     def add(self, from_chunk: int, text: str, replace_later: bool = False) -> PromptEntry:
         """An entry at a chunk that already has one replaces it; `replace_later` also drops the
@@ -157,7 +197,8 @@ class Session:
     spec: SessionSpec
     window: Window
     timeline: PromptTimeline
-    estimated_bytes: int  # what admission reserved for this session
+    estimated_bytes: int  # what admission reserved for this session (its fork history too)
+    history_bytes: int = 0  # of that, the most its fork history holds (kept after its end)
     state: SessionState = SessionState.QUEUED
     bound_prompts: dict[int, PromptEntry] = field(default_factory=dict)  # chunk -> its prompt
     entered_at: dict[int, float] = field(default_factory=dict)  # chunk -> time it entered
@@ -171,6 +212,9 @@ class Session:
     queue_s: dict[int, float] = field(default_factory=dict)  # chunk -> its wait, until output
     wait_checked_at: float = field(default_factory=time.monotonic)  # waits accounted up to here
     served_at_check: int = 0  # forwards_served then
+    # fork points of the last `fork_history` chunks to enter, oldest first; kept after the end
+    fork_marks: list[ForkMark] = field(default_factory=list)
+    ended_at: float | None = None  # monotonic time it ended
 
     @property
     def session_id(self) -> str:

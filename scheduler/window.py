@@ -232,6 +232,15 @@ class Window:
         self._prefix_pending = spec.prefix_chunks > 0  # v2v extraction not yet planned
         self._cached_end = 0  # chunks [0, cached_end) have had their clean KV computed
 
+    @classmethod
+    def replayed(cls, spec: WindowSpec, steps_done: int) -> Window:
+        """The window of `spec` after `steps_done` denoising forwards (and the v2v prefix
+        extraction) were planned: where a fork picks its source's window up."""
+        window = cls(spec)
+        while window._prefix_pending or window._step < steps_done:
+            window.next_forward()
+        return window
+
     @property
     def spec(self) -> WindowSpec:
         return self._spec
@@ -364,4 +373,18 @@ def max_cached_chunks(spec: WindowSpec) -> int:
         plan = window.next_forward()
         written = 1 if plan is not None and plan.clean_chunk is not None else 0
         most = max(most, len(window.reachable_cached_chunks()) + written)
+    return most
+
+
+def max_cached_at_entry(spec: WindowSpec) -> int:
+    """Most clean chunks whose KV is cached just before a chunk enters: what a fork point holds
+    besides latents (none with window 4: that forward re-forwards the only clean chunk it
+    reads). Simulated like `max_cached_chunks`."""
+    window = Window(dataclasses.replace(spec, num_chunks=None))
+    most = 0
+    for _ in range(spec.steps_per_stage * (spec.window_size + max(spec.noise2clean_kvrange) + 2)):
+        cached = len(window.reachable_cached_chunks())
+        plan = window.next_forward()
+        if plan is not None and plan.entered is not None:
+            most = max(most, cached)
     return most

@@ -138,6 +138,15 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "1: the null caption of the unconditional branches starts with the negative-prompt "
         "special tokens (the reference's NEG_PROMPT)",
     ),
+    (
+        "--batch-invariant",
+        str,
+        "auto",
+        "on: a session's frames are bit-identical whatever runs beside it (one forward per "
+        "session); off: one packed forward for all; auto: on for the CPU, off for CUDA",
+    ),
+    ("--fork-history", int, 8, "chunks back a session can be forked at (0: no forks)"),
+    ("--fork-ttl-s", float, 120.0, "how long after its end a session can still be forked"),
     ("--torch-threads", int, 1, "torch intra-op threads in the worker; 0 = torch's default"),
     ("--decode-threads", int, 2, "threads decoding request images and prefix videos"),
     ("--decode-queue", int, 8, "image/video decodes running or waiting; more are refused"),
@@ -260,6 +269,9 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         torch_threads=args.torch_threads,
         neg_prompt=bool(args.neg_prompt),
         device=args.device,
+        batch_invariant=args.batch_invariant,
+        fork_history=args.fork_history,
+        fork_ttl_s=args.fork_ttl_s,
         log_level=args.log_level,
         group=group,
     )

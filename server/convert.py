@@ -42,7 +42,11 @@ def sampling(
 
 def session_params(session: LiveSession, model: ServedModel) -> pb.SessionParams:
     spec = session.spec
-    initial = tuple((f, t, i + 1) for i, (f, t) in enumerate(spec.prompts))
+    fork = None
+    if spec.fork is not None:  # the engine's key of the source: OWNER/ID; its owner says ID
+        fork = pb.ForkSource(
+            session_id=spec.fork.session_id.rpartition("/")[2], at_chunk=spec.fork.at_chunk
+        )
     return pb.SessionParams(
         model=model.name,
         mode=_MODE_ENUM[spec.mode],
@@ -57,7 +61,8 @@ def session_params(session: LiveSession, model: ServedModel) -> pb.SessionParams
         ),
         cfg_number=model.config.runtime_config.cfg_number,
         output_encoding=spec.output_encoding,
-        timeline=timeline(initial),
+        timeline=timeline(session.initial_timeline),
+        fork=fork,
     )
 
 

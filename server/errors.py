@@ -48,6 +48,10 @@ class NotSteerable(ServiceError):
     """A prompt for a session that ended or has no chunk left to steer."""
 
 
+class NotForkable(ServiceError):
+    """A fork at a chunk the source's fork history does not hold (or of a session forgotten)."""
+
+
 class Unavailable(ServiceError):
     """The worker is down or restarting, or the server is shutting down."""
 
@@ -66,6 +70,7 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     SessionExists: grpc.StatusCode.ALREADY_EXISTS,
     ServerFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotSteerable: grpc.StatusCode.FAILED_PRECONDITION,
+    NotForkable: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -78,6 +78,16 @@ class Metrics:
             "KV cache and latent memory admission has reserved.",
             registry=r,
         )
+        self.fork_history = Gauge(
+            "magistream_fork_history_bytes",
+            "Memory reserved for fork points: running sessions' and recently ended ones'.",
+            registry=r,
+        )
+        self.fork_history_held = Gauge(
+            "magistream_fork_history_held_bytes",
+            "Tensors the fork points hold now (shared with live sessions counted too).",
+            registry=r,
+        )
         # The worker's device (rank 0's in a group), from its heartbeats; absent while it
         # (re)starts, and allocated/reserved absent on CPU, where torch counts nothing.
         self.device_memory_total = Gauge(

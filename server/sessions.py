@@ -25,6 +25,7 @@ from server.auth import ANONYMOUS
 from server.config import Security
 from server.errors import (
     InvalidRequest,
+    NotForkable,
     NotSteerable,
     ServerFull,
     SessionExists,
@@ -34,7 +35,7 @@ from server.errors import (
 from server.metrics import Metrics
 from server.quota import PrincipalQuota, Slot
 from server.supervisor import Supervisor
-from server.validation import PromptSpec
+from server.validation import PromptSpec, complete_fork
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,20 @@ class WorkerReport:
     """What the worker last said of itself; one, shared by every session's record (GetSession)."""
 
     memory: ipc.DeviceMemory | None = None  # None while the worker (re)starts
+
+
+def fork_timeline(
+    source: LiveSession, fork: SessionParams
+) -> tuple[tuple[tuple[int, str, int], ...], int]:
+    """A fork's timeline and newest version, as the engine makes it: the source's entries
+    before the fork chunk (all of them when the fork gives none), then the fork's own."""
+    at = fork.fork.at_chunk
+    if not fork.prompts:
+        return source.timeline, source.prompt_version
+    kept = [e for e in source.timeline if e[0] < at]
+    version = max((v for _, _, v in kept), default=0)
+    own = [(f, text, version + i + 1) for i, (f, text) in enumerate(fork.prompts)]
+    return (*kept, *own), version + len(own)
 
 
 def session_key(owner: str, session_id: str) -> str:
@@ -93,6 +108,7 @@ class LiveSession:
         self.next_steerable_chunk: int | None = 0
         self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(params.prompts))
         self.prompt_version = len(params.prompts)
+        self.initial_timeline = self.timeline  # as it started (a fork's: sessions.fork_timeline)
         self.accepted_at = time.monotonic()
         self.time_to_first_chunk_s: float | None = None
         self.last_chunk_at: float | None = None
@@ -155,8 +171,15 @@ class SessionManager:
         or queued. The record goes down as it is, with the session id and seed now set. The
         session belongs to `owner`; `slot` (its claim on the owner's limit) is released when
         it ends."""
+        source = None
+        if params.fork is not None:  # only the owner's own session: NOT_FOUND otherwise
+            source = self.get(params.fork.session_id, owner)
+            params = complete_fork(params, source.spec)
         params = await self._reserve(params, owner, slot)
         session = self.sessions[params.session_id]
+        if source is not None:
+            session.timeline, session.prompt_version = fork_timeline(source, params)
+            session.initial_timeline = session.timeline
         try:
             answer = await self._ask(self._opening, session.key, ipc.OpenSession(params))
         except asyncio.CancelledError:  # the client left while we waited for the worker
@@ -171,6 +194,8 @@ class SessionManager:
                 raise ServerFull(answer.message, self.retry_after_ms())
             if answer.reason == "internal":
                 raise RuntimeError(f"the engine could not open the session: {answer.message}")
+            if answer.reason == "fork":
+                raise NotForkable(answer.message.replace(params.fork.session_id, source.id))
             raise InvalidRequest("request", answer.message)
         if not session.ended and not session.progressed:
             # events that came with the answer (admission, an end) were applied while this

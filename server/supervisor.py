@@ -244,6 +244,8 @@ class Supervisor:
         self.metrics.kv_cache.set(beat.kv_cache_bytes)
         self.metrics.memory_reserved.set(beat.reserved_bytes)
         self.metrics.chunks_in_flight.set(beat.chunks_in_flight)
+        self.metrics.fork_history.set(beat.fork_history_bytes)
+        self.metrics.fork_history_held.set(beat.fork_history_held_bytes)
 
     def _observe_step(self, step: ipc.StepDone) -> None:
         self.metrics.engine_step.observe(step.step_s)

@@ -6,6 +6,7 @@ here (cheap); decoding pixels happens later in the thread pool (`decode_inputs`)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import unicodedata
@@ -15,7 +16,7 @@ import numpy as np
 
 from model.config import MagiConfig, preset_name
 from proto import video_generation_pb2 as pb
-from scheduler.session import SessionParams
+from scheduler.session import ForkSource, SessionParams
 from server import media
 from server.config import GRPC_MESSAGE_BYTES, RAW_FRAME_OVERHEAD_BYTES, Limits
 from server.errors import InvalidRequest
@@ -96,6 +97,8 @@ def parse_generate(
         )
     if request.session_id and not SESSION_ID.fullmatch(request.session_id):
         raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-], or empty")
+    if request.HasField("fork"):
+        return _parse_fork(request, limits)
     mode = _mode(request)
     num_chunks = _num_chunks(request, limits)
     width, height = _size(request, model, limits)
@@ -123,6 +126,82 @@ def parse_generate(
         output_encoding=_encoding(request.output_encoding, width, height),
         image=image,
         video=video,
+    )
+
+
+# what a fork takes from its source: the fields a fork request must leave unset (the first
+# four have presence; the others are unset when zero)
+_FORK_INHERITS_PRESENT = ("image", "prefix_video", "seed", "sampling")
+_FORK_INHERITS_SCALAR = ("mode", "num_chunks", "unbounded", "width_px", "height_px")
+
+
+def _parse_fork(request: pb.GenerateRequest, limits: Limits) -> SessionParams:
+    """A fork as far as the edge can check it alone; `complete_fork` fills in its source."""
+    given = [n for n in _FORK_INHERITS_PRESENT if request.HasField(n)]
+    given += [n for n in _FORK_INHERITS_SCALAR if getattr(request, n)]
+    if given:
+        raise InvalidRequest(
+            given[0],
+            "a fork takes its source's size, seed, mode, sampling and length; leave "
+            f"{given[0]} unset",
+        )
+    fork = request.fork
+    if not SESSION_ID.fullmatch(fork.session_id):
+        raise InvalidRequest(
+            "fork.session_id", "name the session to fork: 1-64 characters of [A-Za-z0-9._-]"
+        )
+    prompts, previous = [], fork.at_chunk - 1
+    if len(request.timeline) > limits.max_timeline_entries:
+        raise InvalidRequest(
+            "timeline", f"{len(request.timeline)} entries; at most {limits.max_timeline_entries}"
+        )
+    for i, entry in enumerate(request.timeline):
+        where = f"timeline[{i}]"
+        if entry.from_chunk <= previous:
+            why = (
+                f"is before the fork's at_chunk {fork.at_chunk}: a fork's timeline starts at its "
+                "fork chunk or later (leave it empty to keep the source's)"
+                if i == 0
+                else f"must be greater than the previous entry's {previous}"
+            )
+            raise InvalidRequest(f"{where}.from_chunk", f"{entry.from_chunk} {why}")
+        prompts.append((entry.from_chunk, _text(f"{where}.text", entry.text, limits)))
+        previous = entry.from_chunk
+    return SessionParams(
+        session_id=request.session_id,
+        prompts=tuple(prompts),
+        num_chunks=None,  # the rest is the source's: complete_fork
+        width=0,
+        height=0,
+        seed=None,
+        output_encoding=request.output_encoding,
+        fork=ForkSource(fork.session_id, fork.at_chunk),
+    )
+
+
+def complete_fork(params: SessionParams, source: SessionParams) -> SessionParams:
+    """The fork's record: its source's (as opened: `source.session_id` is the engine's key), its
+    own id, timeline and output; the checks that need the source."""
+    at, n = params.fork.at_chunk, source.num_chunks
+    if n is not None and at >= n:
+        raise InvalidRequest(
+            "fork.at_chunk", f"{at} is past the source's last chunk; use 0..{n - 1}"
+        )
+    for i, (from_chunk, _) in enumerate(params.prompts):
+        if n is not None and from_chunk >= n:
+            raise InvalidRequest(
+                f"timeline[{i}].from_chunk",
+                f"{from_chunk} is past the last chunk; use {at}..{n - 1}",
+            )
+    encoding = params.output_encoding or pb.OUTPUT_ENCODING_UNSPECIFIED
+    return dataclasses.replace(
+        source,
+        session_id=params.session_id,
+        prompts=params.prompts,
+        output_encoding=_encoding(encoding, source.width, source.height),
+        image=None,
+        video=None,
+        fork=ForkSource(source.session_id, at),
     )
 
 

@@ -1,6 +1,7 @@
 """The engine on a worker group (engine.ranks): rank 0 schedules and broadcasts each plan, every
 rank runs it on its own tensors with its share of the forward. A whole generation with a
-mid-stream prompt change gives what one rank gives, and a free in a plan frees on every rank."""
+mid-stream prompt change gives what one rank gives, a free in a plan frees on every rank, and a
+session batched with another in the group is bit-identical to it alone there."""
 
 from __future__ import annotations
 
@@ -40,8 +41,14 @@ def _rank(rank: int, world: int, process_group, folder: str):
         result = generate(engine)
         held_after_the_end = len(engine.runner.sessions)
         engine.sync()  # idle: the plan that frees the finished session goes out
+        # the same session (its pushed prompt in its timeline) batched with another one
+        engine.open(SessionParams("again", ((0, PROMPT), (1, SWITCH)), 3, 64, 64, seed=3))
+        engine.open(SessionParams("beside", ((0, "a blue box"),), 2, 64, 64, seed=4))
+        again = {d.chunk_index: d for d in engine.run_until_idle() if d.session_id == "again"}
+        engine.sync()
         link.close()
-    return (*result, held_after_the_end, link.stats, forward.stats)
+    batched = ({c: d.latent for c, d in again.items()}, {c: d.frames for c, d in again.items()})
+    return (*result, held_after_the_end, link.stats, forward.stats, batched)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +61,7 @@ def single_rank(tiny_model):
 def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, held, link, forward), *followers = ranks.launch(
+    (latents, frames, from_chunk, held, link, forward, batched), *followers = ranks.launch(
         _rank, world, str(tiny_folder)
     )
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]
@@ -67,8 +74,12 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     assert {f.forwards for f in followers} == {forward.forwards} and forward.forwards > 0
     # rank 0 freed the finished session at once; the next plan freed it on every other rank
     assert held == 0 and all(f.sessions_left == 0 for f in followers)
-    # the chunks' decodes were split over the ranks (one decode per finished chunk here)
-    assert {f.decodes for f in followers} == {3}
+    # batch invariance holds in a group: the session batched with another is bit-identical
+    assert sorted(batched[0]) == [0, 1, 2]
+    for c in latents:
+        assert torch.equal(batched[0][c], latents[c]) and torch.equal(batched[1][c], frames[c])
+    # the chunks' decodes were split over the ranks (one decode per finished chunk: 3 + 3 + 2)
+    assert {f.decodes for f in followers} == {8}
     # the plans are small next to the forwards they drive (the prompt and nothing else)
     assert link.send_s < forward.forward_s
     print(

@@ -159,6 +159,7 @@ def _finished() -> pb.SessionFinished:
 # One realistic example per message of the file (test_examples_cover_every_message checks it).
 EXAMPLES: dict[str, Message] = {
     "GenerateRequest": _request(),
+    "ForkSource": pb.ForkSource(session_id="demo-1", at_chunk=3),
     "Sampling": _sampling(),
     "TimelineEntry": _timeline()[1],
     "PromptUpdate": _update(),

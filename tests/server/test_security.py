@@ -189,6 +189,12 @@ def test_only_the_owner_and_admins_see_and_control_a_session(token_server):
             lambda: stub.CancelSession(
                 pb.CancelSessionRequest(session_id=sid), metadata=bearer("bob")
             ),
+            lambda: next(  # nor may bob fork it
+                stub.StreamGenerate(
+                    pb.GenerateRequest(fork=pb.ForkSource(session_id=sid, at_chunk=0)),
+                    metadata=bearer("bob"),
+                )
+            ),
         ):
             with pytest.raises(grpc.RpcError) as e:
                 call()

@@ -1,0 +1,206 @@
+"""Fork and rewind through a real server (issue 19): GenerateRequest.fork continues one of the
+caller's sessions from a recent chunk; the fork's frames equal the source's for as long as their
+timelines agree; a chunk outside the fork history is FAILED_PRECONDITION; the request's other
+fields are checked at the edge; `magi-client fork` writes the fork to a file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from proto import video_generation_pb2 as pb
+from tests.server.helpers import stub
+
+PROMPT = "a red ball rolls"
+
+
+def source_request(sid: str, chunks: int = 6) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        session_id=sid,
+        timeline=[pb.TimelineEntry(text=PROMPT)],
+        num_chunks=chunks,
+        width_px=32,
+        height_px=32,
+        seed=77,
+        output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
+    )
+
+
+def fork_request(sid: str, source: str, at: int, timeline=()) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        session_id=sid,
+        fork=pb.ForkSource(session_id=source, at_chunk=at),
+        timeline=[pb.TimelineEntry(from_chunk=c, text=t) for c, t in timeline],
+        output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
+    )
+
+
+def stream(channel, request) -> tuple[pb.SessionStarted, dict[int, list[bytes]], pb.GenerateEvent]:
+    """started, raw frames by chunk index, and the last event."""
+    events = list(stub(channel).StreamGenerate(request, timeout=120))
+    chunks: dict[int, list[bytes]] = {}
+    current = None
+    for e in events:
+        if e.HasField("chunk"):
+            current = chunks.setdefault(e.chunk.chunk_index, [])
+        elif e.HasField("frame"):
+            current.append(e.frame.rgb24)
+    return events[0].started, chunks, events[-1]
+
+
+@pytest.fixture(scope="module")
+def source(server):
+    """A finished 6-chunk session and its frames (forks of an ended session)."""
+    with grpc.insecure_channel(server.address) as channel:
+        _, chunks, last = stream(channel, source_request("fork-source"))
+    assert last.finished.state == pb.SESSION_STATE_FINISHED and sorted(chunks) == list(range(6))
+    return chunks
+
+
+def test_a_fork_with_the_same_timeline_equals_its_source(server, source):
+    with grpc.insecure_channel(server.address) as channel:
+        started, chunks, last = stream(channel, fork_request("fork-same", "fork-source", 3))
+    assert last.finished.state == pb.SESSION_STATE_FINISHED
+    assert sorted(chunks) == [3, 4, 5]  # it streams from the fork chunk on
+    for c in chunks:
+        assert chunks[c] == source[c], c
+    params = started.params  # the source's settings, and where it came from
+    assert (params.width_px, params.height_px, params.seed, params.num_chunks) == (32, 32, 77, 6)
+    assert params.fork.session_id == "fork-source" and params.fork.at_chunk == 3
+    assert [(e.from_chunk, e.text) for e in params.timeline] == [(0, PROMPT)]
+
+
+def test_a_fork_with_another_prompt_differs_from_that_chunk_on(server, source):
+    timeline = [(4, "a blue box slides")]
+    with grpc.insecure_channel(server.address) as channel:
+        started, chunks, _ = stream(channel, fork_request("fork-other", "fork-source", 3, timeline))
+        info = stub(channel).GetSession(pb.GetSessionRequest(session_id="fork-other"))
+    assert chunks[3] == source[3]
+    assert chunks[4] != source[4] and chunks[5] != source[5]
+    want = [(0, PROMPT, 1), (4, "a blue box slides", 2)]
+    assert [(e.from_chunk, e.text, e.version) for e in started.params.timeline] == want
+    assert [(e.from_chunk, e.text, e.version) for e in info.timeline] == want
+
+
+def test_rewind_a_running_session_and_fork_the_fork(server):
+    """Fork a running session at a chunk it has not streamed yet, cancel it (rewind), then
+    fork the fork; both equal an uninterrupted run."""
+    with grpc.insecure_channel(server.address) as channel:
+        _, want, _ = stream(channel, source_request("rewind-ref"))
+        calls = stub(channel)
+        running = calls.StreamGenerate(source_request("rewind-src"), timeout=120)
+        for e in running:
+            if e.HasField("chunk"):  # chunk 0 is out: chunks 1..3 are in flight, 3 marked
+                break
+        _, first, _ = stream(channel, fork_request("rewind-1", "rewind-src", 2))
+        calls.CancelSession(pb.CancelSessionRequest(session_id="rewind-src"))
+        _, second, _ = stream(channel, fork_request("rewind-2", "rewind-1", 4))
+    assert sorted(first) == [2, 3, 4, 5] and sorted(second) == [4, 5]
+    for c in first:
+        assert first[c] == want[c], c
+    for c in second:
+        assert second[c] == want[c], c
+
+
+def test_a_fork_outside_the_history_is_failed_precondition(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stream(channel, source_request("long-source", chunks=12))
+        with pytest.raises(grpc.RpcError) as e:
+            stream(channel, fork_request("too-far", "long-source", 1))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.details() == (
+        "session 'long-source' cannot be forked at chunk 1: its fork history holds chunks "
+        "4..11 (the last 8 chunks to start)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "says"),
+    [
+        (dict(width_px=64), "width_px", "leave width_px unset"),
+        (dict(seed=3), "seed", "leave seed unset"),
+        (dict(image=b"x"), "image", "leave image unset"),
+        (dict(num_chunks=2), "num_chunks", "takes its source's size, seed, mode, sampling"),
+        (
+            dict(timeline=[pb.TimelineEntry(from_chunk=1, text="early")]),
+            "timeline[0].from_chunk",
+            "1 is before the fork's at_chunk 3",
+        ),
+        (
+            dict(fork=pb.ForkSource(session_id="fork-source", at_chunk=6)),
+            "fork.at_chunk",
+            "6 is past",
+        ),
+        (
+            dict(fork=pb.ForkSource(session_id="", at_chunk=0)),
+            "fork.session_id",
+            "name the session",
+        ),
+    ],
+)
+def test_fork_requests_are_checked_at_the_edge(server, source, change, field, says):
+    request = fork_request("bad-fork", "fork-source", 3)
+    for name, value in change.items():
+        if name in ("timeline",):
+            request.timeline.extend(value)
+        elif name == "fork":
+            request.fork.CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as e:
+        stream(channel, request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}: ") and says in e.value.details()
+
+
+def test_an_unknown_source_is_not_found(server):
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as e:
+        stream(channel, fork_request("orphan", "no-such-session", 0))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_magi_client_fork_writes_the_fork(server, source, tmp_path):
+    out = tmp_path / "fork.mp4"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "client",
+            "fork",
+            "fork-source",
+            "--at",
+            "4",
+            "--prompt",
+            "a green cube",
+            "--server",
+            server.address,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    probe = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(probe.stdout.strip()) == 2 * 24  # chunks 4 and 5
