@@ -103,6 +103,13 @@ class AsyncClient:
         )
         return STATE_NAMES.get(reply.state, str(reply.state))
 
+    async def snapshot(self, session_id: str) -> pb.SnapshotResponse:
+        """Writes the session at its newest chunk boundary to the server's snapshot store: the
+        token `GenerateOptions.resume` takes, and the chunk a resume streams from."""
+        request = pb.SnapshotRequest(session_id=session_id)
+        # not retried: each call writes a file (a retry after a lost reply would write another)
+        return await self._unary("SnapshotSession", request, retry=False, session_id=session_id)
+
     async def update_prompt(
         self, session_id: str, text: str, from_chunk: int | None = None, replace_later: bool = False
     ) -> Ack:
@@ -144,6 +151,20 @@ class AsyncClient:
     def interact(self, options: GenerateOptions | str, **fields) -> AsyncInteractStream:
         """A session on Interact: push prompts and cancel on the same stream."""
         return AsyncInteractStream(self, start_event(generate_options(options, fields)))
+
+    def attach(self, session_id: str, from_chunk: int = 0) -> AsyncGenerateStream:
+        """Your session whose stream broke within its `detach_grace_s`, streamed again from
+        `from_chunk` (one of the last few it sent, or the next one), like `generate`."""
+        if from_chunk < 0:
+            raise ValueError(f"from_chunk must be >= 0, got {from_chunk}")
+        request = pb.AttachRequest(session_id=session_id, from_chunk=from_chunk)
+
+        async def start(timeout: float | None) -> grpc.aio.Call:
+            return self.stub.Attach(
+                request, timeout=timeout, metadata=with_session(self.metadata, session_id)
+            )
+
+        return AsyncGenerateStream(self, start, "Attach")
 
     async def open_stream(
         self, start: Callable[[float | None], Awaitable[grpc.aio.Call]], what: str
@@ -262,13 +283,17 @@ class AsyncGenerateStream(_AsyncStreamBase):
     """`async for` gives ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls."""
 
     def __init__(
-        self, client: AsyncClient, start: Callable[[float | None], Awaitable[grpc.aio.Call]]
+        self,
+        client: AsyncClient,
+        start: Callable[[float | None], Awaitable[grpc.aio.Call]],
+        method: str = "StreamGenerate",
     ) -> None:
         super().__init__(client)
         self._start_call = start
+        self._method = method  # StreamGenerate, or Attach
 
     async def _open(self) -> tuple[grpc.aio.Call, Started]:
-        return await self.client.open_stream(self._start_call, "StreamGenerate")
+        return await self.client.open_stream(self._start_call, self._method)
 
     async def __aiter__(self) -> AsyncIterator[ChunkEvent]:
         async for item in self._messages():

@@ -1,4 +1,4 @@
-"""magi-client: generate, live, fork, models, status and cancel from the command line.
+"""magi-client: generate, live, fork, snapshot, resume, models, status and cancel.
 
 Exit codes: 0 done; 2 bad arguments (found before any call); 3 the server refused (its status
 code and message are printed as it gave them); 4 connection or stream failure; 1 a local
@@ -73,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fork.add_argument("--session-id", default="", metavar="ID", help="choose the fork's id")
     _output_args(fork)
+    snap = subcommands.add_parser(
+        "snapshot",
+        parents=[conn],
+        help="write one of your sessions to the server's snapshot store; prints the token",
+    )
+    snap.add_argument("session", metavar="SESSION")
+    resume = subcommands.add_parser(
+        "resume",
+        parents=[conn],
+        help="continue a session from a snapshot token, into a file",
+        description="On any replica that shares the server's snapshot store and serves the "
+        "same model; it streams from the chunk `snapshot` printed, bit for bit.",
+    )
+    resume.add_argument("token", metavar="TOKEN")
+    resume.add_argument("--session-id", default="", metavar="ID", help="choose its id")
+    _output_args(resume)
     models = subcommands.add_parser("models", parents=[conn], help="list the served models")
     models.add_argument("--json", action="store_true", help="print the reply as JSON")
     sessions = subcommands.add_parser(
@@ -246,6 +262,18 @@ def prepare_fork(args: argparse.Namespace) -> StreamPlan:
     return StreamPlan(options, args.out, args.raw, args.raw_format, 0, {})
 
 
+def prepare_resume(args: argparse.Namespace) -> StreamPlan:
+    """Every local check of resume; raises UsageError."""
+    _check_out(args.out)
+    try:
+        options = GenerateOptions.resume(
+            args.token, raw=args.raw is not None, session_id=args.session_id
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return StreamPlan(options, args.out, args.raw, args.raw_format, 0, {})
+
+
 def collect_prompts(
     prompt: str | None, prompt_at: list[str], prompts_file: Path | None
 ) -> tuple[tuple[int, str], ...]:
@@ -348,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = prepare_stream(args, live=args.command == "live")
         if args.command == "fork":
             plan = prepare_fork(args)
+        if args.command == "resume":
+            plan = prepare_resume(args)
     except (UsageError, ValueError) as e:
         print(f"magi-client: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -355,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPlan | None) -> int:
-    if args.command in ("generate", "fork"):
+    if args.command in ("generate", "fork", "resume"):
         return await commands.generate(connect, plan)
+    if args.command == "snapshot":
+        return await commands.snapshot(connect, args.session)
     if args.command == "live":
         return await commands.live(connect, plan)
     if args.command == "models":

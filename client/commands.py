@@ -356,6 +356,20 @@ async def sessions(connect: ConnectOptions, as_json: bool) -> int:
     return EXIT_OK
 
 
+async def snapshot(connect: ConnectOptions, session_id: str) -> int:
+    async with AsyncClient(connect) as client:
+        try:
+            taken = await client.snapshot(session_id)
+        except MagiError as e:
+            return report(e)
+    out(f"snapshot {taken.token}")
+    out(
+        f"session {session_id} at its chunk boundary ({taken.size_bytes} bytes); "
+        f"`magi-client resume` streams from chunk {taken.from_chunk}"
+    )
+    return EXIT_OK
+
+
 async def status(connect: ConnectOptions, session_id: str, as_json: bool) -> int:
     async with AsyncClient(connect) as client:
         try:

@@ -112,10 +112,21 @@ class GenerateOptions:
     # `prompts` are its own from fork_at on (empty: the source's). `GenerateOptions.fork(...)`
     fork_of: str = ""
     fork_at: int = 0
+    # seconds the session outlives a broken call, paused, for `attach` to resume it; 0 = a
+    # broken call cancels it (at most the server's --max-detach-grace-s)
+    detach_grace_s: float = 0.0
+    # Resume: a `snapshot(...)` token; the session continues from its snapshot with the
+    # snapshot's settings and prompts (leave the rest at their defaults).
+    # `GenerateOptions.resume(token)`
+    resume_token: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple((int(c), str(t)) for c, t in self.prompts))
-        if self.fork_of:
+        if not 0 <= self.detach_grace_s < float("inf"):
+            raise ValueError(f"detach_grace_s must be >= 0 seconds, got {self.detach_grace_s}")
+        if self.fork_of and self.resume_token:
+            raise ValueError("a session forks or resumes, not both")
+        if self.fork_of or self.resume_token:
             self._check_fork()
             return
         if self.unbounded:
@@ -141,7 +152,11 @@ class GenerateOptions:
             raise ValueError("session_id must be 1-64 characters of [A-Za-z0-9._-]")
 
     def _check_fork(self) -> None:
-        if not SESSION_ID.fullmatch(self.fork_of):
+        """A fork or a resume: the settings are the source's (the snapshot's)."""
+        what = "a fork" if self.fork_of else "a resume"
+        if self.resume_token and self.prompts:
+            raise ValueError("a resume keeps its snapshot's prompts; push new ones once it runs")
+        if self.fork_of and not SESSION_ID.fullmatch(self.fork_of):
             raise ValueError("fork_of must be a session id: 1-64 characters of [A-Za-z0-9._-]")
         if self.fork_at < 0:
             raise ValueError(f"fork_at must be >= 0, got {self.fork_at}")
@@ -152,7 +167,7 @@ class GenerateOptions:
             given.insert(0, "chunks")
         if given:
             raise ValueError(
-                f"a fork takes its source's size, seed, sampling, mode and length; drop {given[0]}"
+                f"{what} takes its source's size, seed, sampling, mode and length; drop {given[0]}"
             )
         object.__setattr__(self, "chunks", 0)
         previous = self.fork_at - 1
@@ -175,6 +190,12 @@ class GenerateOptions:
         """Continue your session `source` from chunk `at_chunk`, with its own prompts from there
         (none: the source's). Rewind = fork, then cancel the source."""
         return cls(prompts=prompts, fork_of=source, fork_at=at_chunk, **fields)
+
+    @classmethod
+    def resume(cls, token: str, **fields) -> GenerateOptions:
+        """Continue a session from its snapshot (`snapshot(...)`'s token), on any replica that
+        shares the server's snapshot store; it streams from the token's `from_chunk` on."""
+        return cls(prompts=(), resume_token=token, **fields)
 
     @classmethod
     def of(cls, prompt: str, **fields) -> GenerateOptions:

@@ -16,16 +16,20 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
 def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
-    if options.fork_of:  # the source's settings: only the id, timeline and output go
-        return pb.GenerateRequest(
+    if options.fork_of or options.resume_token:  # only the id, timeline and output go
+        request = pb.GenerateRequest(
             model=options.model,
             timeline=[pb.TimelineEntry(from_chunk=c, text=t) for c, t in options.prompts],
             output_encoding=(
                 pb.OUTPUT_ENCODING_RAW_RGB24 if options.raw else pb.OUTPUT_ENCODING_FMP4_H264
             ),
             session_id=options.session_id or uuid.uuid4().hex,
-            fork=pb.ForkSource(session_id=options.fork_of, at_chunk=options.fork_at),
+            resume=options.resume_token,
+            detach_grace_s=options.detach_grace_s,
         )
+        if options.fork_of:
+            request.fork.session_id, request.fork.at_chunk = options.fork_of, options.fork_at
+        return request
     request = pb.GenerateRequest(
         model=options.model,
         timeline=[pb.TimelineEntry(from_chunk=c, text=t) for c, t in options.prompts],
@@ -40,6 +44,7 @@ def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
         # included) can carry it in x-session-id for a session-routing proxy
         session_id=options.session_id or uuid.uuid4().hex,
         unbounded=options.unbounded,
+        detach_grace_s=options.detach_grace_s,
     )
     if options.seed is not None:
         request.seed = options.seed

@@ -236,6 +236,11 @@ class Client:
         """Cancels a session; returns its state after the call (CANCELLED, or how it ended)."""
         return self._loop.run(lambda client: client.cancel(session_id))
 
+    def snapshot(self, session_id: str) -> pb.SnapshotResponse:
+        """Writes the session at its newest chunk boundary to the server's snapshot store: the
+        token `GenerateOptions.resume` takes, and the chunk a resume streams from."""
+        return self._loop.run(lambda client: client.snapshot(session_id))
+
     def update_prompt(
         self, session_id: str, text: str, from_chunk: int | None = None, replace_later: bool = False
     ) -> Ack:
@@ -254,6 +259,15 @@ class Client:
         """A session on Interact: push prompts and cancel on the same stream."""
         checked = generate_options(options, fields)
         return InteractStream(self, self._loop.run(lambda client: _ready(client.interact(checked))))
+
+    def attach(self, session_id: str, from_chunk: int = 0) -> GenerateStream:
+        """Your session whose stream broke within its `detach_grace_s`, streamed again from
+        `from_chunk` (one of the last few it sent, or the next one), like `generate`."""
+        if from_chunk < 0:  # before any thread, as generate's options
+            raise ValueError(f"from_chunk must be >= 0, got {from_chunk}")
+        return GenerateStream(
+            self, self._loop.run(lambda client: _ready(client.attach(session_id, from_chunk)))
+        )
 
 
 class _StreamBase:

@@ -16,6 +16,13 @@ from typing import Protocol
 from torch import Tensor
 
 from engine.runner import LATENT_CHANNELS, DitForward, ModelRunner
+from engine.snapshot import (
+    SessionSnapshot,
+    SnapshotError,
+    capture,
+    decode,
+    model_fingerprint,
+)
 from model.folder import MagiModel
 from model.text import TextConditioning
 from scheduler.plan import StepPlan
@@ -86,6 +93,7 @@ class Engine:
         branches = 3 if rc.cfg_number == 3 else 2  # cfg 1: the nearly-clean copy at most
         self.scheduler = ChunkScheduler(config or SchedulerConfig(), branches)
         self.last_step: StepStats | None = None
+        self._fingerprint: str | None = None
 
     # ---- sessions -------------------------------------------------------------------------
 
@@ -100,6 +108,8 @@ class Engine:
             raise ValueError(f"session id {params.session_id!r} is already in use")
         if params.fork is not None:
             return self._open_fork(params)
+        if params.resume is not None:
+            return self._open_snapshot(params)
         num_steps = params.num_steps or rc.num_steps
         # the window's shape is checked before any work (a bad step count fails here)
         shape = dataclasses.replace(WindowSpec.from_runtime(rc, None), num_steps=num_steps)
@@ -167,6 +177,57 @@ class Engine:
                 bound_prompts=dict(mark.bound_prompts),
                 entered_at=dict.fromkeys((c for c, _ in mark.bound_prompts), now),
                 frames_out=mark.frames_out,
+            )
+            self.scheduler.add(session)
+        except Exception:
+            self.runner.free(params.session_id)
+            raise
+        if self.link is not None:
+            self._opened.append(params)
+        return session
+
+    @property
+    def fingerprint(self) -> str:
+        """Which model this is, for snapshots (engine.snapshot.model_fingerprint)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model.folder)
+        return self._fingerprint
+
+    def snapshot(self, session_id: str) -> SessionSnapshot:
+        """The session (running or recently ended) at its newest chunk boundary."""
+        session = self.scheduler.fork_source(session_id)
+        marks = self.runner.marks.get(session_id, {})
+        if not session.fork_marks or session.fork_marks[-1].chunk not in marks:
+            raise SnapshotError(
+                f"session {session_id!r} has no chunk boundary to snapshot yet (it is queued, "
+                "or forks are off: --fork-history 0)"
+            )
+        tensors = marks[session.fork_marks[-1].chunk]
+        if tensors.cache.chunk_indices and self.runner.dit is not None:
+            raise SnapshotError(
+                "a snapshot of a worker group's session with cached KV at its boundary (window "
+                "below 4) is not supported yet: each rank holds a share of it"
+            )
+        return capture(session, tensors, self.fingerprint)
+
+    def _open_snapshot(self, params: SessionParams) -> Session:
+        """A session resumed from a snapshot: its spec, window, timeline and tensors as they
+        were at its boundary; it streams from the first chunk not handed up then."""
+        snap = decode(params.resume, self.fingerprint, self.runner.device)
+        spec = dataclasses.replace(snap.spec, session_id=params.session_id)
+        window_spec = snap.mark.window
+        history = self.history_bytes(spec, window_spec)
+        self.runner.open_snapshot(params.session_id, snap)
+        try:
+            session = Session(
+                spec=spec,
+                window=Window.replayed(window_spec, snap.mark.steps_done),
+                timeline=PromptTimeline.of(list(snap.timeline)),
+                estimated_bytes=self.session_bytes(spec, window_spec) + history,
+                history_bytes=history,
+                bound_prompts=dict(snap.mark.bound_prompts),
+                entered_at=dict.fromkeys((c for c, _ in snap.mark.bound_prompts), time.monotonic()),
+                frames_out=snap.mark.frames_out,
             )
             self.scheduler.add(session)
         except Exception:
@@ -273,9 +334,12 @@ class Engine:
         since the last plan, which also shows them rank 0 is alive."""
         if self.link is None:
             return
-        freed = self.scheduler.take_freed()
+        freed, forgotten = self.scheduler.take_freed(), self.scheduler.take_forgotten()
+        for session_id in forgotten:  # (rank 0 freed its own at once)
+            self.runner.forget(session_id)
         opened, self._opened = self._opened, []
-        self.link.send(StepPlan((), freed) if freed else None, opened)
+        plan = StepPlan((), freed, forgotten) if freed or forgotten else None
+        self.link.send(plan, opened)
 
     def run_until_idle(self) -> list[ChunkDone]:
         """Step until no session has work, consuming outputs as they come (tests, CLI)."""

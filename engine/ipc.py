@@ -42,11 +42,20 @@ class Consumed:
 
 
 @dataclass(frozen=True)
+class TakeSnapshot:
+    """Write the session's newest chunk boundary as a snapshot file (engine/snapshot.py)."""
+
+    request_id: int
+    session_id: str
+    owner: str  # recorded in the file: only this principal may resume it
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
 
-Command = OpenSession | UpdatePrompt | CancelSession | Consumed | Shutdown
+Command = OpenSession | UpdatePrompt | CancelSession | Consumed | TakeSnapshot | Shutdown
 
 # ---- events: worker -> server ---------------------------------------------------------------
 
@@ -64,6 +73,14 @@ class WorkerFailed:
 
 
 @dataclass(frozen=True)
+class SnapshotTaken:
+    request_id: int
+    data: bytes | None  # the snapshot file; None with `error`
+    from_chunk: int  # output index a resume streams from (every chunk after it comes again)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class SessionOpened:
     session_id: str
     queue_position: int  # 1-based place among waiting sessions; 0 = generating at once
@@ -74,7 +91,8 @@ class OpenRefused:
     session_id: str
     reason: str  # "full": no room now, retry later; "invalid": can never be served;
     #              "internal": the engine failed while opening it; "fork": the fork point
-    #              is not in the source's fork history
+    #              is not in the source's fork history; "snapshot": a resume this
+    #              engine cannot read (another model's, a newer format)
     message: str
 
 
@@ -175,6 +193,7 @@ Event = (
     | SessionEnded
     | PromptApplied
     | PromptRejected
+    | SnapshotTaken
     | StepDone
     | Heartbeat
     | DeviceMemory

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from engine import ipc, logs
+from engine import ipc, logs, snapshot
 from engine.engine import ChunkDone, Engine
 from engine.launch import BATCH_INVARIANT, CPU_MEMORY_BUDGET_BYTES, WorkerConfig
 from engine.logs import event
@@ -41,6 +41,7 @@ from engine.ranks import (
     serve_follower,
     wait_loaded,
 )
+from engine.snapshot import SnapshotError
 from model.text import TextConditioning
 from scheduler.scheduler import (
     AdmissionRefused,
@@ -156,7 +157,17 @@ def engine_device(setting: str, local_rank: int = 0) -> torch.device:
             f"--device {setting}: cuda:{index} does not exist ({torch.cuda.device_count()} "
             "CUDA devices)"
         )
+    exact_fp32()
     return torch.device("cuda", index)
+
+
+def exact_fp32() -> None:
+    """fp32 stays fp32 on CUDA: cuDNN's convolutions run in TF32 by default, which would take
+    the fp32 parts (patch embedding, fp32 models, the reference's fp32 islands) off the 1e-5
+    the project matches MAGI-1 to. bf16 GEMMs are not affected. (matmul TF32 is off by
+    default; it is set here too so that no import can have turned it on.)"""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _load_engine(
@@ -375,6 +386,8 @@ class WorkerLoop:
         elif isinstance(command, ipc.Consumed):
             if command.session_id in self.sched.sessions:
                 self.engine.consumed(command.session_id)
+        elif isinstance(command, ipc.TakeSnapshot):
+            self._snapshot(command)
 
     def _open(self, cmd: ipc.OpenSession) -> None:
         sid = cmd.request.session_id
@@ -389,6 +402,9 @@ class WorkerLoop:
         except ForkUnavailable as e:  # the source's history does not hold that chunk
             self.conn.send(ipc.OpenRefused(sid, "fork", str(e)))
             return
+        except SnapshotError as e:  # not a snapshot, another model's, a newer format
+            self.conn.send(ipc.OpenRefused(sid, "snapshot", str(e)))
+            return
         except ValueError as e:
             self.conn.send(ipc.OpenRefused(sid, "invalid", str(e)))
             return
@@ -398,6 +414,16 @@ class WorkerLoop:
             return
         position = self.sched.queue_position(sid)
         self.conn.send(ipc.SessionOpened(sid, 0 if position is None else position + 1))
+
+    def _snapshot(self, cmd: ipc.TakeSnapshot) -> None:
+        try:
+            taken = self.engine.snapshot(cmd.session_id)
+            data = snapshot.encode(taken, owner=cmd.owner)
+        except (SnapshotError, ForkUnavailable) as e:
+            self.conn.send(ipc.SnapshotTaken(cmd.request_id, None, 0, str(e)))
+            return
+        first = taken.spec.output_from - taken.spec.prefix_chunks
+        self.conn.send(ipc.SnapshotTaken(cmd.request_id, data, first))
 
     def _update_prompt(self, cmd: ipc.UpdatePrompt) -> None:
         """Apply it now; its answer goes with the batch's others (_send_prompt_answers)."""

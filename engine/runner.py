@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from engine.sampling import NEARLY_CLEAN_BLEND, cfg_scales, chunk_noise, mix_cfg, time_grid
+from engine.snapshot import SessionSnapshot, decode
 from model.dit import ChunkGroup, ChunkInput
 from model.folder import MagiModel
 from model.kv_cache import KVCache
@@ -193,6 +194,8 @@ class ModelRunner:
         fork point; returns the prefix's latent frames."""
         if params.fork is not None:
             return self._open_fork(params)
+        if params.resume is not None:  # (rank 0 decoded and checked it already)
+            return self.open_snapshot(params.session_id, decode(params.resume, None, self.device))
         prefix = self._encode_prefix(params)
         cache = self.dit.new_cache() if self.dit is not None else None
         cache = cache or KVCache(self.model.config.model_config.num_layers)
@@ -209,6 +212,17 @@ class ModelRunner:
             mark.prefix, mark.cache.share(), dict(mark.latents)
         )
         return 0 if mark.prefix is None else mark.prefix.shape[1]
+
+    def open_snapshot(self, session_id: str, snapshot: SessionSnapshot) -> int:
+        """A resumed session's tensors, as its snapshot holds them."""
+        cache = self.dit.new_cache() if self.dit is not None else None
+        cache = cache or KVCache(self.model.config.model_config.num_layers)
+        for c, layers in snapshot.kv.items():
+            for layer, kv in enumerate(layers):
+                cache.write(layer, c, kv)
+        prefix = snapshot.prefix
+        self.sessions[session_id] = SessionTensors(prefix, cache, dict(snapshot.latents))
+        return 0 if prefix is None else prefix.shape[1]
 
     def free(self, session_id: str) -> None:
         """Drop everything the session holds but its fork marks (idempotent)."""

@@ -52,7 +52,7 @@ SESSION_STATE_CANCELLED: SessionState
 SESSION_STATE_FAILED: SessionState
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id", "unbounded", "fork")
+    __slots__ = ("model", "mode", "timeline", "image", "prefix_video", "num_chunks", "width_px", "height_px", "seed", "sampling", "output_encoding", "session_id", "unbounded", "fork", "detach_grace_s", "resume")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class GenerateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     UNBOUNDED_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
+    DETACH_GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: GenerationMode
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
@@ -81,7 +83,9 @@ class GenerateRequest(_message.Message):
     session_id: str
     unbounded: bool
     fork: ForkSource
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ..., unbounded: _Optional[bool] = ..., fork: _Optional[_Union[ForkSource, _Mapping]] = ...) -> None: ...
+    detach_grace_s: float
+    resume: str
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[_Union[GenerationMode, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., image: _Optional[bytes] = ..., prefix_video: _Optional[bytes] = ..., num_chunks: _Optional[int] = ..., width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., seed: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., output_encoding: _Optional[_Union[OutputEncoding, str]] = ..., session_id: _Optional[str] = ..., unbounded: _Optional[bool] = ..., fork: _Optional[_Union[ForkSource, _Mapping]] = ..., detach_grace_s: _Optional[float] = ..., resume: _Optional[str] = ...) -> None: ...
 
 class ForkSource(_message.Message):
     __slots__ = ("session_id", "at_chunk")
@@ -136,6 +140,30 @@ class GetSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("token", "from_chunk", "size_bytes")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    from_chunk: int
+    size_bytes: int
+    def __init__(self, token: _Optional[str] = ..., from_chunk: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("session_id", "from_chunk")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    from_chunk: int
+    def __init__(self, session_id: _Optional[str] = ..., from_chunk: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -70,6 +70,16 @@ class VideoGenerationStub:
                 request_serializer=proto_dot_video__generation__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=proto_dot_video__generation__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/magistream.v1.VideoGeneration/Attach',
+                request_serializer=proto_dot_video__generation__pb2.AttachRequest.SerializeToString,
+                response_deserializer=proto_dot_video__generation__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+        self.SnapshotSession = channel.unary_unary(
+                '/magistream.v1.VideoGeneration/SnapshotSession',
+                request_serializer=proto_dot_video__generation__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=proto_dot_video__generation__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class VideoGenerationServicer:
@@ -128,6 +138,31 @@ class VideoGenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Resumes the stream of one of the caller's sessions after its call broke (the request set
+        GenerateRequest.detach_grace_s): `started`, the chunks from `from_chunk` on (the last few
+        the server kept, then new ones as they come), then `finished`, in the StreamGenerate order;
+        with FMP4_H264 the first chunk event carries init_segment. This call has the session's
+        grace too. NOT_FOUND for an unknown id or another principal's session (same words), and
+        once the session ended or its grace ran out (CANCELLED, "detached longer than its grace");
+        FAILED_PRECONDITION while another call streams it, or when from_chunk is older than the
+        oldest chunk kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotSession(self, request, context):
+        """Writes one of the caller's sessions (running, or ended at most --fork-ttl-s ago) at its
+        newest chunk boundary to the server's snapshot store (--snapshot-dir) and returns the
+        token GenerateRequest.resume takes, on this or any replica that shares the store and serves
+        the same model. NOT_FOUND for an unknown id or another principal's session;
+        FAILED_PRECONDITION when the server has no store or the session no boundary yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoGenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +200,16 @@ def add_VideoGenerationServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=proto_dot_video__generation__pb2.ListSessionsRequest.FromString,
                     response_serializer=proto_dot_video__generation__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=proto_dot_video__generation__pb2.AttachRequest.FromString,
+                    response_serializer=proto_dot_video__generation__pb2.GenerateEvent.SerializeToString,
+            ),
+            'SnapshotSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotSession,
+                    request_deserializer=proto_dot_video__generation__pb2.SnapshotRequest.FromString,
+                    response_serializer=proto_dot_video__generation__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +402,60 @@ class VideoGeneration:
             '/magistream.v1.VideoGeneration/ListSessions',
             proto_dot_video__generation__pb2.ListSessionsRequest.SerializeToString,
             proto_dot_video__generation__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/magistream.v1.VideoGeneration/Attach',
+            proto_dot_video__generation__pb2.AttachRequest.SerializeToString,
+            proto_dot_video__generation__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/magistream.v1.VideoGeneration/SnapshotSession',
+            proto_dot_video__generation__pb2.SnapshotRequest.SerializeToString,
+            proto_dot_video__generation__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,13 +55,20 @@ class SessionParams:
     # fills every other field from the source (a fork keeps its size, seed, mode, sampling and
     # length); `prompts` are the fork's own entries from at_chunk on, empty = the source's.
     fork: ForkSource | None = None
+    # A resume: a snapshot file (engine/snapshot.py) to continue; the server fills the other
+    # fields from its header. Bytes, so the engine's ranks each read it onto their device.
+    resume: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.fork is not None and self.prompts and self.prompts[0][0] < self.fork.at_chunk:
             raise ValueError(
                 f"a fork's timeline starts at its fork chunk {self.fork.at_chunk} or later"
             )
-        if self.fork is None and (not self.prompts or self.prompts[0][0] != 0):
+        if (
+            self.fork is None
+            and self.resume is None
+            and (not self.prompts or self.prompts[0][0] != 0)
+        ):
             raise ValueError("the prompt timeline must start with an entry for chunk 0")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -78,7 +85,7 @@ class SessionParams:
             raise ValueError("a session is opened with its id and seed set")
         given = {"i2v": self.image, "v2v": self.video}
         decoded = given.get(self.mode) is not None and not isinstance(given[self.mode], bytes)
-        if self.fork is None and self.mode in given and not decoded:
+        if self.fork is None and self.resume is None and self.mode in given and not decoded:
             raise ValueError(f"{self.mode} needs its input decoded to uint8 frames")
 
 

@@ -130,6 +130,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
     ("--principal-max-queued", int, 0, "a principal's requests waiting beyond those; more refused"),
     ("--grace-period-s", float, 30.0, "on SIGTERM, how long running sessions may finish"),
     ("--session-ttl-s", float, 300.0, "how long GetSession shows an ended session"),
+    (
+        "--max-detach-grace-s",
+        float,
+        300.0,
+        "longest GenerateRequest.detach_grace_s: how long a session may wait paused for Attach "
+        "after its call broke (0: no reattach)",
+    ),
     ("--heartbeat-timeout-s", float, 30.0, "worker silence after which it is replaced"),
     (
         "--neg-prompt",
@@ -144,6 +151,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "auto",
         "on: a session's frames are bit-identical whatever runs beside it (one forward per "
         "session); off: one packed forward for all; auto: on for the CPU, off for CUDA",
+    ),
+    (
+        "--snapshot-dir",
+        str,
+        "",
+        "where SnapshotSession writes and resume reads snapshots: a directory (shared by the "
+        "replicas) or an fsspec URL; empty = snapshots off",
     ),
     ("--fork-history", int, 8, "chunks back a session can be forked at (0: no forks)"),
     ("--fork-ttl-s", float, 120.0, "how long after its end a session can still be forked"),
@@ -256,6 +270,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         max_image_bytes=args.max_image_bytes,
         max_video_bytes=args.max_video_bytes,
         max_input_pixels=args.max_pixels,
+        max_detach_grace_s=args.max_detach_grace_s,
     )
     worker = WorkerConfig(
         model_folder=folder,
@@ -289,6 +304,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         limits=limits,
         grace_period_s=args.grace_period_s,
         session_ttl_s=args.session_ttl_s,
+        snapshot_dir=args.snapshot_dir or None,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         decode_threads=args.decode_threads,
         decode_queue=args.decode_queue,

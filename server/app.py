@@ -34,6 +34,7 @@ from server.pools import BoundedPool
 from server.realtime import Realtime
 from server.service import VideoGenerationService
 from server.sessions import SessionManager
+from server.snapshots import SnapshotStore
 from server.supervisor import Supervisor
 from server.validation import ServedModel
 from server.web import WebServer, page_address
@@ -73,6 +74,7 @@ class App:
             config.session_ttl_s,
             config.startup_timeout_s,
             config.security,
+            SnapshotStore(config.snapshot_dir) if config.snapshot_dir else None,
         )
         self.decode_pool = BoundedPool("decode", config.decode_threads, config.decode_queue)
         # encoding is bounded by the sessions themselves (one chunk each at a time)

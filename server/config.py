@@ -30,6 +30,8 @@ class Limits:
     max_video_bytes: int = 64 << 20  # encoded v2v prefix video, bytes
     max_input_pixels: int = 7680 * 4320  # width x height of an input image / video frame
     max_num_steps: int = 256  # Euler steps per chunk a request may ask for
+    # seconds a session may outlive its broken call (GenerateRequest.detach_grace_s); 0 = none
+    max_detach_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_chunks < 1 << 32:
@@ -38,8 +40,13 @@ class Limits:
                 "means no cap: raise it for longer videos, or allow unbounded sessions)"
             )
         for name, value in self.__dict__.items():
-            if not isinstance(value, bool) and value <= 0:
+            if not isinstance(value, bool) and value <= 0 and name != "max_detach_grace_s":
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if not 0 <= self.max_detach_grace_s < float("inf"):  # NaN too
+            raise ValueError(
+                f"max_detach_grace_s must be >= 0 seconds (0: no reattach), got "
+                f"{self.max_detach_grace_s}"
+            )
         if self.max_width_px % 16 or self.max_height_px % 16:
             raise ValueError("max width and height must be multiples of 16")
 
@@ -103,6 +110,7 @@ class ServerConfig:
     decode_threads: int = 2  # thread pool decoding request images and prefix videos
     decode_queue: int = 8  # decodes running or waiting; one more is RESOURCE_EXHAUSTED
     encode_threads: int = 2  # thread pool encoding output chunks (never shared with decoding)
+    snapshot_dir: str | None = None  # the snapshot store: a path or fsspec URL; None = off
 
     def __post_init__(self) -> None:
         ports = (self.port, self.metrics_port, self.http_port or 0)

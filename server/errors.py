@@ -52,6 +52,14 @@ class NotForkable(ServiceError):
     """A fork at a chunk the source's fork history does not hold (or of a session forgotten)."""
 
 
+class ResumeNotFound(ServiceError):
+    """No snapshot of the caller's under that token."""
+
+
+class SnapshotUnusable(ServiceError):
+    """No store, no boundary yet, a changed file, another model's snapshot."""
+
+
 class Unavailable(ServiceError):
     """The worker is down or restarting, or the server is shutting down."""
 
@@ -71,6 +79,8 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     ServerFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotSteerable: grpc.StatusCode.FAILED_PRECONDITION,
     NotForkable: grpc.StatusCode.FAILED_PRECONDITION,
+    SnapshotUnusable: grpc.StatusCode.FAILED_PRECONDITION,
+    ResumeNotFound: grpc.StatusCode.NOT_FOUND,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

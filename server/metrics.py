@@ -25,6 +25,12 @@ class Metrics:
         self.sessions_queued = Gauge(
             "magistream_sessions_queued", "Sessions accepted and waiting for admission.", registry=r
         )
+        self.sessions_detached = Gauge(
+            "magistream_sessions_detached",
+            "Sessions whose call broke within their detach grace, paused until Attach or the "
+            "grace runs out.",
+            registry=r,
+        )
         self.sessions_finished = Counter(
             "magistream_sessions_finished",
             "Sessions ended, by final state and gRPC status code.",

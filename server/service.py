@@ -2,7 +2,8 @@
 
 Streams go: validate, open, yield, free. A client that disconnects or whose deadline passes
 arrives as CancelledError (or, if it happens while gRPC is sending, as the generator being
-closed): the session is cancelled and the worker frees it within one step.
+closed): the session is cancelled and the worker frees it within one step, or, when the request
+set a detach grace, detached until Attach streams it again (server/sessions.py).
 Errors are raised as server.errors exceptions; server.interceptors maps them to status codes.
 """
 
@@ -30,15 +31,18 @@ from server.interact import ClientReader
 from server.interceptors import deadline_passed
 from server.metrics import Metrics
 from server.pools import BoundedPool
-from server.sessions import LiveSession, SessionEnd, SessionManager
+from server.sessions import KeptChunk, LiveSession, SessionEnd, SessionManager
 from server.validation import (
     ServedModel,
     decode_inputs,
+    parse_attach,
     parse_cancel,
     parse_client_event,
+    parse_detach_grace,
     parse_generate,
     parse_get_session,
     parse_prompt_update,
+    parse_snapshot,
 )
 
 SESSION_ID_HEADER = "x-session-id"
@@ -65,10 +69,11 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
     async def StreamGenerate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        session = await self._open(parse_generate(request, self.model, self.limits))
+        grace = parse_detach_grace(request, self.limits)
+        session = await self._open(parse_generate(request, self.model, self.limits), grace)
         del request  # decoded: its bytes are not held while the session streams
-        await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
         with self._released_if_broken(session, lambda: _why_broken(context)):
+            await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
             async for item in self._events(session):
                 yield item
 
@@ -95,7 +100,8 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         if first is None:
             raise InvalidRequest("event", "the stream closed before its start event")
         parse_client_event(first, first=True)
-        session = await self._open(parse_generate(first.start, self.model, self.limits))
+        grace = parse_detach_grace(first.start, self.limits)
+        session = await self._open(parse_generate(first.start, self.model, self.limits), grace)
         del first  # decoded: its bytes are not held while the session streams
         await announce(session)
         reader = ClientReader(session, self.sessions, self.limits)
@@ -112,6 +118,23 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
                         reader.sent()
         finally:
             reader.stop()
+
+    async def Attach(
+        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        session_id, from_chunk = parse_attach(request)
+        session, kept = self.sessions.attach(session_id, from_chunk, current_principal.get())
+        with self._released_if_broken(session, lambda: _why_broken(context)):
+            await context.send_initial_metadata(((SESSION_ID_HEADER, session.id),))
+            async for item in self._events(session, kept):
+                yield item
+
+    async def SnapshotSession(
+        self, request: pb.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SnapshotResponse:
+        session_id = parse_snapshot(request)
+        token, from_chunk, size = await self.sessions.snapshot(session_id, current_principal.get())
+        return pb.SnapshotResponse(token=token, from_chunk=from_chunk, size_bytes=size)
 
     async def UpdatePrompt(
         self, request: pb.PromptUpdate, context: grpc.aio.ServicerContext
@@ -157,17 +180,19 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         self, session: LiveSession, why_broken: Callable[[], tuple[str, grpc.StatusCode]]
     ) -> Iterator[None]:
         """Around a call's event stream: a cancelled, disconnected or failed call frees its
-        session (and says why) before the error goes on."""
+        session (and says why) before the error goes on; a broken one with a detach grace
+        detaches it instead."""
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
-            self.sessions.release(session, *why_broken())
+            self.sessions.release(session, *why_broken(), detach=True)
             raise
         except Exception as e:
             self.sessions.release(session, f"its call failed: {e}")
             raise
+        self.sessions.release(session, "its call ended")  # ended: nothing more is kept
 
-    async def _open(self, params: SessionParams) -> LiveSession:
+    async def _open(self, params: SessionParams, detach_grace_s: float) -> LiveSession:
         """Wait for the caller's own session limit, decode the inputs off the event loop, then
         hand the session, owned by the caller, to the worker."""
         owner = current_principal.get()
@@ -180,19 +205,32 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
                 )
             # the encoded bytes go here, before the wait for the worker
             params = dataclasses.replace(params, image=image, video=video)
-            return await self.sessions.open(params, owner, slot)
+            session = await self.sessions.open(params, owner, slot)
         except BaseException:
             slot.release()  # no session holds it (a session that ended released it already)
             raise
+        session.detach_grace_s = detach_grace_s
+        return session
 
-    async def _events(self, session: LiveSession) -> AsyncIterator[pb.GenerateEvent]:
-        """started, then each chunk as it comes (encoded in the pool), then finished."""
+    async def _events(
+        self, session: LiveSession, kept: list[KeptChunk] | None = None
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        """started, then (on Attach) the `kept` chunks again, then each chunk as it comes
+        (encoded in the pool), then finished."""
         yield convert.started(session, self.model)
         first_chunk = True
+        for chunk in kept or ():
+            for message in _with_init(chunk.messages, session.kept.init_segment, first_chunk):
+                yield message
+            first_chunk = False
+        if session.unacked is not None:  # the broken call's last chunk has now gone out
+            self.sessions.chunk_streamed(session, session.unacked)
         while True:
             item = await session.next_event()
             if isinstance(item, ipc.ChunkReady):
-                for message in await self._encode(session, item, first_chunk):
+                messages = await self._encode(session, item, first_chunk)
+                self.sessions.chunk_taken(session, item, messages)
+                for message in messages:
                     yield message
                 first_chunk = False
                 self.sessions.chunk_streamed(session, item)
@@ -233,6 +271,19 @@ def _encode_chunk(
     ms = (time.perf_counter() - t0) * 1e3
     init = encoded.init_segment if first else b""
     return [convert.chunk(chunk, fps, ms, init, encoded.media_segment)], ms / 1e3
+
+
+def _with_init(
+    messages: list[pb.GenerateEvent], init_segment: bytes, first: bool
+) -> list[pb.GenerateEvent]:
+    """A kept chunk as a stream's first chunk event: fMP4 needs the init segment there."""
+    if not first or not init_segment or messages[0].chunk.init_segment:
+        return messages
+    head = pb.GenerateEvent()
+    head.CopyFrom(messages[0])
+    head.chunk.init_segment = init_segment
+    head.chunk.init_segment_size = len(init_segment)
+    return [head, *messages[1:]]
 
 
 def _why_broken(context: grpc.aio.ServicerContext) -> tuple[str, grpc.StatusCode]:

@@ -3,6 +3,10 @@
 The worker owns generation; this side owns everything a client can see: state, stats, the
 prompt timeline, and each session's event queue, which the stream reads in order (chunks,
 then the end). Ended sessions stay visible to GetSession for `ttl_s`, then are forgotten.
+
+A session with a detach grace outlives a broken call: it is detached (the server stops
+acknowledging chunks, so the engine pauses after two), keeps its last few encoded chunks, and
+is cancelled when the grace runs out unless Attach resumes it first.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ import logging
 import secrets
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
 
 from engine import ipc
 from engine.logs import event
+from engine.snapshot_format import SnapshotError
+from proto import video_generation_pb2 as pb
 from scheduler.session import SessionParams, SessionState
 from server.auth import ANONYMOUS
 from server.config import Security
@@ -27,17 +34,27 @@ from server.errors import (
     InvalidRequest,
     NotForkable,
     NotSteerable,
+    ResumeNotFound,
     ServerFull,
     SessionExists,
+    SessionFailed,
     SessionNotFound,
+    SnapshotUnusable,
     Unavailable,
 )
 from server.metrics import Metrics
 from server.quota import PrincipalQuota, Slot
+from server.snapshots import SnapshotNotFound, SnapshotStore
 from server.supervisor import Supervisor
-from server.validation import PromptSpec, complete_fork
+from server.validation import PromptSpec, complete_fork, complete_resume
 
 logger = logging.getLogger(__name__)
+
+# What a session with a detach grace keeps for Attach: its last chunks' wire messages, at most
+# this many, and no more bytes than this beyond the newest chunk (a 1280x720 RAW_RGB24 chunk is
+# 66 MB; fMP4 chunks are far smaller).
+KEPT_CHUNKS = 4
+KEPT_BYTES = 64 << 20
 
 
 # How an engine-side end reaches the client; FAILED (an engine error) is INTERNAL.
@@ -54,6 +71,53 @@ class SessionEnd:
     state: SessionState  # FINISHED / CANCELLED / FAILED
     code: grpc.StatusCode
     message: str
+
+
+class NotAttachable(SessionFailed):
+    """Attach refused, with its own code: FAILED_PRECONDITION (another call streams the session,
+    or the chunk is no longer kept) or NOT_FOUND (the session ended)."""
+
+
+@dataclass
+class KeptChunk:
+    index: int  # the chunk's output index
+    messages: list[pb.GenerateEvent]  # as the stream sent them (a header, then frames if raw)
+    nbytes: int
+
+
+class KeptChunks:
+    """A session's last encoded chunks, for a client that lost its call mid-chunk: the newest
+    always, older ones while within KEPT_CHUNKS and KEPT_BYTES."""
+
+    def __init__(self, most: int = KEPT_CHUNKS, most_bytes: int = KEPT_BYTES) -> None:
+        self.most, self.most_bytes = most, most_bytes
+        self._chunks: deque[KeptChunk] = deque()
+        self.nbytes = 0
+        self.init_segment = b""  # fMP4: every chunk's init segment is the same; kept once
+
+    def add(self, index: int, messages: list[pb.GenerateEvent]) -> None:
+        first = messages[0].chunk
+        if first.init_segment and not self.init_segment:
+            self.init_segment = first.init_segment
+        nbytes = sum(m.ByteSize() for m in messages)
+        self._chunks.append(KeptChunk(index, messages, nbytes))
+        self.nbytes += nbytes
+        while len(self._chunks) > 1 and (
+            len(self._chunks) > self.most or self.nbytes > self.most_bytes
+        ):
+            self.nbytes -= self._chunks.popleft().nbytes
+
+    @property
+    def oldest(self) -> int | None:
+        return self._chunks[0].index if self._chunks else None
+
+    def since(self, index: int) -> list[KeptChunk]:
+        return [c for c in self._chunks if c.index >= index]
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.nbytes = 0
+        self.init_segment = b""
 
 
 @dataclass
@@ -100,7 +164,7 @@ class LiveSession:
         self.owner = owner  # the principal that opened it; only it (and admins) may see it
         self.slot = slot  # its claim on the owner's session limit, released when it ends
         # the request as opened, without its image or video: nothing is held past need
-        self.spec = dataclasses.replace(params, image=None, video=None)
+        self.spec = dataclasses.replace(params, image=None, video=None, resume=None)
         self.seed = params.seed
         self.state = SessionState.QUEUED
         self.progressed = False  # a SessionProgress has been applied (newer than the open's answer)
@@ -117,6 +181,15 @@ class LiveSession:
         self.frames_done = 0  # frames streamed
         self.end: SessionEnd | None = None
         self._events: asyncio.Queue[ipc.ChunkReady | SessionEnd | object] = asyncio.Queue()
+        # Reattach (GenerateRequest.detach_grace_s; 0: a broken call cancels it)
+        self.detach_grace_s = 0.0
+        self.attached = True  # a call streams it (the one that opened it, or an Attach)
+        self.detached_at: float | None = None  # since when it waits for Attach, paused
+        self.expiry: asyncio.TimerHandle | None = None  # cancels it when the grace runs out
+        self.kept = KeptChunks()  # its last chunks' messages (only with a grace)
+        self.next_chunk = params.fork.at_chunk if params.fork is not None else 0  # to stream
+        # taken from the queue and not yet acknowledged: its call broke while sending it
+        self.unacked: ipc.ChunkReady | None = None
 
     @property
     def ended(self) -> bool:
@@ -132,10 +205,26 @@ class LiveSession:
     def push(self, item: ipc.ChunkReady | SessionEnd | object) -> None:
         self._events.put_nowait(item)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing waits to be sent: no queued event, no chunk whose sending was cut short."""
+        return self._events.empty() and self.unacked is None
+
     def drop_events(self) -> None:
         """Its stream is gone: chunks nobody will read are not kept for the TTL."""
         while not self._events.empty():
             self._events.get_nowait()
+        self.kept.clear()
+
+    def drop_acks(self) -> None:
+        """A broken Interact call's prompt acks (and protocol errors) were its own: an Attach
+        gets the output only."""
+        items = []
+        while not self._events.empty():
+            items.append(self._events.get_nowait())
+        for item in items:
+            if isinstance(item, ipc.ChunkReady | SessionEnd):
+                self._events.put_nowait(item)
 
 
 class SessionManager:
@@ -146,8 +235,10 @@ class SessionManager:
         ttl_s: float,
         startup_timeout_s: float,
         security: Security | None = None,
+        store: SnapshotStore | None = None,
     ) -> None:
         security = security or Security()
+        self.store = store  # --snapshot-dir; None: snapshots off
         self.admins = frozenset(security.admin_principals)
         self.quota = PrincipalQuota(security.principal_max_sessions, security.principal_max_queued)
         self.supervisor = supervisor
@@ -159,6 +250,7 @@ class SessionManager:
         self.draining = False
         self._opening: dict[str, asyncio.Future] = {}
         self._prompts: dict[int, asyncio.Future] = {}
+        self._snapshots: dict[int, asyncio.Future] = {}
         self._request_ids = itertools.count(1)
         self._chunk_interval_s: float | None = None  # smoothed, for the retry hint
 
@@ -171,15 +263,23 @@ class SessionManager:
         or queued. The record goes down as it is, with the session id and seed now set. The
         session belongs to `owner`; `slot` (its claim on the owner's limit) is released when
         it ends."""
-        source = None
+        source, snapshot = None, None
         if params.fork is not None:  # only the owner's own session: NOT_FOUND otherwise
             source = self.get(params.fork.session_id, owner)
             params = complete_fork(params, source.spec)
+        if isinstance(params.resume, str):  # the token: the file from the store
+            data, snapshot = await self._read_snapshot(params.resume, owner)
+            params = complete_resume(params, snapshot, data)
         params = await self._reserve(params, owner, slot)
         session = self.sessions[params.session_id]
         if source is not None:
             session.timeline, session.prompt_version = fork_timeline(source, params)
             session.initial_timeline = session.timeline
+        if snapshot is not None:  # the timeline with its versions, in output indices
+            prefix = snapshot["spec"]["prefix_chunks"]
+            session.timeline = tuple((f - prefix, t, v) for f, t, v in snapshot["timeline"])
+            session.initial_timeline = session.timeline
+            session.prompt_version = max((v for _, _, v in session.timeline), default=0)
         try:
             answer = await self._ask(self._opening, session.key, ipc.OpenSession(params))
         except asyncio.CancelledError:  # the client left while we waited for the worker
@@ -196,6 +296,8 @@ class SessionManager:
                 raise RuntimeError(f"the engine could not open the session: {answer.message}")
             if answer.reason == "fork":
                 raise NotForkable(answer.message.replace(params.fork.session_id, source.id))
+            if answer.reason == "snapshot":
+                raise SnapshotUnusable(answer.message)
             raise InvalidRequest("request", answer.message)
         if not session.ended and not session.progressed:
             # events that came with the answer (admission, an end) were applied while this
@@ -213,6 +315,50 @@ class SessionManager:
             queue_position=answer.queue_position,
         )
         return session
+
+    async def _read_snapshot(self, token: str, owner: str) -> tuple[bytes, dict]:
+        """The snapshot file a resume token names, and its header; only its taker's."""
+        store = self._store()
+        try:  # file I/O (maybe over a network): off the event loop
+            data, meta = await asyncio.to_thread(store.get, token)
+        except SnapshotNotFound as e:
+            raise ResumeNotFound(str(e)) from None
+        except SnapshotError as e:
+            raise SnapshotUnusable(str(e)) from None
+        if meta.get("owner") != owner:  # worded as for a token never written: nothing leaks
+            raise ResumeNotFound(
+                "no snapshot with that token in this server's store (was it written by a server "
+                "that shares this --snapshot-dir?)"
+            )
+        return data, meta
+
+    def _store(self) -> SnapshotStore:
+        if self.store is None:
+            raise SnapshotUnusable(
+                "snapshots are off on this server: start it with --snapshot-dir (a directory "
+                "its replicas share, or an fsspec URL)"
+            )
+        return self.store
+
+    async def snapshot(self, session_id: str, owner: str) -> tuple[str, int, int]:
+        """Write `owner`'s session at its newest chunk boundary to the store: (token, the
+        chunk a resume streams from, the file's size)."""
+        session = self.get(session_id, owner)  # NOT_FOUND for anyone else's
+        store = self._store()
+        request_id = next(self._request_ids)
+        command = ipc.TakeSnapshot(request_id, session.key, owner)
+        answer = await self._ask(self._snapshots, request_id, command)
+        if answer.data is None:
+            raise SnapshotUnusable(answer.error.replace(session.key, session.id))
+        token = await asyncio.to_thread(store.put, answer.data)
+        event(
+            logger,
+            "session.snapshot",
+            session.key,
+            bytes=len(answer.data),
+            from_chunk=answer.from_chunk,
+        )
+        return token, answer.from_chunk, len(answer.data)
 
     async def _reserve(self, params: SessionParams, owner: str, slot: Slot | None) -> SessionParams:
         """Claim the session id in the owner's namespace once the worker is up (or refuse); the
@@ -284,11 +430,13 @@ class SessionManager:
     ) -> SessionState:
         """End a session now (the worker frees it within one step); its state afterwards.
         Callers find the session first (`get`, or `visible` for a client's call)."""
-        if session.ended:
-            return session.state
-        if self.supervisor.ready.is_set():
-            self.supervisor.send(ipc.CancelSession(session.key))
-        self._end(session, state, code, reason)
+        if not session.ended:
+            if self.supervisor.ready.is_set():
+                self.supervisor.send(ipc.CancelSession(session.key))
+            self._end(session, state, code, reason)
+        if session.detached_at is not None:  # nobody reads it, and Attach now finds it ended
+            self._undetach(session)
+            session.drop_events()
         return session.state
 
     def get(self, session_id: str, owner: str = ANONYMOUS) -> LiveSession:
@@ -344,17 +492,101 @@ class SessionManager:
         session.last_chunk_at = now
         session.chunks_done += 1
         session.frames_done += chunk.frame_count
+        session.unacked = None
         if not session.ended and self.supervisor.ready.is_set():
             self.supervisor.send(ipc.Consumed(session.key))
 
-    def release(
-        self, session: LiveSession, reason: str, code: grpc.StatusCode = grpc.StatusCode.CANCELLED
+    def chunk_taken(
+        self, session: LiveSession, chunk: ipc.ChunkReady, messages: list[pb.GenerateEvent]
     ) -> None:
-        """The stream is over; a session still going has lost its client. What it had not
-        sent is dropped: an ended session keeps its summary only."""
+        """The stream is about to send this chunk: keep its messages for Attach (with a grace),
+        before a broken call can lose them."""
+        session.unacked = chunk
+        session.next_chunk = chunk.chunk_index + 1
+        if session.detach_grace_s:
+            session.kept.add(chunk.chunk_index, messages)
+
+    def release(
+        self,
+        session: LiveSession,
+        reason: str,
+        code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+        detach: bool = False,
+    ) -> None:
+        """The stream is over; a session still going has lost its client. `detach` (its call
+        broke) with a grace and something left to send: it waits for Attach. Otherwise what it
+        had not sent is dropped: an ended session keeps its summary only."""
+        session.attached = False
+        if detach and session.detach_grace_s and not (session.ended and session.empty):
+            self._detach(session)
+            return
         if not session.ended:
             self.cancel(session, reason, code=code)
         session.drop_events()
+
+    def attach(
+        self, session_id: str, from_chunk: int, owner: str
+    ) -> tuple[LiveSession, list[KeptChunk]]:
+        """`owner`'s detached session, now attached to a new call, and the kept chunks to send
+        again from `from_chunk` on; the rest follow from its queue."""
+        session = self.get(session_id, owner)  # NOT_FOUND for anyone else's
+        if session.attached:
+            raise NotAttachable(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {session_id!r} is streaming to another call; one reader at a time: "
+                "break that call first",
+            )
+        if session.detached_at is None:
+            why = f" ({session.end.message})" if session.end and session.end.message else ""
+            raise NotAttachable(
+                grpc.StatusCode.NOT_FOUND,
+                f"session {session_id!r} has ended ({session.state.value}{why}); there is "
+                "nothing to attach to",
+            )
+        oldest = session.kept.oldest if session.kept.oldest is not None else session.next_chunk
+        if from_chunk < oldest:
+            raise NotAttachable(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {session_id!r}: chunk {from_chunk} is no longer kept; the oldest kept "
+                f"is chunk {oldest} (the last {KEPT_CHUNKS} streamed); attach from {oldest}..."
+                f"{session.next_chunk}",
+            )
+        if from_chunk > session.next_chunk:
+            raise InvalidRequest(
+                "from_chunk",
+                f"{from_chunk} is past the session's next chunk {session.next_chunk}; use "
+                f"{oldest}..{session.next_chunk}",
+            )
+        self._undetach(session)
+        session.attached = True
+        session.drop_acks()
+        event(logger, "session.attached", session.key, from_chunk=from_chunk)
+        return session, session.kept.since(from_chunk)
+
+    def _detach(self, session: LiveSession) -> None:
+        session.detached_at = time.monotonic()
+        session.expiry = asyncio.get_running_loop().call_later(
+            session.detach_grace_s, self._expire, session
+        )
+        self._refresh_gauges()
+        event(
+            logger,
+            "session.detached",
+            session.key,
+            grace_s=session.detach_grace_s,
+            next_chunk=session.next_chunk,
+        )
+
+    def _expire(self, session: LiveSession) -> None:
+        """Its grace ran out with no Attach: cancel it (if it still runs) and drop what it kept."""
+        self._undetach(session)
+        self.cancel(session, f"detached longer than its grace ({session.detach_grace_s:g} s)")
+        session.drop_events()
+
+    def _undetach(self, session: LiveSession) -> None:
+        session.expiry.cancel()
+        session.expiry = session.detached_at = None
+        self._refresh_gauges()
 
     def retry_after_ms(self) -> int:
         """About when a slot may free up: a chunk's time (a session may finish by then)."""
@@ -380,6 +612,8 @@ class SessionManager:
             self._answer(self._opening.get(message.session_id), message)
         elif isinstance(message, ipc.PromptApplied | ipc.PromptRejected):
             self._answer(self._prompts.get(message.request_id), message)
+        elif isinstance(message, ipc.SnapshotTaken):
+            self._answer(self._snapshots.get(message.request_id), message)
         elif isinstance(message, ipc.DeviceMemory):
             self.worker.memory = message
             self.metrics.observe_device_memory(message)
@@ -419,7 +653,7 @@ class SessionManager:
         """The worker died: every request waiting on it and every live session fails."""
         self.worker.memory = None
         self.metrics.observe_device_memory(None)
-        for reply in [*self._opening.values(), *self._prompts.values()]:
+        for reply in [*self._opening.values(), *self._prompts.values(), *self._snapshots.values()]:
             if not reply.done():
                 reply.set_exception(Unavailable(message))
         for session in self.live():
@@ -448,6 +682,8 @@ class SessionManager:
         )
 
     def _refresh_gauges(self) -> None:
+        detached = sum(s.detached_at is not None for s in self.sessions.values())
+        self.metrics.sessions_detached.set(detached)
         live = self.live()
         self.metrics.sessions_active.set(sum(s.state == SessionState.RUNNING for s in live))
         self.metrics.sessions_queued.set(sum(s.state == SessionState.QUEUED for s in live))

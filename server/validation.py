@@ -20,6 +20,7 @@ from scheduler.session import ForkSource, SessionParams
 from server import media
 from server.config import GRPC_MESSAGE_BYTES, RAW_FRAME_OVERHEAD_BYTES, Limits
 from server.errors import InvalidRequest
+from server.snapshots import TOKEN as RESUME_TOKEN
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Control calls may name another principal's session as OWNER/ID (admins; server/sessions.py)
@@ -98,7 +99,11 @@ def parse_generate(
     if request.session_id and not SESSION_ID.fullmatch(request.session_id):
         raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-], or empty")
     if request.HasField("fork"):
+        if request.resume:
+            raise InvalidRequest("fork", "a request forks or resumes, not both; drop one")
         return _parse_fork(request, limits)
+    if request.resume:
+        return _parse_resume(request)
     mode = _mode(request)
     num_chunks = _num_chunks(request, limits)
     width, height = _size(request, model, limits)
@@ -127,6 +132,24 @@ def parse_generate(
         image=image,
         video=video,
     )
+
+
+def parse_detach_grace(request: pb.GenerateRequest, limits: Limits) -> float:
+    """How long, in seconds, the session outlives a broken call (0: it is cancelled)."""
+    grace, most = request.detach_grace_s, limits.max_detach_grace_s
+    if grace == 0:
+        return 0.0
+    if not most:
+        raise InvalidRequest(
+            "detach_grace_s",
+            f"{grace:g} s asked, but reattach is disabled on this server "
+            "(--max-detach-grace-s 0); send 0",
+        )
+    if not 0 < grace <= most:  # NaN and infinities too
+        raise InvalidRequest(
+            "detach_grace_s", f"{grace:g} is not allowed; use 0 (no reattach) or up to {most:g} s"
+        )
+    return grace
 
 
 # what a fork takes from its source: the fields a fork request must leave unset (the first
@@ -177,6 +200,60 @@ def _parse_fork(request: pb.GenerateRequest, limits: Limits) -> SessionParams:
         output_encoding=request.output_encoding,
         fork=ForkSource(fork.session_id, fork.at_chunk),
     )
+
+
+def _parse_resume(request: pb.GenerateRequest) -> SessionParams:
+    """A resume as far as the edge can check it; `complete_resume` fills in the snapshot."""
+    given = [n for n in _FORK_INHERITS_PRESENT if request.HasField(n)]
+    given += [n for n in _FORK_INHERITS_SCALAR if getattr(request, n)]
+    given += ["timeline"] if request.timeline else []
+    if given:
+        raise InvalidRequest(
+            given[0],
+            "a resume takes its snapshot's size, seed, mode, sampling, length and timeline; "
+            f"leave {given[0]} unset (push prompts once it runs)",
+        )
+    if not RESUME_TOKEN.fullmatch(request.resume):  # (server/snapshots.py makes them)
+        raise InvalidRequest(
+            "resume",
+            "not a resume token: SnapshotSession returns one (32 hex digits, a dot, 64 more)",
+        )
+    return SessionParams(
+        session_id=request.session_id,
+        prompts=(),
+        num_chunks=None,
+        width=0,
+        height=0,
+        seed=None,
+        output_encoding=request.output_encoding,
+        resume=request.resume,
+    )
+
+
+def complete_resume(params: SessionParams, meta: dict, data: bytes) -> SessionParams:
+    """The resumed session's record from its snapshot's header (engine/snapshot_format.py)."""
+    spec = meta["spec"]
+    prefix = spec["prefix_chunks"]
+    encoding = params.output_encoding or pb.OUTPUT_ENCODING_UNSPECIFIED
+    return SessionParams(
+        session_id=params.session_id,
+        prompts=tuple((f - prefix, text) for f, text, _ in meta["timeline"]),
+        num_chunks=spec["generated_total"],
+        width=spec["width"],
+        height=spec["height"],
+        seed=spec["seed"],
+        mode=spec["mode"],
+        num_steps=spec["num_steps"],
+        shortcut_mode=spec["shortcut_mode"],
+        text_scales=_tuple_or_none(spec["text_scales"]),
+        prev_chunk_scales=_tuple_or_none(spec["prev_chunk_scales"]),
+        output_encoding=_encoding(encoding, spec["width"], spec["height"]),
+        resume=data,
+    )
+
+
+def _tuple_or_none(value) -> tuple | None:
+    return None if value is None else tuple(value)
 
 
 def complete_fork(params: SessionParams, source: SessionParams) -> SessionParams:
@@ -488,6 +565,22 @@ def parse_cancel(request: pb.CancelSessionRequest, stream_session: str | None = 
 
 def parse_get_session(request: pb.GetSessionRequest) -> str:
     return _session_id(request.session_id, None)
+
+
+def parse_snapshot(request: pb.SnapshotRequest) -> str:
+    """One of the caller's own sessions (not OWNER/ID: a snapshot is its owner's alone)."""
+    if not SESSION_ID.fullmatch(request.session_id):
+        raise InvalidRequest("session_id", "must be 1-64 characters of [A-Za-z0-9._-]")
+    return request.session_id
+
+
+def parse_attach(request: pb.AttachRequest) -> tuple[str, int]:
+    """(session id, first chunk): only the owner attaches, so the id is a plain one."""
+    if not SESSION_ID.fullmatch(request.session_id):
+        raise InvalidRequest(
+            "session_id", "name the session to attach to: 1-64 characters of [A-Za-z0-9._-]"
+        )
+    return request.session_id, request.from_chunk
 
 
 def parse_client_event(event: pb.ClientEvent, first: bool) -> str:

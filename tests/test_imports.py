@@ -102,7 +102,13 @@ def test_engine_imports_no_server_and_no_client():
 
 # The server process speaks to the engine process through these torch-free modules, and reads
 # model configs to validate requests; nothing else of engine/ or model/ may load in it.
-SERVER_MAY_USE = ("engine.ipc", "engine.launch", "engine.logs", "model.config")
+SERVER_MAY_USE = (
+    "engine.ipc",
+    "engine.launch",
+    "engine.logs",
+    "engine.snapshot_format",
+    "model.config",
+)
 
 
 def imported_modules(source: str) -> dict[str, list[int]]:

@@ -40,8 +40,8 @@ def test_quick_cpu_run_fills_every_part_with_numbers(tmp_path):
             text = " ".join(row)
             assert not re.search(r"\b(error|skipped|FAIL)\b", text), f"{title}: {row}"
             assert any(NUMBER.match(cell) for cell in row[1:]), f"{title}: no number in {row}"
-    # part 2: both sizes of both variants; part 3: each session count
-    assert len(printed[next(t for t in printed if t.startswith("2."))]) == 4
+    # part 2: each size (one in --quick) of both variants; part 3: each session count
+    assert len(printed[next(t for t in printed if t.startswith("2."))]) == 2
     assert [r[0] for r in printed[next(t for t in printed if t.startswith("3."))]] == ["1", "2"]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert tuple(saved["parts"]) == PARTS

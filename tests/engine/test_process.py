@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine import ipc
-from engine.process import WorkerLoop, _load_engine, engine_device
+from engine.process import WorkerLoop, _load_engine, engine_device, exact_fp32
 from scheduler.session import SessionParams, SessionState
 from server.config import WorkerConfig
 
@@ -168,3 +168,16 @@ def test_device_auto_is_the_cpu_here_and_cuda_fails_at_start_saying_why():
         engine_device("cuda:1", local_rank=0)
     with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
         WorkerConfig(model_folder=Path("m"), device="gpu")
+
+
+def test_a_cuda_engine_keeps_fp32_out_of_tf32():
+    """What engine_device sets when it picks a CUDA device (runnable without one: the flags
+    are plain settings)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        exact_fp32()
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

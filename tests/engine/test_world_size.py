@@ -11,7 +11,7 @@ import torch
 from engine import ranks
 from engine.engine import Engine
 from engine.ranks import FollowerStats, RankGroup, StepLink, load_rank, serve_follower
-from scheduler.session import SessionParams
+from scheduler.session import ForkSource, SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
 
@@ -45,10 +45,13 @@ def _rank(rank: int, world: int, process_group, folder: str):
         engine.open(SessionParams("again", ((0, PROMPT), (1, SWITCH)), 3, 64, 64, seed=3))
         engine.open(SessionParams("beside", ((0, "a blue box"),), 2, 64, 64, seed=4))
         again = {d.chunk_index: d for d in engine.run_until_idle() if d.session_id == "again"}
+        # and a fork of it at chunk 1 (every rank restores its own tensors from its marks)
+        engine.open(SessionParams("fork", (), 3, 64, 64, seed=3, fork=ForkSource("again", 1)))
+        forked = {d.chunk_index: d.latent for d in engine.run_until_idle()}
         engine.sync()
         link.close()
     batched = ({c: d.latent for c, d in again.items()}, {c: d.frames for c, d in again.items()})
-    return (*result, held_after_the_end, link.stats, forward.stats, batched)
+    return (*result, held_after_the_end, link.stats, forward.stats, batched, forked)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ def single_rank(tiny_model):
 def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, held, link, forward, batched), *followers = ranks.launch(
+    (latents, frames, from_chunk, held, link, forward, batched, forked), *followers = ranks.launch(
         _rank, world, str(tiny_folder)
     )
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]
@@ -78,8 +81,10 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     assert sorted(batched[0]) == [0, 1, 2]
     for c in latents:
         assert torch.equal(batched[0][c], latents[c]) and torch.equal(batched[1][c], frames[c])
-    # the chunks' decodes were split over the ranks (one decode per finished chunk: 3 + 3 + 2)
-    assert {f.decodes for f in followers} == {8}
+    assert sorted(forked) == [1, 2] and all(torch.equal(forked[c], latents[c]) for c in forked)
+    # the chunks' decodes were split over the ranks (one per finished chunk: 3 + 3 + 2, and the
+    # fork's 2 plus chunk 0, which it decodes for its frame count without streaming it)
+    assert {f.decodes for f in followers} == {11}
     # the plans are small next to the forwards they drive (the prompt and nothing else)
     assert link.send_s < forward.forward_s
     print(

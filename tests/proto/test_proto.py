@@ -27,6 +27,8 @@ API = {
     "GetSession": ("GetSessionRequest", "SessionInfo", False, False),
     "ListModels": ("ListModelsRequest", "ListModelsResponse", False, False),
     "ListSessions": ("ListSessionsRequest", "ListSessionsResponse", False, False),
+    "Attach": ("AttachRequest", "GenerateEvent", False, True),
+    "SnapshotSession": ("SnapshotRequest", "SnapshotResponse", False, False),
 }
 
 
@@ -136,6 +138,7 @@ def _request() -> pb.GenerateRequest:
         sampling=pb.Sampling(num_steps=16),
         output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
         session_id="demo-1",
+        detach_grace_s=30.0,
     )
 
 
@@ -165,6 +168,11 @@ EXAMPLES: dict[str, Message] = {
     "PromptUpdate": _update(),
     "CancelSessionRequest": pb.CancelSessionRequest(session_id="demo-1"),
     "GetSessionRequest": pb.GetSessionRequest(session_id="demo-1"),
+    "AttachRequest": pb.AttachRequest(session_id="demo-1", from_chunk=5),
+    "SnapshotRequest": pb.SnapshotRequest(session_id="demo-1"),
+    "SnapshotResponse": pb.SnapshotResponse(
+        token="0123456789abcdef0123456789abcdef." + "ab" * 32, from_chunk=3, size_bytes=4_000_000
+    ),
     "ListModelsRequest": pb.ListModelsRequest(),
     "ClientEvent": pb.ClientEvent(start=_request()),
     "PromptAck": _ack(),

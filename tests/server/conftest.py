@@ -66,10 +66,14 @@ def start_server(tiny_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server) -> ServerProcess:
+def server(start_server, tmp_path_factory) -> ServerProcess:
     """The shared server: small limits so validation tests can reach them; the HTTP port on
-    (tests/server/test_realtime.py)."""
-    return start_server(
+    (tests/server/test_realtime.py); a snapshot store (`server.snapshot_dir`,
+    tests/server/test_snapshot.py starts a second replica on it)."""
+    snapshots = tmp_path_factory.mktemp("snapshots")
+    server = start_server(
+        "--snapshot-dir",
+        str(snapshots),
         "--http-port",
         "0",
         "--max-sessions",
@@ -87,3 +91,5 @@ def server(start_server) -> ServerProcess:
         "--max-pixels",
         "1000000",
     )
+    server.snapshot_dir = snapshots
+    return server

@@ -112,6 +112,12 @@ def call_every_rpc(stub: pb_grpc.VideoGenerationStub, metadata) -> dict[str, grp
                 timeout=10,
             )
         ),
+        "Attach": lambda: next(
+            stub.Attach(pb.AttachRequest(session_id="nope"), metadata=metadata, timeout=10)
+        ),
+        "SnapshotSession": lambda: stub.SnapshotSession(
+            pb.SnapshotRequest(session_id="nope"), metadata=metadata
+        ),
     }
     codes = {}
     for name, call in calls.items():
@@ -134,11 +140,12 @@ def test_every_rpc_needs_a_valid_token_and_health_stays_open(token_server):
         codes = call_every_rpc(stub, bearer("bob"))
         assert codes["ListModels"] == codes["ListSessions"] == grpc.StatusCode.OK
         assert codes["GetSession"] == codes["UpdatePrompt"] == grpc.StatusCode.NOT_FOUND
+        assert codes["Attach"] == codes["SnapshotSession"] == grpc.StatusCode.NOT_FOUND
         assert codes["StreamGenerate"] == grpc.StatusCode.OK
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert token_server.metric("magistream_auth_failures_total", 'reason="missing"') == before + 7
-    assert token_server.metric("magistream_auth_failures_total", 'reason="invalid_token"') >= 7
+    assert token_server.metric("magistream_auth_failures_total", 'reason="missing"') == before + 9
+    assert token_server.metric("magistream_auth_failures_total", 'reason="invalid_token"') >= 9
     unauthenticated = token_server.metric(
         "magistream_grpc_calls_total",
         'code="UNAUTHENTICATED",method="/magistream.v1.VideoGeneration/GetSession"',

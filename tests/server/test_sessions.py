@@ -25,6 +25,7 @@ from server.errors import (
     ServerFull,
     SessionExists,
     SessionNotFound,
+    SnapshotUnusable,
     Unavailable,
 )
 from server.metrics import Metrics
@@ -565,3 +566,14 @@ async def test_ended_sessions_are_forgotten_after_the_ttl(engine, manager):
         manager.get("ended")
     assert manager.get("live") is live
     assert (await open_session(engine, manager, params(session_id="ended"))).id == "ended"
+
+
+# ---- snapshots --------------------------------------------------------------------------------
+
+
+async def test_a_server_without_a_snapshot_store_says_how_to_get_one(engine, manager):
+    await open_session(engine, manager, params(session_id="s"))
+    with pytest.raises(SnapshotUnusable, match="start it with --snapshot-dir"):
+        await manager.snapshot("s", ANONYMOUS)
+    with pytest.raises(SessionNotFound):  # the owner's own sessions only, store or not
+        await manager.snapshot("s", "mallory")
