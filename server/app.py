@@ -26,6 +26,7 @@ from scheduler.session import SessionState
 from server.auth import AuthInterceptor, Credentials
 from server.config import MAX_SEND_BYTES, ServerConfig
 from server.encode import VideoEncoding
+from server.errors import ServiceError
 from server.interceptors import StatusInterceptor
 from server.memory import Reclaimer
 from server.metrics import Metrics
@@ -238,6 +239,7 @@ class App:
         self.sessions.draining = True
         await self._set_health(False)
         deadline = time.monotonic() + self.config.grace_period_s
+        await self._snapshot_the_unfinishable()
         while self.sessions.live() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for session in self.sessions.live():
@@ -250,6 +252,37 @@ class App:
             )
         # Streams still open get to send their `finished` event before the port closes.
         await self.server.stop(grace=5.0)
+
+    async def _snapshot_the_unfinishable(self) -> None:
+        """With a snapshot store, the sessions that will not finish within the grace period
+        (by the chunks they have left and the recent chunk interval) are written to it now and
+        end UNAVAILABLE with the resume token in their trailing metadata: the client continues
+        them on another replica (the SDK on its own), at the cost of a pause. Detached
+        sessions, whose client could not get the token, are cancelled at once instead of
+        holding the drain to its end."""
+        grace = self.config.grace_period_s
+        for session in self.sessions.live():
+            if session.detached_at is not None:
+                self.sessions.cancel(session, "the server is shutting down; it was detached")
+                continue
+            if self.sessions.store is None or session.ended:
+                continue
+            left = session.spec.num_chunks and session.spec.num_chunks - session.chunks_done
+            if left and left * self.sessions.chunk_interval_s() <= grace:
+                continue  # it will finish in time
+            try:
+                token, from_chunk, _ = await self.sessions.snapshot(session.id, session.owner)
+            except ServiceError as e:  # no boundary yet, say: the grace period decides
+                event(logger, "session.drain_snapshot_failed", session.key, error=str(e))
+                continue
+            self.sessions.cancel(
+                session,
+                reason="the server is shutting down; the session was saved: resume it with the "
+                "x-resume-token of this call's trailing metadata (the SDK does so on its own)",
+                state=SessionState.FAILED,
+                code=grpc.StatusCode.UNAVAILABLE,
+                resume=(token, from_chunk),
+            )
 
     async def _shutdown(self, metrics_http) -> None:
         await self.server.stop(grace=None)

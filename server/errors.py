@@ -65,11 +65,22 @@ class Unavailable(ServiceError):
 
 
 class SessionFailed(ServiceError):
-    """A session ended with a non-OK status; its stream ends with that status."""
+    """A session ended with a non-OK status; its stream ends with that status. `resume`: the
+    snapshot it was written to on the way out (a drain), sent in the trailing metadata as
+    x-resume-token and x-resume-from-chunk so that the client can continue it elsewhere."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, resume: tuple[str, int] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.resume = resume
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.resume is None:
+            return ()
+        token, from_chunk = self.resume
+        return (("x-resume-token", token), ("x-resume-from-chunk", str(from_chunk)))
 
 
 STATUS: dict[type[ServiceError], grpc.StatusCode] = {

@@ -241,7 +241,7 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
             elif isinstance(item, SessionEnd):
                 yield convert.finished(session)
                 if item.state == SessionState.FAILED:
-                    raise SessionFailed(item.code, item.message)
+                    raise SessionFailed(item.code, item.message, item.resume)
                 return
 
     async def _encode(

@@ -71,6 +71,7 @@ class SessionEnd:
     state: SessionState  # FINISHED / CANCELLED / FAILED
     code: grpc.StatusCode
     message: str
+    resume: tuple[str, int] | None = None  # (token, from chunk): written to a snapshot first
 
 
 class NotAttachable(SessionFailed):
@@ -427,13 +428,15 @@ class SessionManager:
         reason: str,
         state: SessionState = SessionState.CANCELLED,
         code: grpc.StatusCode = grpc.StatusCode.CANCELLED,
+        resume: tuple[str, int] | None = None,
     ) -> SessionState:
         """End a session now (the worker frees it within one step); its state afterwards.
-        Callers find the session first (`get`, or `visible` for a client's call)."""
+        Callers find the session first (`get`, or `visible` for a client's call). `resume`:
+        the snapshot it was just written to, for its client (a drain)."""
         if not session.ended:
             if self.supervisor.ready.is_set():
                 self.supervisor.send(ipc.CancelSession(session.key))
-            self._end(session, state, code, reason)
+            self._end(session, state, code, reason, resume)
         if session.detached_at is not None:  # nobody reads it, and Attach now finds it ended
             self._undetach(session)
             session.drop_events()
@@ -588,6 +591,10 @@ class SessionManager:
         session.expiry = session.detached_at = None
         self._refresh_gauges()
 
+    def chunk_interval_s(self) -> float:
+        """The recent time between two chunks of a stream (smoothed over all); 1 s before any."""
+        return self._chunk_interval_s or 1.0
+
     def retry_after_ms(self) -> int:
         """About when a slot may free up: a chunk's time (a session may finish by then)."""
         interval = self._chunk_interval_s or 1.0
@@ -660,9 +667,14 @@ class SessionManager:
             self._end(session, SessionState.FAILED, grpc.StatusCode.UNAVAILABLE, message)
 
     def _end(
-        self, session: LiveSession, state: SessionState, code: grpc.StatusCode, message: str
+        self,
+        session: LiveSession,
+        state: SessionState,
+        code: grpc.StatusCode,
+        message: str,
+        resume: tuple[str, int] | None = None,
     ) -> None:
-        session.end = SessionEnd(state, code, message)
+        session.end = SessionEnd(state, code, message, resume)
         session.state = state
         session.ended_at = time.monotonic()
         session.push(session.end)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -21,18 +22,15 @@ from tests.server.helpers import stub
 
 
 def request(sid: str, **fields) -> pb.GenerateRequest:
+    settings = dict(num_chunks=6, width_px=32, height_px=32, seed=5)
     return pb.GenerateRequest(
         session_id=sid,
         timeline=[
             pb.TimelineEntry(text="a red ball rolls"),
             pb.TimelineEntry(from_chunk=3, text="x"),
         ],
-        num_chunks=6,
-        width_px=32,
-        height_px=32,
-        seed=5,
         output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
-        **fields,
+        **{**settings, **fields},
     )
 
 
@@ -234,3 +232,52 @@ def test_magi_client_snapshot_and_resume(pair, tmp_path):
         check=True,
     )
     assert int(probe.stdout.strip()) == 24 * (6 - first)
+
+
+def test_a_drain_saves_the_sessions_that_would_not_finish_and_they_resume_elsewhere(
+    pair, store, start_server
+):
+    """SIGTERM: an unbounded session cannot finish in the grace period, so it is written to
+    the store at once and its call ends UNAVAILABLE with the token in the trailers; another
+    replica continues it bit for bit."""
+    _, b = pair
+    unbounded = dict(num_chunks=0, unbounded=True)
+    with grpc.insecure_channel(b.address) as channel:
+        reference = stub(channel).StreamGenerate(request("drain-ref", **unbounded), timeout=120)
+        want = {}
+        for e in reference:
+            if e.HasField("chunk"):
+                want[e.chunk.chunk_index] = []
+            elif e.HasField("frame"):
+                want[e.frame.chunk_index].append(e.frame.rgb24)
+                if e.frame.chunk_index == 5 and e.frame.last_in_chunk:
+                    break
+        reference.cancel()
+    leaving = start_server("--snapshot-dir", str(store), "--grace-period-s", "30")
+    with grpc.insecure_channel(leaving.address) as channel:
+        call = stub(channel).StreamGenerate(request("drained", **unbounded), timeout=120)
+        events = []
+        with pytest.raises(grpc.RpcError) as ended:
+            for e in call:
+                events.append(e)
+                if e.HasField("chunk") and e.chunk.chunk_index == 0:
+                    leaving.proc.send_signal(signal.SIGTERM)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert events[-1].finished.state == pb.SESSION_STATE_FAILED
+    trailers = dict(ended.value.trailing_metadata())
+    token, first = trailers["x-resume-token"], int(trailers["x-resume-from-chunk"])
+    assert leaving.proc.wait(30) == 0  # it did not wait out its 30 s grace for the session
+    with grpc.insecure_channel(b.address) as channel:
+        resumed = stub(channel).StreamGenerate(resume_request(token, "drained"), timeout=120)
+        got = {}
+        for e in resumed:
+            if e.HasField("chunk"):
+                got[e.chunk.chunk_index] = []
+            elif e.HasField("frame"):
+                got[e.frame.chunk_index].append(e.frame.rgb24)
+                if e.frame.chunk_index == 5 and e.frame.last_in_chunk:
+                    break
+        resumed.cancel()
+    assert sorted(got) == list(range(first, 6))
+    for c in got:
+        assert got[c] == want[c], c
