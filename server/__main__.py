@@ -159,6 +159,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "where SnapshotSession writes and resume reads snapshots: a directory (shared by the "
         "replicas) or an fsspec URL; empty = snapshots off",
     ),
+    (
+        "--snapshot-every",
+        int,
+        0,
+        "write each session to the snapshot store every N streamed chunks, so that a killed "
+        "worker's sessions can be resumed from there; 0 = only on SnapshotSession and drain",
+    ),
     ("--fork-history", int, 8, "chunks back a session can be forked at (0: no forks)"),
     ("--fork-ttl-s", float, 120.0, "how long after its end a session can still be forked"),
     ("--torch-threads", int, 1, "torch intra-op threads in the worker; 0 = torch's default"),
@@ -305,6 +312,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         grace_period_s=args.grace_period_s,
         session_ttl_s=args.session_ttl_s,
         snapshot_dir=args.snapshot_dir or None,
+        snapshot_every=args.snapshot_every,
         heartbeat_timeout_s=args.heartbeat_timeout_s,
         decode_threads=args.decode_threads,
         decode_queue=args.decode_queue,

@@ -76,6 +76,7 @@ class App:
             config.startup_timeout_s,
             config.security,
             SnapshotStore(config.snapshot_dir) if config.snapshot_dir else None,
+            config.snapshot_every,
         )
         self.decode_pool = BoundedPool("decode", config.decode_threads, config.decode_queue)
         # encoding is bounded by the sessions themselves (one chunk each at a time)

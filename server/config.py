@@ -111,6 +111,7 @@ class ServerConfig:
     decode_queue: int = 8  # decodes running or waiting; one more is RESOURCE_EXHAUSTED
     encode_threads: int = 2  # thread pool encoding output chunks (never shared with decoding)
     snapshot_dir: str | None = None  # the snapshot store: a path or fsspec URL; None = off
+    snapshot_every: int = 0  # write each session to the store every N chunks; 0 = never
 
     def __post_init__(self) -> None:
         ports = (self.port, self.metrics_port, self.http_port or 0)
@@ -118,6 +119,10 @@ class ServerConfig:
             raise ValueError("ports must be in 0..65535")
         if self.grace_period_s < 0 or self.session_ttl_s < 0:
             raise ValueError("grace period and session ttl must be >= 0")
+        if self.snapshot_every < 0:
+            raise ValueError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
+        if self.snapshot_every and self.snapshot_dir is None:
+            raise ValueError("--snapshot-every writes to the snapshot store: set --snapshot-dir")
         if self.decode_threads < 1 or self.encode_threads < 1:
             raise ValueError("decode_threads and encode_threads must be >= 1")
         if self.decode_queue < self.decode_threads:

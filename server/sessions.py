@@ -36,6 +36,7 @@ from server.errors import (
     NotSteerable,
     ResumeNotFound,
     ServerFull,
+    ServiceError,
     SessionExists,
     SessionFailed,
     SessionNotFound,
@@ -186,6 +187,7 @@ class LiveSession:
         self.detach_grace_s = 0.0
         self.attached = True  # a call streams it (the one that opened it, or an Attach)
         self.detached_at: float | None = None  # since when it waits for Attach, paused
+        self.last_snapshot: tuple[str, int] | None = None  # --snapshot-every: (token, chunk)
         self.expiry: asyncio.TimerHandle | None = None  # cancels it when the grace runs out
         self.kept = KeptChunks()  # its last chunks' messages (only with a grace)
         self.next_chunk = params.fork.at_chunk if params.fork is not None else 0  # to stream
@@ -237,9 +239,12 @@ class SessionManager:
         startup_timeout_s: float,
         security: Security | None = None,
         store: SnapshotStore | None = None,
+        snapshot_every: int = 0,
     ) -> None:
         security = security or Security()
         self.store = store  # --snapshot-dir; None: snapshots off
+        self.snapshot_every = snapshot_every  # chunks between periodic snapshots; 0 = none
+        self._periodic: set[asyncio.Task] = set()  # periodic snapshots being written
         self.admins = frozenset(security.admin_principals)
         self.quota = PrincipalQuota(security.principal_max_sessions, security.principal_max_queued)
         self.supervisor = supervisor
@@ -498,6 +503,28 @@ class SessionManager:
         session.unacked = None
         if not session.ended and self.supervisor.ready.is_set():
             self.supervisor.send(ipc.Consumed(session.key))
+        every = self.snapshot_every
+        if (
+            every
+            and self.store is not None
+            and not session.ended
+            and session.chunks_done % every == 0
+        ):
+            self._periodic.add(
+                asyncio.get_running_loop().create_task(self._periodic_snapshot(session))
+            )
+
+    async def _periodic_snapshot(self, session: LiveSession) -> None:
+        """--snapshot-every: the session written to the store every N chunks; if its worker
+        dies, its call ends with the newest one's token (docs/service.md)."""
+        try:
+            token, from_chunk, _ = await self.snapshot(session.id, session.owner)
+        except (ServiceError, OSError) as e:  # a full disk must not end the session
+            event(logger, "session.snapshot_failed", session.key, error=str(e))
+            return
+        finally:
+            self._periodic.discard(asyncio.current_task())
+        session.last_snapshot = (token, from_chunk)
 
     def chunk_taken(
         self, session: LiveSession, chunk: ipc.ChunkReady, messages: list[pb.GenerateEvent]
@@ -664,7 +691,14 @@ class SessionManager:
             if not reply.done():
                 reply.set_exception(Unavailable(message))
         for session in self.live():
-            self._end(session, SessionState.FAILED, grpc.StatusCode.UNAVAILABLE, message)
+            # its newest periodic snapshot, if any: the client can continue from there
+            self._end(
+                session,
+                SessionState.FAILED,
+                grpc.StatusCode.UNAVAILABLE,
+                message,
+                session.last_snapshot,
+            )
 
     def _end(
         self,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import struct
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -281,3 +283,54 @@ def test_a_drain_saves_the_sessions_that_would_not_finish_and_they_resume_elsewh
     assert sorted(got) == list(range(first, 6))
     for c in got:
         assert got[c] == want[c], c
+
+
+def test_a_killed_worker_s_sessions_resume_from_their_last_periodic_snapshot(
+    pair, store, start_server
+):
+    """--snapshot-every 2: when the worker is killed (-9), the call ends UNAVAILABLE with the
+    newest periodic snapshot's token; resumed, it is exact from there."""
+    _, b = pair
+    unbounded = dict(num_chunks=0, unbounded=True)
+    with grpc.insecure_channel(b.address) as channel:
+        want = read_chunks(stub(channel).StreamGenerate(request("kill-ref", **unbounded)), 7)
+    crashing = start_server("--snapshot-dir", str(store), "--snapshot-every", "2")
+    with grpc.insecure_channel(crashing.address) as channel:
+        calls = stub(channel)
+        call = calls.StreamGenerate(request("killed", **unbounded), timeout=120)
+        with pytest.raises(grpc.RpcError) as ended:
+            for e in call:
+                if e.HasField("chunk") and e.chunk.chunk_index == 4:
+                    # the snapshot after chunk 3 (4 streamed) has been written: kill now
+                    wait_for_log(crashing, "session.snapshot", 2)
+                    os.kill(crashing.worker_pid(), signal.SIGKILL)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailers = dict(ended.value.trailing_metadata())
+    token, first = trailers["x-resume-token"], int(trailers["x-resume-from-chunk"])
+    assert 0 < first <= 4
+    with grpc.insecure_channel(b.address) as channel:
+        got = read_chunks(stub(channel).StreamGenerate(resume_request(token, "killed")), 7)
+    assert sorted(got) == list(range(first, 7))
+    for c in got:
+        assert got[c] == want[c], c
+
+
+def read_chunks(call, until: int) -> dict[int, list[bytes]]:
+    """Raw frames by chunk of a streaming call, read until chunk `until - 1` is whole."""
+    got: dict[int, list[bytes]] = {}
+    for e in call:
+        if e.HasField("chunk"):
+            got[e.chunk.chunk_index] = []
+        elif e.HasField("frame"):
+            got[e.frame.chunk_index].append(e.frame.rgb24)
+            if e.frame.chunk_index == until - 1 and e.frame.last_in_chunk:
+                break
+    call.cancel()
+    return got
+
+
+def wait_for_log(server, text: str, count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while server.logs().count(text) < count:
+        assert time.monotonic() < deadline, f"no {count} x {text!r} in the log"
+        time.sleep(0.05)
