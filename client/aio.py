@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -37,6 +39,7 @@ from client.requests import (
     generate_request,
     prompt_event,
     prompt_update,
+    resume_request,
     session_id_from,
     start_event,
     with_session,
@@ -44,6 +47,8 @@ from client.requests import (
 from client.retry import NO_RETRY, Retrier
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncClient:
@@ -57,16 +62,36 @@ class AsyncClient:
         """`credentials`: made from `options.tls` when None. The sync Client makes them on the
         caller's thread, so a missing PEM file fails at `Client(...)`, not at its first call."""
         self.options = connect_options(target)
-        opts = channel_options(self.options)
-        if self.options.tls is None:
-            self._channel = grpc.aio.insecure_channel(self.options.target, options=opts)
-        else:
-            creds = credentials or channel_credentials(self.options.tls)
-            self._channel = grpc.aio.secure_channel(self.options.target, creds, options=opts)
+        if self.options.tls is not None:
+            credentials = credentials or channel_credentials(self.options.tls)
+        self._credentials = credentials
+        self._channel = self._channel_to(self.options.target)
         self.stub = pb_grpc.VideoGenerationStub(self._channel)
         self.metadata = call_metadata(self.options)
+        # made at the first resume, when ConnectOptions.resume_target names another target
+        self._resume_channel: grpc.aio.Channel | None = None
+        self._resume_stub: pb_grpc.VideoGenerationStub | None = None
+
+    def _channel_to(self, target: str) -> grpc.aio.Channel:
+        opts = channel_options(self.options)
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(target, options=opts)
+        return grpc.aio.secure_channel(target, self._credentials, options=opts)
+
+    @property
+    def resume_stub(self) -> pb_grpc.VideoGenerationStub:
+        """Where resumes go: ConnectOptions.resume_target, or this channel's own target."""
+        target = self.options.resume_target
+        if target is None or target == self.options.target:
+            return self.stub
+        if self._resume_stub is None:
+            self._resume_channel = self._channel_to(target)
+            self._resume_stub = pb_grpc.VideoGenerationStub(self._resume_channel)
+        return self._resume_stub
 
     async def close(self) -> None:
+        if self._resume_channel is not None:
+            await self._resume_channel.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -146,7 +171,7 @@ class AsyncClient:
                 request, timeout=timeout, metadata=with_session(self.metadata, request.session_id)
             )
 
-        return AsyncGenerateStream(self, start)
+        return AsyncGenerateStream(self, start, detach_grace_s=request.detach_grace_s)
 
     def interact(self, options: GenerateOptions | str, **fields) -> AsyncInteractStream:
         """A session on Interact: push prompts and cancel on the same stream."""
@@ -167,10 +192,14 @@ class AsyncClient:
         return AsyncGenerateStream(self, start, "Attach")
 
     async def open_stream(
-        self, start: Callable[[float | None], Awaitable[grpc.aio.Call]], what: str
+        self,
+        start: Callable[[float | None], Awaitable[grpc.aio.Call]],
+        what: str,
+        retrier: Retrier | None = None,
     ) -> tuple[grpc.aio.Call, Started]:
-        """Starts a stream call, retrying UNAVAILABLE until its first event (`started`)."""
-        retrier = Retrier(self.options.retry, self.options.stream_timeout_s, what)
+        """Starts a stream call, retrying UNAVAILABLE until its first event (`started`).
+        `retrier`: default, the connection's policy and the stream's whole deadline."""
+        retrier = retrier or Retrier(self.options.retry, self.options.stream_timeout_s, what)
         while True:
             call = None
             try:
@@ -223,6 +252,8 @@ class _AsyncStreamBase(abc.ABC):
         self.started: Started | None = None
         self._call: grpc.aio.Call | None = None
         self._assembler: Assembler | None = None
+        self._deadline: float | None = None  # monotonic seconds: stream_timeout_s from start
+        self._closed = False  # close() was called: a resume must not open a new call
         # a pusher task (or the sync face's threads) may start the stream as the reader does:
         # one of them opens the call, the others wait for its `started`
         self._start_lock = asyncio.Lock()
@@ -241,6 +272,9 @@ class _AsyncStreamBase(abc.ABC):
         too; await it to know the session id before the first chunk."""
         async with self._start_lock:
             if self.started is None:
+                timeout_s = self.client.options.stream_timeout_s
+                if timeout_s is not None:
+                    self._deadline = time.monotonic() + timeout_s
                 self._call, started = await self._open()
                 raw = started.params.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
                 self._assembler = Assembler(raw=raw, session_id=started.session_id)
@@ -253,19 +287,28 @@ class _AsyncStreamBase(abc.ABC):
 
     async def _messages(self) -> AsyncIterator[ChunkEvent | pb.PromptAck]:
         await self.start()
-        try:
-            while (message := await self._call.read()) is not grpc.aio.EOF:
-                item = self._assembler.feed(message)
-                if item is not None:
-                    yield item
-        except grpc.RpcError as e:
-            raise MagiError.from_rpc(e, self.session_id) from None
+        while True:
+            try:
+                while (message := await self._call.read()) is not grpc.aio.EOF:
+                    item = self._assembler.feed(message)
+                    if item is not None:
+                        yield item
+                return
+            except grpc.RpcError as e:
+                error = MagiError.from_rpc(e, self.session_id)
+            await self._on_break(error)  # raises it, or opens a call that reads on
+
+    async def _on_break(self, error: MagiError) -> None:
+        """The call ended with `error`: raise it, or replace `_call` (and `_assembler`) with
+        one that continues the stream."""
+        raise error
 
     async def status(self) -> pb.SessionInfo:
         return await self.client.get_session(await self._require_id())
 
     def close(self) -> None:
         """Breaks the call if it is still open; the server then cancels the session."""
+        self._closed = True
         if self._call is not None:
             self._call.cancel()
 
@@ -280,25 +323,109 @@ class _AsyncStreamBase(abc.ABC):
 
 
 class AsyncGenerateStream(_AsyncStreamBase):
-    """`async for` gives ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls."""
+    """`async for` gives ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls.
+
+    When the server goes away mid-stream and leaves a resume token (a replica draining on
+    SIGTERM snapshots the session), the stream resumes it on its own through
+    `ConnectOptions.resume_target` (default: the same target) for up to
+    `RetryPolicy.resume_for_s`, and the caller's iteration goes on: chunks it already has are
+    not yielded twice, and the fMP4 init segment is not sent twice. `resumes` counts them."""
 
     def __init__(
         self,
         client: AsyncClient,
         start: Callable[[float | None], Awaitable[grpc.aio.Call]],
         method: str = "StreamGenerate",
+        detach_grace_s: float = 0.0,
     ) -> None:
         super().__init__(client)
         self._start_call = start
         self._method = method  # StreamGenerate, or Attach
+        self._detach_grace_s = detach_grace_s  # the request's, for the resumed session too
+        self.resumes = 0  # times the session was resumed from a snapshot on another call
+        self._last_index: int | None = None  # the last chunk yielded: a resume resends some
+        self._check_gap = False  # after a resume: its first new chunk must follow the last
 
     async def _open(self) -> tuple[grpc.aio.Call, Started]:
         return await self.client.open_stream(self._start_call, self._method)
 
     async def __aiter__(self) -> AsyncIterator[ChunkEvent]:
         async for item in self._messages():
-            if isinstance(item, ChunkEvent):
-                yield item
+            if not isinstance(item, ChunkEvent):
+                continue
+            last = self._last_index
+            if last is not None and item.index <= last:
+                continue  # streamed again by a resume, identical to the one the caller has
+            if self._check_gap and last is not None and item.index != last + 1:
+                raise MagiError(
+                    grpc.StatusCode.INTERNAL,
+                    f"protocol error: the resumed stream went on at chunk {item.index}, "
+                    f"after chunk {last}",
+                    self.session_id,
+                )
+            self._check_gap = False
+            self._last_index = item.index
+            yield item
+
+    async def _on_break(self, error: MagiError) -> None:
+        policy = self.client.options.retry
+        token = error.resume_token
+        if (
+            token is None
+            or error.code != grpc.StatusCode.UNAVAILABLE
+            or policy.resume_for_s == 0
+            or self._closed
+        ):
+            raise error
+        session_id = self.started.session_id
+        logger.info(
+            "session %s: the server went away (%s); resuming from chunk %s",
+            session_id,
+            error.message,
+            error.resume_from_chunk,
+        )
+        broken = self._assembler
+        # a fresh one: `finished` stays unset until the resumed stream ends
+        self._assembler = Assembler(
+            raw=broken.raw, session_id=session_id, init_segment=broken.init_segment
+        )
+        try:
+            self._call, _ = await self._reopen(token)
+        except MagiError as failed:
+            self._assembler = broken  # its `finished` says how the server left the session
+            if failed.resume_token is None:  # the token is still good for a resume by hand
+                failed.resume_token = token
+                failed.resume_from_chunk = error.resume_from_chunk
+            raise failed from None
+        self.resumes += 1
+        self._check_gap = True
+        logger.info(
+            "session %s: resumed (%d so far) from chunk %s",
+            session_id,
+            self.resumes,
+            error.resume_from_chunk,
+        )
+
+    async def _reopen(self, token: str) -> tuple[grpc.aio.Call, Started]:
+        """StreamGenerate(resume=token), retrying UNAVAILABLE for `resume_for_s`: a replica
+        that is draining refuses new sessions until the router picks another."""
+        session_id = self.started.session_id
+        request = resume_request(
+            token, session_id, self.started.params.output_encoding, self._detach_grace_s
+        )
+        metadata = with_session(self.client.metadata, session_id)
+
+        async def start(timeout: float | None) -> grpc.aio.Call:
+            if self._closed:  # close() while waiting between tries
+                raise MagiError(grpc.StatusCode.CANCELLED, "the stream was closed", session_id)
+            return self.client.resume_stub.StreamGenerate(
+                request, timeout=timeout, metadata=metadata
+            )
+
+        left_s = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+        policy = self.client.options.retry
+        retrier = Retrier(policy, left_s, "resume", retry_for_s=policy.resume_for_s)
+        return await self.client.open_stream(start, "resume", retrier)
 
     async def push_prompt(
         self, text: str, from_chunk: int | None = None, replace_later: bool = False

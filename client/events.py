@@ -21,17 +21,32 @@ STATE_NAMES = {
     pb.SESSION_STATE_FAILED: "FAILED",
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# A draining server ends a snapshotted session's stream (UNAVAILABLE) with these trailers:
+# the token GenerateRequest.resume takes, and the first chunk a resume streams.
+RESUME_TOKEN_HEADER = "x-resume-token"
+RESUME_FROM_HEADER = "x-resume-from-chunk"
 
 
 class MagiError(Exception):
     """A call that ended with a non-OK status (or broke the protocol); message as the server
-    gave it. `session_id` is set when the call had a session."""
+    gave it. `session_id` is set when the call had a session; `resume_token` (and
+    `resume_from_chunk`) when the server snapshotted the session as it went away:
+    `GenerateOptions.resume(token, session_id=...)` continues it."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, session_id: str | None = None):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        session_id: str | None = None,
+        resume_token: str | None = None,
+        resume_from_chunk: int | None = None,
+    ):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.session_id = session_id
+        self.resume_token = resume_token
+        self.resume_from_chunk = resume_from_chunk
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError, session_id: str | None = None) -> MagiError:
@@ -39,7 +54,20 @@ class MagiError(Exception):
         # (no status) is a transport problem.
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "", session_id)
+        token, from_chunk = resume_trailers(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", session_id, token, from_chunk)
+
+
+def resume_trailers(error: grpc.RpcError) -> tuple[str | None, int | None]:
+    """The resume token and first chunk a failed call's trailing metadata carries, if any."""
+    try:
+        trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    except Exception:  # a call that never got a status has no trailers to read
+        trailers = None
+    found = dict(trailers or ())
+    token = found.get(RESUME_TOKEN_HEADER) or None
+    from_chunk = found.get(RESUME_FROM_HEADER, "")
+    return token, int(from_chunk) if token and from_chunk.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,9 @@ class Assembler:
 
     raw: bool  # RAW_RGB24: chunk headers are followed by their frames
     session_id: str | None = None
+    # fMP4: the init segment the caller already has (a resumed stream sends it again,
+    # identical): left out of the payloads, so appending them still makes one file
+    init_segment: bytes | None = None
     finished: Finished | None = None
     _header: pb.Chunk | None = None
     _frames: list[bytes] = field(default_factory=list)
@@ -134,7 +165,14 @@ class Assembler:
                 f"{self._header.chunk_index} had all its frames"
             )
         if not self.raw:
-            return _chunk_event(chunk, payload=chunk.init_segment + chunk.media_segment)
+            init = chunk.init_segment
+            if init and self.init_segment is not None:
+                if init != self.init_segment:  # a second moov would make the file invalid
+                    raise self._broken(f"chunk {chunk.chunk_index} came with another init segment")
+                init = b""
+            elif init:
+                self.init_segment = init
+            return _chunk_event(chunk, payload=init + chunk.media_segment)
         self._header = chunk  # raw: frames follow
         return None
 

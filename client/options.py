@@ -6,6 +6,7 @@ from the same values (client.requests turns them into proto messages).
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -21,7 +22,9 @@ class RetryPolicy:
     """Retries of UNAVAILABLE before a call's first response; never after it.
 
     A stream that already streamed is not restarted: that would silently start a second session
-    with fresh noise, and the caller would get a video spliced from two runs.
+    with fresh noise, and the caller would get a video spliced from two runs. It is resumed
+    instead when the server ends it with a resume token (a replica draining on SIGTERM): the
+    snapshot continues the same session bit for bit, so the video stays one run.
     """
 
     max_attempts: int = 5  # tries in all, the first included; 1 = no retry
@@ -31,6 +34,10 @@ class RetryPolicy:
     # +- this fraction of each wait is drawn at random, so clients that lost the same server
     # do not come back in lockstep
     jitter: float = 0.2
+    # how long a stream that ended with a resume token keeps trying to resume, seconds, with
+    # the backoff above but no cap on attempts (a drained replica refuses until its
+    # replacement is up); 0 = never resume on its own (MagiError.resume_token says how)
+    resume_for_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -39,11 +46,17 @@ class RetryPolicy:
             raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
         if self.multiplier < 1 or not 0 <= self.jitter < 1:
             raise ValueError("need multiplier >= 1 and 0 <= jitter < 1")
+        if not 0 <= self.resume_for_s < float("inf"):
+            raise ValueError(f"resume_for_s must be >= 0 seconds, got {self.resume_for_s}")
 
-    def delays_s(self, rand: Callable[[], float] = random.random) -> Iterator[float]:
-        """The wait before each retry, seconds: max_attempts - 1 values, then exhausted."""
+    def delays_s(
+        self, rand: Callable[[], float] = random.random, unbounded: bool = False
+    ) -> Iterator[float]:
+        """The wait before each retry, seconds: max_attempts - 1 values, then exhausted
+        (`unbounded`: without end, for a caller that stops on a clock instead)."""
         base = self.initial_backoff_s
-        for _ in range(self.max_attempts - 1):
+        tries = itertools.count() if unbounded else range(self.max_attempts - 1)
+        for _ in tries:
             yield base * (1 + self.jitter * (2 * rand() - 1))
             base = min(base * self.multiplier, self.max_backoff_s)
 
@@ -76,6 +89,10 @@ class ConnectOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # receive limit, bytes: an fMP4 chunk of a large, noisy video can pass gRPC's 4 MiB default
     max_receive_bytes: int = 64 << 20
+    # where resumes go (a stream broken with a resume token is continued there); None = the
+    # same target, which behind a router (deploy/nginx) reaches another replica. The stream's
+    # unary calls (push_prompt, cancel, status) still go to `target`.
+    resume_target: str | None = None
 
     def __post_init__(self) -> None:
         if not self.target:

@@ -55,6 +55,19 @@ def generate_request(options: GenerateOptions) -> pb.GenerateRequest:
     return request
 
 
+def resume_request(
+    token: str, session_id: str, output_encoding: int, detach_grace_s: float = 0.0
+) -> pb.GenerateRequest:
+    """The request that continues a session its server snapshotted as it went away: the same
+    id (so a session-routing proxy and the caller's logs still name it) and encoding."""
+    return pb.GenerateRequest(
+        resume=token,
+        session_id=session_id,
+        output_encoding=output_encoding,
+        detach_grace_s=detach_grace_s,
+    )
+
+
 def prompt_update(
     session_id: str, text: str, from_chunk: int | None = None, replace_later: bool = False
 ) -> pb.PromptUpdate:

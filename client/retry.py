@@ -20,7 +20,7 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 class Retrier:
     """Attempts of one call, up to its first response: says how long to wait before the next
     try, or None to give up. After the first response the caller stops asking (a stream that
-    already streamed is never restarted)."""
+    already streamed is never restarted, only resumed from a snapshot)."""
 
     def __init__(
         self,
@@ -29,12 +29,16 @@ class Retrier:
         what: str,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        retry_for_s: float | None = None,
     ) -> None:
-        self._delays = policy.delays_s(rand)
+        """`retry_for_s`: retry for this long, whatever `policy.max_attempts` says (a resume
+        waits out a rolling restart); `timeout_s` still bounds each attempt's call."""
+        self._delays = policy.delays_s(rand, unbounded=retry_for_s is not None)
         self._clock = clock
         # one deadline for every attempt together, so retries never stretch the caller's
         # deadline
         self._deadline = None if timeout_s is None else clock() + timeout_s
+        self._give_up = None if retry_for_s is None else clock() + retry_for_s
         self._what = what
         self.attempts = 0
 
@@ -52,8 +56,9 @@ class Retrier:
         delay = next(self._delays, None)
         if delay is None:
             return None
-        if self._deadline is not None and self._clock() + delay >= self._deadline:
-            return None
+        for limit in (self._deadline, self._give_up):
+            if limit is not None and self._clock() + delay >= limit:
+                return None
         details = error.details() if hasattr(error, "details") else ""
         logger.info(
             "%s: %s (%s); try %d in %.2f s",

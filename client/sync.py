@@ -340,7 +340,13 @@ class _StreamBase:
 
 
 class GenerateStream(_StreamBase):
-    """Iterate for ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls."""
+    """Iterate for ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls. A stream
+    whose server went away with a resume token is resumed on its own (AsyncGenerateStream)."""
+
+    @property
+    def resumes(self) -> int:
+        """Times the session was resumed from a snapshot after its server went away."""
+        return self._stream.resumes
 
     def __iter__(self) -> Iterator[ChunkEvent]:
         return self._items()
