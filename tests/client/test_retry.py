@@ -146,3 +146,15 @@ class _Error(grpc.RpcError):
 
     def details(self) -> str:
         return "test"
+
+
+def test_a_resume_retries_past_max_attempts_until_resume_for_s_is_spent():
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=1, max_backoff_s=2, jitter=0)
+    now = [0.0]
+    retrier = Retrier(policy, None, "resume", clock=lambda: now[0], retry_for_s=7.5)
+    waits = []
+    while (delay := retrier.delay_s(_Error(grpc.StatusCode.UNAVAILABLE))) is not None:
+        waits.append(delay)
+        now[0] += delay
+    assert waits == [1, 2, 2, 2]  # the next 2 s would end past 7.5 s
+    assert retrier.timeout_s() is None  # the resumed call keeps the stream's (no) deadline

@@ -14,6 +14,9 @@ import pytest
 from proto import video_generation_pb2 as pb
 from tests.server.helpers import stub
 
+# one worker runs the module: its module fixtures are made once
+pytestmark = pytest.mark.xdist_group("fork")
+
 PROMPT = "a red ball rolls"
 
 

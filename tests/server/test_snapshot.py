@@ -58,10 +58,20 @@ def store(server):
     return server.snapshot_dir
 
 
+# one worker runs the module in file order: its second replica is SIGTERMed by the last test
+pytestmark = pytest.mark.xdist_group("snapshots")
+
+
 @pytest.fixture(scope="module")
 def pair(server, start_server):
-    """Two replicas of one model sharing one snapshot store: the shared server and another."""
-    return server, start_server("--snapshot-dir", str(server.snapshot_dir))
+    """Two replicas of one model sharing one snapshot store: the shared server and another,
+    which writes every session to the store every 2 chunks (the last test kills its worker,
+    then drains it)."""
+    other = start_server(
+        *("--snapshot-dir", str(server.snapshot_dir), "--snapshot-every", "2"),
+        *("--grace-period-s", "30"),
+    )
+    return server, other
 
 
 def test_a_snapshot_taken_on_one_server_resumes_bit_for_bit_on_another(pair):
@@ -236,83 +246,46 @@ def test_magi_client_snapshot_and_resume(pair, tmp_path):
     assert int(probe.stdout.strip()) == 24 * (6 - first)
 
 
-def test_a_drain_saves_the_sessions_that_would_not_finish_and_they_resume_elsewhere(
-    pair, store, start_server
-):
-    """SIGTERM: an unbounded session cannot finish in the grace period, so it is written to
-    the store at once and its call ends UNAVAILABLE with the token in the trailers; another
-    replica continues it bit for bit."""
-    _, b = pair
+def test_sessions_outlive_a_killed_worker_and_a_drain_through_the_store(pair):
+    """The second replica (--snapshot-every 2). Its worker is killed (-9) mid-stream: the call
+    ends UNAVAILABLE with the newest periodic snapshot's token. Then SIGTERM: an unbounded
+    session cannot finish in the grace period, so it is written to the store at once and its
+    call ends UNAVAILABLE with the token in the trailers. The other replica continues each
+    bit for bit from the token's chunk. (Last in the module: it stops that replica.)"""
+    a, leaving = pair
     unbounded = dict(num_chunks=0, unbounded=True)
-    with grpc.insecure_channel(b.address) as channel:
-        reference = stub(channel).StreamGenerate(request("drain-ref", **unbounded), timeout=120)
-        want = {}
-        for e in reference:
-            if e.HasField("chunk"):
-                want[e.chunk.chunk_index] = []
-            elif e.HasField("frame"):
-                want[e.frame.chunk_index].append(e.frame.rgb24)
-                if e.frame.chunk_index == 5 and e.frame.last_in_chunk:
-                    break
-        reference.cancel()
-    leaving = start_server("--snapshot-dir", str(store), "--grace-period-s", "30")
-    with grpc.insecure_channel(leaving.address) as channel:
-        call = stub(channel).StreamGenerate(request("drained", **unbounded), timeout=120)
-        events = []
-        with pytest.raises(grpc.RpcError) as ended:
-            for e in call:
-                events.append(e)
-                if e.HasField("chunk") and e.chunk.chunk_index == 0:
-                    leaving.proc.send_signal(signal.SIGTERM)
-    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert events[-1].finished.state == pb.SESSION_STATE_FAILED
-    trailers = dict(ended.value.trailing_metadata())
-    token, first = trailers["x-resume-token"], int(trailers["x-resume-from-chunk"])
+    with grpc.insecure_channel(a.address) as channel:
+        want = read_chunks(stub(channel).StreamGenerate(request("unbounded-ref", **unbounded)), 7)
+
+    def ended_with_token(sid: str, at_chunk: int, act) -> tuple[str, int]:
+        with grpc.insecure_channel(leaving.address) as channel:
+            call = stub(channel).StreamGenerate(request(sid, **unbounded), timeout=120)
+            events = []
+            with pytest.raises(grpc.RpcError) as ended:
+                for e in call:
+                    events.append(e)
+                    if e.HasField("chunk") and e.chunk.chunk_index == at_chunk:
+                        act()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert events[-1].finished.state == pb.SESSION_STATE_FAILED
+        trailers = dict(ended.value.trailing_metadata())
+        return trailers["x-resume-token"], int(trailers["x-resume-from-chunk"])
+
+    def kill_the_worker() -> None:  # once the snapshot after 4 streamed chunks is written
+        wait_for_log(leaving, "session.snapshot", 2)
+        os.kill(leaving.worker_pid(), signal.SIGKILL)
+
+    killed = ended_with_token("killed", 4, kill_the_worker)
+    leaving.wait_serving()  # its new worker
+    drained = ended_with_token("drained", 0, lambda: leaving.proc.send_signal(signal.SIGTERM))
     assert leaving.proc.wait(30) == 0  # it did not wait out its 30 s grace for the session
-    with grpc.insecure_channel(b.address) as channel:
-        resumed = stub(channel).StreamGenerate(resume_request(token, "drained"), timeout=120)
-        got = {}
-        for e in resumed:
-            if e.HasField("chunk"):
-                got[e.chunk.chunk_index] = []
-            elif e.HasField("frame"):
-                got[e.frame.chunk_index].append(e.frame.rgb24)
-                if e.frame.chunk_index == 5 and e.frame.last_in_chunk:
-                    break
-        resumed.cancel()
-    assert sorted(got) == list(range(first, 6))
-    for c in got:
-        assert got[c] == want[c], c
-
-
-def test_a_killed_worker_s_sessions_resume_from_their_last_periodic_snapshot(
-    pair, store, start_server
-):
-    """--snapshot-every 2: when the worker is killed (-9), the call ends UNAVAILABLE with the
-    newest periodic snapshot's token; resumed, it is exact from there."""
-    _, b = pair
-    unbounded = dict(num_chunks=0, unbounded=True)
-    with grpc.insecure_channel(b.address) as channel:
-        want = read_chunks(stub(channel).StreamGenerate(request("kill-ref", **unbounded)), 7)
-    crashing = start_server("--snapshot-dir", str(store), "--snapshot-every", "2")
-    with grpc.insecure_channel(crashing.address) as channel:
-        calls = stub(channel)
-        call = calls.StreamGenerate(request("killed", **unbounded), timeout=120)
-        with pytest.raises(grpc.RpcError) as ended:
-            for e in call:
-                if e.HasField("chunk") and e.chunk.chunk_index == 4:
-                    # the snapshot after chunk 3 (4 streamed) has been written: kill now
-                    wait_for_log(crashing, "session.snapshot", 2)
-                    os.kill(crashing.worker_pid(), signal.SIGKILL)
-    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    trailers = dict(ended.value.trailing_metadata())
-    token, first = trailers["x-resume-token"], int(trailers["x-resume-from-chunk"])
-    assert 0 < first <= 4
-    with grpc.insecure_channel(b.address) as channel:
-        got = read_chunks(stub(channel).StreamGenerate(resume_request(token, "killed")), 7)
-    assert sorted(got) == list(range(first, 7))
-    for c in got:
-        assert got[c] == want[c], c
+    assert 0 < killed[1] <= 4
+    for sid, (token, first) in (("killed", killed), ("drained", drained)):
+        with grpc.insecure_channel(a.address) as channel:
+            got = read_chunks(stub(channel).StreamGenerate(resume_request(token, sid)), 7)
+        assert sorted(got) == list(range(first, 7)), sid
+        for c in got:
+            assert got[c] == want[c], (sid, c)
 
 
 def read_chunks(call, until: int) -> dict[int, list[bytes]]:

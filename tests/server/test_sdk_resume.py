@@ -8,13 +8,13 @@ The SDK is pointed at B for the resume (`ConnectOptions.resume_target`): behind 
 would be one address (docs/client.md). A drains with --grace-period-s 0, so a session with
 chunks left is always snapshotted rather than let finish. One drain serves every test here
 (each server start costs seconds on 2 cores): the `drained` fixture streams the three sessions
-at once, and each test checks one of them."""
+at once, and each test checks one of them. B is the shared test server (its store is A's).
+(The retry window's unit test: tests/client/test_retry.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +22,13 @@ import grpc
 import pytest
 
 from client import Client, ConnectOptions, GenerateOptions, MagiError, RetryPolicy
-from client.retry import Retrier
 from client.writers import Fmp4Writer
 from tests.client.test_cli import count_frames
-from tests.client.test_retry import _Error
 from tests.serverproc import ServerProcess
 
-START_TIMEOUT_S = 120.0  # the tiny model's worker, two servers at once on 2 busy cores
+# one worker runs the module: its module fixtures are made once
+pytestmark = pytest.mark.xdist_group("sdk_resume")
+
 WAIT_S = 60.0  # longest wait for the other sessions' first chunks
 CHUNKS = 6
 # quick retries: nothing here waits for a replacement replica
@@ -51,28 +51,10 @@ def options(session_id: str, raw: bool) -> GenerateOptions:
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_folder, tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """A, to drain, and B, which stays up: started together so that their start-ups overlap."""
-    tmp = tmp_path_factory.mktemp("replicas")
-    store = tmp / "snapshots"
-    store.mkdir()
-
-    def start(name: str, *flags: str) -> ServerProcess:
-        return ServerProcess(
-            tmp / name,
-            *("--snapshot-dir", str(store), *flags),
-            model=tiny_folder,
-            start_timeout_s=START_TIMEOUT_S,
-        )
-
-    servers = SimpleNamespace(a=start("a", "--grace-period-s", "0"), b=start("b"))
-    try:
-        servers.a.wait_serving()
-        servers.b.wait_serving()
-        yield servers
-    finally:
-        servers.a.stop()
-        servers.b.stop()
+def replicas(server, start_server) -> SimpleNamespace:
+    """A, to drain, and B, which stays up: the shared server (its snapshot store is A's)."""
+    a = start_server(*("--snapshot-dir", str(server.snapshot_dir), "--grace-period-s", "0"))
+    return SimpleNamespace(a=a, b=server)
 
 
 @dataclasses.dataclass
@@ -182,15 +164,3 @@ def test_a_caller_who_opts_out_gets_the_token_and_resumes_by_hand(drained, repli
         rest = {c.index: c.frames for c in client.generate(resumed)}
     assert min(rest) == error.resume_from_chunk and max(rest) == CHUNKS - 1
     assert {**got.chunks, **rest} == solo(replicas.b, "solo-by-hand", raw=True)
-
-
-def test_a_resume_retries_past_max_attempts_until_resume_for_s_is_spent():
-    policy = RetryPolicy(max_attempts=2, initial_backoff_s=1, max_backoff_s=2, jitter=0)
-    now = [0.0]
-    retrier = Retrier(policy, None, "resume", clock=lambda: now[0], retry_for_s=7.5)
-    waits = []
-    while (delay := retrier.delay_s(_Error(grpc.StatusCode.UNAVAILABLE))) is not None:
-        waits.append(delay)
-        now[0] += delay
-    assert waits == [1, 2, 2, 2]  # the next 2 s would end past 7.5 s
-    assert retrier.timeout_s() is None  # the resumed call keeps the stream's (no) deadline
