@@ -71,9 +71,9 @@ def assert_identical(got: dict, want: dict, sid: str) -> None:
 def test_cfg3_sessions_of_every_kind_batched_equal_each_alone(tiny_model):
     schedule = {
         0: [params("t2v", 3, 1)],
-        1: [params("switch", 3, 2, prompts=((0, "a blue box slides"), (1, "it stops")))],
+        1: [params("switch", 2, 2, prompts=((0, "a blue box slides"), (1, "it stops")))],
         2: [params("i2v", 2, 3, mode="i2v", image=IMAGE)],
-        3: [params("steps4", 3, 4, num_steps=4)],
+        3: [params("steps4", 2, 4, num_steps=4)],
         5: [params("v2v", 2, 5, mode="v2v", video=VIDEO), params("unbounded", None, 6)],
         9: [params("late", 1, 7, prompts=((0, "a yellow kite"),))],
     }

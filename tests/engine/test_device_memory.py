@@ -142,7 +142,7 @@ def test_a_cpu_rank_uses_gloo_with_the_same_timeouts_and_no_nccl_variables():
 # ---- a real two-rank group --------------------------------------------------------------
 
 COLLECTIVE_S = 1.0  # the group's collective timeout in the test below
-LATE_S = 2.0  # how much later than the collective timeout rank 1 starts, and loads
+LATE_S = 1.5  # how much later than the collective timeout rank 1 starts, and loads
 
 
 def _rank(rank: int, port: int, results, release) -> None:
