@@ -190,6 +190,8 @@ class Check:
     tables: list[Table] = field(default_factory=list)
     rate: float | None = None  # best DiT FLOP/s measured so far, for cost estimates
     cpu_frames: list[np.ndarray] | None = None  # part 1's CPU generation, for the server's
+    # part 1's video side (64; 32 in --quick, where the CPU runs both sides)
+    check_size: int = 64
     _tiny_folder: Path | None = None
     _assets: Assets | None = None
 
@@ -555,7 +557,7 @@ def velocities(model: VideoDiT, group: ChunkGroup, device: torch.device) -> Tens
 def part_correctness(check: Check, deadline: float) -> None:
     table = check.tables[-1]
     dev = str(check.device)
-    size = 64
+    size = check.check_size
     with case(check, table, "DiT forward, fp32"):
         config = get_preset("tiny")
         cpu_dit = random_dit(config, seed=0).promote_high_precision()
@@ -636,7 +638,8 @@ def part_server(check: Check, deadline: float) -> None:
 
     table = check.tables[-1]
     dev = "cuda" if check.cuda else "cpu"
-    name = f"magi-server --device {dev} + magi-client generate (tiny, 2 chunks, 64x64)"
+    size = str(check.check_size)
+    name = f"magi-server --device {dev} + magi-client generate (tiny, 2 chunks, {size}x{size})"
     with case(check, table, name):
         folder = check.tiny_folder()
         tmp = check.tmp / "server"
@@ -651,8 +654,8 @@ def part_server(check: Check, deadline: float) -> None:
             started = time.monotonic()
             client = subprocess.run(
                 [sys.executable, "-m", "client", "generate", "--server", server.address]
-                + ["--prompt", PROMPT, "--chunks", "2", "--seed", "0", "--width", "64"]
-                + ["--height", "64", "--out", str(out), "--raw", str(raw), "--raw-format", "npy"],
+                + ["--prompt", PROMPT, "--chunks", "2", "--seed", "0", "--width", size]
+                + ["--height", size, "--out", str(out), "--raw", str(raw), "--raw-format", "npy"],
                 cwd=ROOT,
                 env={**os.environ, **env},
                 capture_output=True,
@@ -994,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp=Path(tmp),
             out=out,
             deadline=time.monotonic() + args.budget_s,
+            check_size=32 if args.quick else 64,
         )
         print(json.dumps(machine(check)), flush=True)
         budgets = scale.budgets
