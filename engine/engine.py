@@ -28,6 +28,7 @@ from model.text import TextConditioning
 from scheduler.plan import StepPlan
 from scheduler.scheduler import ChunkScheduler, SchedulerConfig
 from scheduler.session import (
+    ForkMark,
     PromptEntry,
     PromptTimeline,
     Session,
@@ -165,26 +166,10 @@ class Engine:
                 timeline.add(source.to_global(from_chunk), text)
         else:
             timeline = PromptTimeline.of(list(source.timeline.entries))
-        now = time.monotonic()
         self.runner.open(params)
-        try:
-            session = Session(
-                spec=spec,
-                window=Window.replayed(mark.window, mark.steps_done),
-                timeline=timeline,
-                estimated_bytes=source.estimated_bytes,
-                history_bytes=source.history_bytes,
-                bound_prompts=dict(mark.bound_prompts),
-                entered_at=dict.fromkeys((c for c, _ in mark.bound_prompts), now),
-                frames_out=mark.frames_out,
-            )
-            self.scheduler.add(session)
-        except Exception:
-            self.runner.free(params.session_id)
-            raise
-        if self.link is not None:
-            self._opened.append(params)
-        return session
+        return self._add_at_mark(
+            params, spec, mark, timeline, source.estimated_bytes, source.history_bytes
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -215,25 +200,40 @@ class Engine:
         were at its boundary; it streams from the first chunk not handed up then."""
         snap = decode(params.resume, self.fingerprint, self.runner.device)
         spec = dataclasses.replace(snap.spec, session_id=params.session_id)
-        window_spec = snap.mark.window
-        history = self.history_bytes(spec, window_spec)
+        history = self.history_bytes(spec, snap.mark.window)
         self.runner.open_snapshot(params.session_id, snap)
+        estimated = self.session_bytes(spec, snap.mark.window) + history
+        timeline = PromptTimeline.of(list(snap.timeline))
+        return self._add_at_mark(params, spec, snap.mark, timeline, estimated, history)
+
+    def _add_at_mark(
+        self,
+        params: SessionParams,
+        spec: SessionSpec,
+        mark: ForkMark,
+        timeline: PromptTimeline,
+        estimated_bytes: int,
+        history_bytes: int,
+    ) -> Session:
+        """A fork's or a resumed session's scheduler side, from the mark its tensors (already
+        opened by the runner) were taken at: the window replayed to it, its chunks in flight
+        with their prompts, the frames handed up before it."""
         try:
             session = Session(
                 spec=spec,
-                window=Window.replayed(window_spec, snap.mark.steps_done),
-                timeline=PromptTimeline.of(list(snap.timeline)),
-                estimated_bytes=self.session_bytes(spec, window_spec) + history,
-                history_bytes=history,
-                bound_prompts=dict(snap.mark.bound_prompts),
-                entered_at=dict.fromkeys((c for c, _ in snap.mark.bound_prompts), time.monotonic()),
-                frames_out=snap.mark.frames_out,
+                window=Window.replayed(mark.window, mark.steps_done),
+                timeline=timeline,
+                estimated_bytes=estimated_bytes,
+                history_bytes=history_bytes,
+                bound_prompts=dict(mark.bound_prompts),
+                entered_at=dict.fromkeys((c for c, _ in mark.bound_prompts), time.monotonic()),
+                frames_out=mark.frames_out,
             )
             self.scheduler.add(session)
         except Exception:
             self.runner.free(params.session_id)
             raise
-        if self.link is not None:
+        if self.link is not None:  # the other ranks open it with the next plan
             self._opened.append(params)
         return session
 

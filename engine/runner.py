@@ -197,9 +197,7 @@ class ModelRunner:
         if params.resume is not None:  # (rank 0 decoded and checked it already)
             return self.open_snapshot(params.session_id, decode(params.resume, None, self.device))
         prefix = self._encode_prefix(params)
-        cache = self.dit.new_cache() if self.dit is not None else None
-        cache = cache or KVCache(self.model.config.model_config.num_layers)
-        self.sessions[params.session_id] = SessionTensors(prefix, cache)
+        self.sessions[params.session_id] = SessionTensors(prefix, self._new_cache())
         return 0 if prefix is None else prefix.shape[1]
 
     def _open_fork(self, params: SessionParams) -> int:
@@ -215,14 +213,18 @@ class ModelRunner:
 
     def open_snapshot(self, session_id: str, snapshot: SessionSnapshot) -> int:
         """A resumed session's tensors, as its snapshot holds them."""
-        cache = self.dit.new_cache() if self.dit is not None else None
-        cache = cache or KVCache(self.model.config.model_config.num_layers)
+        cache = self._new_cache()
         for c, layers in snapshot.kv.items():
             for layer, kv in enumerate(layers):
                 cache.write(layer, c, kv)
         prefix = snapshot.prefix
         self.sessions[session_id] = SessionTensors(prefix, cache, dict(snapshot.latents))
         return 0 if prefix is None else prefix.shape[1]
+
+    def _new_cache(self) -> KVCache:
+        """A session's KV cache: the group forward's (a rank's own heads) or a plain one."""
+        cache = self.dit.new_cache() if self.dit is not None else None
+        return cache or KVCache(self.model.config.model_config.num_layers)
 
     def free(self, session_id: str) -> None:
         """Drop everything the session holds but its fork marks (idempotent)."""

@@ -45,7 +45,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.quota import PrincipalQuota, Slot
-from server.snapshots import SnapshotNotFound, SnapshotStore
+from server.snapshots import NOT_IN_STORE, SnapshotNotFound, SnapshotStore
 from server.supervisor import Supervisor
 from server.validation import PromptSpec, complete_fork, complete_resume
 
@@ -332,10 +332,7 @@ class SessionManager:
         except SnapshotError as e:
             raise SnapshotUnusable(str(e)) from None
         if meta.get("owner") != owner:  # worded as for a token never written: nothing leaks
-            raise ResumeNotFound(
-                "no snapshot with that token in this server's store (was it written by a server "
-                "that shares this --snapshot-dir?)"
-            )
+            raise ResumeNotFound(NOT_IN_STORE)
         return data, meta
 
     def _store(self) -> SnapshotStore:

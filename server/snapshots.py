@@ -18,6 +18,11 @@ import fsspec
 from engine.snapshot_format import SnapshotError, header_of
 
 TOKEN = re.compile(r"([0-9a-f]{32})\.([0-9a-f]{64})")
+# a token never written here and another principal's are refused in the same words
+NOT_IN_STORE = (
+    "no snapshot with that token in this server's store (was it written by a server that "
+    "shares this --snapshot-dir?)"
+)
 
 
 class SnapshotNotFound(SnapshotError):
@@ -53,10 +58,7 @@ class SnapshotStore:
             with self.fs.open(self._path(snapshot_id), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise SnapshotNotFound(
-                "no snapshot with that token in this server's store (was it written by a server "
-                "that shares this --snapshot-dir?)"
-            ) from None
+            raise SnapshotNotFound(NOT_IN_STORE) from None
         if hashlib.sha256(data).hexdigest() != digest:
             raise SnapshotError(
                 "the snapshot's checksum does not match its token: the file was changed or "

@@ -158,10 +158,15 @@ _FORK_INHERITS_PRESENT = ("image", "prefix_video", "seed", "sampling")
 _FORK_INHERITS_SCALAR = ("mode", "num_chunks", "unbounded", "width_px", "height_px")
 
 
+def _inherited_fields_given(request: pb.GenerateRequest) -> list[str]:
+    """The fields a fork or a resume takes from its source that the request sets anyway."""
+    given = [n for n in _FORK_INHERITS_PRESENT if request.HasField(n)]
+    return given + [n for n in _FORK_INHERITS_SCALAR if getattr(request, n)]
+
+
 def _parse_fork(request: pb.GenerateRequest, limits: Limits) -> SessionParams:
     """A fork as far as the edge can check it alone; `complete_fork` fills in its source."""
-    given = [n for n in _FORK_INHERITS_PRESENT if request.HasField(n)]
-    given += [n for n in _FORK_INHERITS_SCALAR if getattr(request, n)]
+    given = _inherited_fields_given(request)
     if given:
         raise InvalidRequest(
             given[0],
@@ -204,9 +209,7 @@ def _parse_fork(request: pb.GenerateRequest, limits: Limits) -> SessionParams:
 
 def _parse_resume(request: pb.GenerateRequest) -> SessionParams:
     """A resume as far as the edge can check it; `complete_resume` fills in the snapshot."""
-    given = [n for n in _FORK_INHERITS_PRESENT if request.HasField(n)]
-    given += [n for n in _FORK_INHERITS_SCALAR if getattr(request, n)]
-    given += ["timeline"] if request.timeline else []
+    given = _inherited_fields_given(request) + (["timeline"] if request.timeline else [])
     if given:
         raise InvalidRequest(
             given[0],

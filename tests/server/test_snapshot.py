@@ -20,6 +20,7 @@ import pytest
 
 from client import Client, GenerateOptions
 from proto import video_generation_pb2 as pb
+from tests.client.test_cli import count_frames
 from tests.server.helpers import stub
 
 
@@ -225,25 +226,7 @@ def test_magi_client_snapshot_and_resume(pair, tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr
     first = int(taken.stdout.rsplit("chunk ", 1)[1])
-    probe = subprocess.run(
-        [
-            "ffprobe",
-            "-v",
-            "error",
-            "-count_frames",
-            "-select_streams",
-            "v:0",
-            "-show_entries",
-            "stream=nb_read_frames",
-            "-of",
-            "csv=p=0",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert int(probe.stdout.strip()) == 24 * (6 - first)
+    assert count_frames(out) == 24 * (6 - first)
 
 
 def test_sessions_outlive_a_killed_worker_and_a_drain_through_the_store(pair):
