@@ -70,6 +70,18 @@ def folder_paths(folder: str | Path, config: MagiConfig) -> FolderPaths:
     )
 
 
+def t5_device(configured: str, device: str | torch.device) -> torch.device:
+    """Where T5 runs: the config's `t5_device` (reference: cpu for 4.5B, cuda for 24B), on the
+    engine's own accelerator. A CPU engine keeps T5 on the CPU; `cuda` without an index means
+    the engine's `cuda:<local rank>`, so the ranks of a group do not all load it onto GPU 0."""
+    device, wanted = torch.device(device), torch.device(configured)
+    if device.type == "cpu" or wanted.type == "cpu":
+        return torch.device("cpu")
+    if wanted.type == device.type and wanted.index is None:
+        return device
+    return wanted
+
+
 def load_model(
     folder: str | Path, device: str | torch.device = "cpu", dit: VideoDiT | None = None
 ) -> MagiModel:
@@ -83,12 +95,15 @@ def load_model(
     try:
         vae = load_vae(paths.vae, dtype=config.model_config.dtype, device=device)
         t5_folder(paths.t5)
+        # the cache keeps embeddings where the DiT reads them, whichever device T5 runs on
         text = TextEncoder(
-            paths.t5, device=config.runtime_config.t5_device if str(device) != "cpu" else "cpu"
+            paths.t5,
+            device=t5_device(config.runtime_config.t5_device, device),
+            cache_device=device,
         )
         if not paths.special_tokens.is_file():
             raise FileNotFoundError(f"{paths.special_tokens}: special tokens file missing")
-        tokens = SpecialTokens.load(paths.special_tokens)
+        tokens = SpecialTokens.load(paths.special_tokens).to(device)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CheckpointError(str(e)) from e
     caption_channels = config.model_config.caption_channels

@@ -4,9 +4,10 @@ Facts come from magi1-reference.md §4.10 (text per chunk, special tokens, null 
 (T5 encoder), pitfalls 18 and 19 of §11. The DiT sees, for every chunk, a prompt half and a null
 half, each `(800, C)` with a mask; this module builds both from a prompt string.
 
-transformers and sentencepiece are imported inside the functions that need them: importing
-transformers costs ~3 s, and code that only cleans prompts or assembles captions (server,
-scheduler tests) should not pay it.
+transformers (for the tokenizer only) and sentencepiece are imported inside the functions that
+need them: importing transformers costs ~3 s, and code that only cleans prompts or assembles
+captions (server, scheduler tests) should not pay it. The encoder itself is model/t5.py, plain
+torch, so a worker start never imports transformers' modeling code.
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ class PromptEmbedding:
     """One caption as the DiT's cross-attention reads it. Treat the tensors as read-only: the
     encoder's cache hands the same objects to every caller."""
 
+    # Both tensors live on one device: the encoder's cache device (where the DiT reads them),
+    # or the null caption's embedding's device.
     embedding: Tensor  # (L, C) float32; L = 800 from T5, rows past the mask are ignored
     mask: Tensor  # (L,) 1 = visible token; int64 from T5, float32 after a prepend (chunk_caption)
     text: str  # the cleaned prompt that produced it ("" for the null caption)
@@ -228,12 +231,15 @@ def t5_folder(t5_pretrained: str | Path) -> Path:
 
 
 class TextEncoder:
-    """T5 v1.1 encoder (fp32) and tokenizer loaded from a local folder, with an LRU cache of
-    embeddings keyed by the cleaned prompt.
+    """T5 v1.1 encoder (fp32, model/t5.py) and tokenizer loaded from a local folder, with an LRU
+    cache of embeddings keyed by the cleaned prompt.
 
-    Results live on the CPU (the reference also moves them there before broadcasting). At
-    C = 4096 one entry is 13 MB, so the default 256 entries bound the cache near 3.4 GB.
-    Thread-safe; the encoder runs under the cache lock, so concurrent misses are serialised.
+    The encoder runs on `device` (the config's `t5_device`: the reference keeps the 4.5B
+    models' T5 on the CPU, the 24B's on the GPU); results and their masks are kept on
+    `cache_device` (default: `device`), the device of the DiT that reads them, so a cache hit
+    costs no copy. At C = 4096 one entry is 13 MB, so the default 256 entries bound the cache
+    near 3.4 GB of that device's memory. Thread-safe; the encoder runs under the cache lock, so
+    concurrent misses are serialised.
     """
 
     def __init__(
@@ -241,6 +247,7 @@ class TextEncoder:
         t5_pretrained: str | Path,
         device: str | torch.device = "cpu",
         *,
+        cache_device: str | torch.device | None = None,
         max_length: int = CAPTION_TOKENS,
         cache_size: int = 256,
     ) -> None:
@@ -248,17 +255,17 @@ class TextEncoder:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0 (0 disables the cache), got {cache_size}")
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoTokenizer
+
+        from model.t5 import load_t5_encoder
 
         folder = t5_folder(t5_pretrained)
         self.device = torch.device(device)
+        self.cache_device = self.device if cache_device is None else torch.device(cache_device)
         self.max_length = max_length
         with _quiet_transformers():
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            model = T5EncoderModel.from_pretrained(
-                folder, local_files_only=True, dtype=torch.float32
-            )
-        self.model = model.to(self.device).eval()
+        self.model = load_t5_encoder(folder, self.device)
         self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
         self._capacity = cache_size
         self._hits = 0
@@ -267,7 +274,7 @@ class TextEncoder:
 
     @property
     def d_model(self) -> int:
-        return int(self.model.config.d_model)
+        return self.model.config.d_model
 
     def encode(self, prompt: str) -> PromptEmbedding:
         """Clean, tokenise to `max_length` (padded, truncated, `</s>` appended) and encode."""
@@ -296,16 +303,16 @@ class TextEncoder:
             return_attention_mask=True,
             return_tensors="np",  # made into tensors here, each on a stated device
         )
-        mask = torch.as_tensor(batch["attention_mask"], device="cpu")  # (1, L) int64
-        ids = torch.as_tensor(batch["input_ids"], device=self.device)
+        ids = torch.as_tensor(batch["input_ids"], device=self.device)  # (1, L) int64
+        mask = torch.as_tensor(batch["attention_mask"], device=self.device)  # (1, L) int64
         with torch.inference_mode():
-            hidden = self.model(
-                input_ids=ids, attention_mask=mask.to(self.device)
-            ).last_hidden_state  # (1, L, C)
-        # Cloned outside inference mode: an inference tensor would raise in any later op that
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, C)
+        # Copied outside inference mode: an inference tensor would raise in any later op that
         # autograd records (a DiT run without no_grad), far from here.
-        embedding = hidden[0].float().cpu().clone()
-        return PromptEmbedding(embedding=embedding, mask=mask[0], text=text)
+        embedding = hidden[0].to(self.cache_device, copy=True)
+        return PromptEmbedding(
+            embedding=embedding, mask=mask[0].to(self.cache_device, copy=True), text=text
+        )
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
@@ -382,6 +389,10 @@ class SpecialTokens:
     def row(self, token: SpecialToken) -> Tensor:
         """(1, C) vector of one `other_tokens` row."""
         return self.other[int(token)].unsqueeze(0)
+
+    def to(self, device: str | torch.device) -> SpecialTokens:
+        """The same vectors on `device` (the captions' device, so a prepend copies nothing)."""
+        return SpecialTokens(*(t.to(device) for t in (self.caption, self.logo, self.other)))
 
 
 def write_special_tokens(path: str | Path, channels: int, seed: int = 0, rows: int = 100) -> Path:

@@ -10,11 +10,14 @@ a folder needs no network and gives the same bytes on every machine.
 from __future__ import annotations
 
 import io
+import math
 import random
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from model.t5 import T5Config
 from model.text import T5_SUBFOLDER, _quiet_transformers
 
 _SUBJECTS = tuple(
@@ -93,6 +96,69 @@ def _train_sentencepiece(vocab_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def _random_weights(cfg: T5Config, seed: int) -> dict[str, Tensor]:
+    """Random weights drawn in the order `transformers.T5EncoderModel(config)` (5.24) draws
+    them under `manual_seed(seed)`, so folders keep the bytes they had when transformers wrote
+    them, without importing its modeling code (~1.5 s) at every `--model tiny` start. Each
+    tensor is drawn several times (construction, then two init passes); the last draw stays."""
+    weights: dict[str, Tensor] = {}
+
+    def draw(name: str, shape: tuple[int, int], std: float | None) -> None:
+        t = torch.empty(shape, dtype=torch.float32, device="cpu")
+        if std is None:  # nn.Linear's construction: kaiming_uniform_(a=sqrt(5))
+            bound = 1.0 / math.sqrt(shape[1])
+            weights[name] = t.uniform_(-bound, bound)
+        else:
+            weights[name] = t.normal_(0.0, std)
+
+    d, inner, vocab = cfg.d_model, cfg.num_heads * cfg.d_kv, (cfg.vocab_size, cfg.d_model)
+    bias = (cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def attention(i: int) -> list[tuple[str, tuple[int, int], float]]:
+        name = f"encoder.block.{i}.layer.0.SelfAttention."
+        rows = [
+            (name + "q.weight", (inner, d), (d * cfg.d_kv) ** -0.5),
+            (name + "k.weight", (inner, d), d**-0.5),
+            (name + "v.weight", (inner, d), d**-0.5),
+            (name + "o.weight", (d, inner), inner**-0.5),
+        ]
+        return rows + [(name + "relative_attention_bias.weight", bias, d**-0.5)] * (i == 0)
+
+    def ffn(i: int) -> list[tuple[str, tuple[int, int], float]]:
+        name = f"encoder.block.{i}.layer.1.DenseReluDense."
+        return [
+            (name + "wi_0.weight", (cfg.d_ff, d), d**-0.5),
+            (name + "wi_1.weight", (cfg.d_ff, d), d**-0.5),
+            (name + "wo.weight", (d, cfg.d_ff), cfg.d_ff**-0.5),
+        ]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # 1. construction: `shared` and the stack's own embedding, then each block's layers
+        draw("shared.weight", vocab, 1.0)
+        draw("shared.weight", vocab, 1.0)
+        for i in range(cfg.num_layers):
+            for name, shape, _ in attention(i):
+                draw(name, shape, 1.0 if "relative" in name else None)
+            for name, shape, _ in ffn(i):
+                draw(name, shape, None)
+        # 2. the stack's init: the embedding, then per layer a generic N(0, 1) and T5's stds
+        draw("shared.weight", vocab, 1.0)
+        for i in range(cfg.num_layers):
+            for rows in (attention(i), ffn(i)):
+                for name, shape, _ in rows:
+                    draw(name, shape, 1.0)
+                for name, shape, std in rows:
+                    draw(name, shape, std)
+        # 3. the model's init: `shared` twice more
+        draw("shared.weight", vocab, 1.0)
+        draw("shared.weight", vocab, 1.0)
+    norms = [f"encoder.block.{i}.layer.{j}." for i in range(cfg.num_layers) for j in (0, 1)]
+    for name in [*(n + "layer_norm.weight" for n in norms), "encoder.final_layer_norm.weight"]:
+        weights[name] = torch.ones(d, dtype=torch.float32, device="cpu")
+    return weights
+
+
 def write_tiny_t5(
     folder: str | Path, d_model: int = 64, seed: int = 0, vocab_size: int = 1000
 ) -> Path:
@@ -105,7 +171,9 @@ def write_tiny_t5(
     plus T5's 100 `<extra_id_*>` tokens); the weights depend on `seed` only. Same arguments give
     byte-identical files. The caller's torch RNG state is left untouched.
     """
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from safetensors.torch import save_file
+    from transformers import T5Config as HFConfig
+    from transformers import T5Tokenizer
 
     if d_model % 4:
         raise ValueError(f"d_model must be a multiple of the 4 heads, got {d_model}")
@@ -116,7 +184,7 @@ def write_tiny_t5(
         # from_pretrained(dir) reads spiece.model; T5Tokenizer(vocab_file=...) would ignore it.
         tokenizer = T5Tokenizer.from_pretrained(out, local_files_only=True)
         tokenizer.save_pretrained(out)
-        config = T5Config(
+        config = HFConfig(
             vocab_size=len(tokenizer),
             d_model=d_model,
             d_kv=d_model // 4,
@@ -127,8 +195,10 @@ def write_tiny_t5(
             feed_forward_proj="gated-gelu",  # tanh GELU, as T5 v1.1
             tie_word_embeddings=False,  # v1.1 unties them
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = T5EncoderModel(config).eval()
-        model.save_pretrained(out, safe_serialization=True)
+        # what T5EncoderModel.save_pretrained writes: the encoder's architecture and dtype
+        config.architectures = ["T5EncoderModel"]
+        config.is_encoder_decoder, config.use_cache, config.dtype = False, False, torch.float32
+        config.save_pretrained(out)
+    weights = _random_weights(T5Config.from_json(out / "config.json"), seed)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out

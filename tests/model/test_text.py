@@ -3,6 +3,7 @@ per-chunk caption assembly of magi1-reference.md §4.10."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
+from model.folder import t5_device
+from model.t5 import T5Config, load_t5_encoder
 from model.text import (
     CAPTION_TOKENS,
     T5_SUBFOLDER,
@@ -320,3 +324,218 @@ def test_encoded_prompt_flows_through_chunk_captions_with_autograd_on(
     (pair.prompt.embedding[pair.prompt.mask.bool()] * weight).sum().backward()
     assert pair.prompt.num_tokens == prompt.num_tokens + 2
     assert torch.equal(pair.prompt.embedding[0], tokens.row(SpecialToken.DURATION_2)[0])
+
+
+# 5. The T5 encoder (model/t5.py): bit-identical to transformers' T5EncoderModel in fp32 on
+# the CPU, which is imported here only.
+PROMPTS = (
+    "A red cat jumps over the river at sunset.",
+    "two green birds fly above the clouds, aerial view 4k video",
+    "",  # </s> alone
+    "the cat runs " * 400,  # truncated to 800: no padding at all
+)
+
+
+def test_t5_encoder_equals_transformers_on_the_tiny_folder(
+    t5_dir: Path, encoder: TextEncoder
+) -> None:
+    from transformers import T5EncoderModel
+
+    reference = T5EncoderModel.from_pretrained(t5_dir / T5_SUBFOLDER, dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        out = encoder.encode(prompt)
+        batch = encoder.tokenizer(
+            [out.text],
+            max_length=CAPTION_TOKENS,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            expected = reference(**batch).last_hidden_state[0]
+        assert torch.equal(out.embedding, expected), prompt[:40]
+        assert torch.equal(out.mask, batch["attention_mask"][0])
+
+
+def _random_reference(seed: int):
+    """A random T5 v1.1 encoder larger than the tiny one: 6 heads, 3 layers, and a short
+    max_distance so that 40 tokens reach the log-spaced and the last bucket."""
+    from transformers import T5Config as HFConfig
+    from transformers import T5EncoderModel
+
+    config = HFConfig(
+        vocab_size=300,
+        d_model=96,
+        d_kv=16,
+        d_ff=160,
+        num_layers=3,
+        num_heads=6,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=24,
+        feed_forward_proj="gated-gelu",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(config).eval()
+
+
+def _padded_batch() -> tuple[Tensor, Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, 300, (3, 40), generator=g, device="cpu")
+    mask = torch.zeros(3, 40, dtype=torch.int64, device="cpu")
+    for row, length in enumerate((40, 23, 1)):
+        mask[row, :length] = 1
+    return ids, mask
+
+
+def test_t5_encoder_equals_transformers_on_a_larger_sharded_folder_with_padding(
+    tmp_path: Path,
+) -> None:
+    reference = _random_reference(seed=5)
+    reference.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = load_t5_encoder(tmp_path)
+    ids, mask = _padded_batch()
+    with torch.inference_mode():
+        for rows in (slice(0, 3), slice(1, 2), slice(0, 1)):  # padded batch, one padded, none
+            got = model(ids[rows], mask[rows]).last_hidden_state
+            expected = reference(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+            assert torch.equal(got, expected), rows
+
+
+def test_t5_encoder_reads_sharded_pytorch_bins_of_a_full_t5(tmp_path: Path) -> None:
+    # google/t5-v1_1-xxl style: .bin shards, an index, decoder and lm_head keys to skip, and the
+    # encoder's copy of the embedding beside `shared.weight`.
+    reference = _random_reference(seed=6)
+    reference.config.to_json_file(tmp_path / "config.json")
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+    state["decoder.final_layer_norm.weight"] = torch.ones(96, device="cpu")
+    state["lm_head.weight"] = torch.zeros(300, 96, device="cpu")
+    names = sorted(state)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[::2],
+        "pytorch_model-00002-of-00002.bin": names[1::2],
+    }
+    for file, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, tmp_path / file)
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_t5_encoder(tmp_path)
+    ids, mask = _padded_batch()
+    with torch.inference_mode():
+        got = model(ids, mask).last_hidden_state
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"feed_forward_proj": "relu"}, "feed_forward_proj 'relu' is not supported"),
+        ({"feed_forward_proj": "gated-silu"}, "feed_forward_proj 'gated-silu' is not supported"),
+        ({"is_decoder": True}, "is_decoder"),
+        ({"model_type": "mt5"}, "model_type 'mt5'"),
+        ({"d_model": None}, r"missing \['d_model'\]"),
+    ],
+)
+def test_t5_config_refuses_what_the_encoder_does_not_compute(
+    t5_dir: Path, tmp_path: Path, change: dict, message: str
+) -> None:
+    raw = json.loads((t5_dir / T5_SUBFOLDER / "config.json").read_text())
+    raw.update(change)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        T5Config.from_json(tmp_path / "config.json")
+
+
+def test_t5_weights_missing_or_misshapen_are_named(t5_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(t5_dir / T5_SUBFOLDER / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="model.safetensors, model.safetensors.index"):
+        load_t5_encoder(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "d_ff": raw["d_ff"] + 8}))
+    shutil.copy(t5_dir / T5_SUBFOLDER / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="(?s)do not fit config.json.*wi_0"):
+        load_t5_encoder(tmp_path)
+
+
+def test_loading_the_encoder_imports_no_transformers_modeling_code(t5_dir: Path) -> None:
+    code = (
+        "import sys; from model.text import TextEncoder; TextEncoder(sys.argv[1]); "
+        "print(sorted(m for m in ('transformers.modeling_utils', "
+        "'transformers.models.t5.modeling_t5', 'torch._dynamo') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(t5_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_embeddings_are_cached_on_the_cache_device(t5_dir: Path, encoder: TextEncoder) -> None:
+    # meta stands in for the DiT's GPU: the encoder runs on the CPU, results land elsewhere
+    remote = TextEncoder(t5_dir, cache_device="meta", cache_size=2)
+    out = remote.encode("a small cat")
+    assert out.embedding.device.type == "meta" and out.mask.device.type == "meta"
+    assert out.embedding.shape == (CAPTION_TOKENS, C) and out.mask.dtype == torch.int64
+    assert remote.encode("a small cat") is out
+    assert next(remote.model.parameters()).device.type == "cpu"
+    assert encoder.encode("a small cat").embedding.device.type == "cpu"
+
+
+def test_encoding_creates_every_tensor_on_a_stated_device(
+    t5_dir: Path, encoder: TextEncoder
+) -> None:
+    fresh = TextEncoder(t5_dir, cache_size=0)
+    with torch.device("meta"):  # a tensor made without device= would land on meta
+        out = fresh.encode("three huge whales swim under the sea")
+    assert not out.embedding.is_inference()
+    assert torch.equal(
+        out.embedding, encoder.encode("three huge whales swim under the sea").embedding
+    )
+
+
+@pytest.mark.parametrize(
+    ("configured", "engine", "expected"),
+    [
+        ("cpu", "cpu", "cpu"),
+        ("cuda", "cpu", "cpu"),  # a CPU engine keeps T5 on the CPU
+        ("cpu", "cuda:1", "cpu"),  # the 4.5B configs: T5 on the host, the DiT on the GPU
+        ("cuda", "cuda:1", "cuda:1"),  # the 24B configs: the rank's own GPU
+        ("cuda:0", "cuda:1", "cuda:0"),  # an explicit index is kept
+    ],
+)
+def test_t5_device_follows_the_config_on_the_engines_gpu(
+    configured: str, engine: str, expected: str
+) -> None:
+    assert t5_device(configured, engine) == torch.device(expected)
+
+
+def test_special_tokens_move_to_the_captions_device(tokens: SpecialTokens) -> None:
+    moved = tokens.to("meta")
+    assert {t.device.type for t in (moved.caption, moved.logo, moved.other)} == {"meta"}
+    assert tokens.to("cpu").other is tokens.other  # no copy where they already are
+
+
+@pytest.mark.parametrize(("d_model", "seed"), [(64, 0), (32, 3)])
+def test_tiny_t5_weights_are_the_ones_transformers_draws(
+    tmp_path: Path, d_model: int, seed: int
+) -> None:
+    # write_tiny_t5 replays T5EncoderModel(config)'s draws so existing folders keep their bytes
+    from transformers import T5Config as HFConfig
+    from transformers import T5EncoderModel
+
+    folder = write_tiny_t5(tmp_path, d_model=d_model, seed=seed)
+    config = HFConfig.from_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        expected = T5EncoderModel(config).state_dict()
+    del expected["encoder.embed_tokens.weight"]  # tied to shared.weight
+    written = load_t5_encoder(folder).state_dict()
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in written)
