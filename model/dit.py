@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.attention import AttentionBackend, default_backend
+from model.attention import AttentionBackend, RangePlan, as_backend
 from model.config import MagiConfig, ModelConfig
 from model.fp8 import PerChannelFp8Linear, PerTensorFp8Linear
 from model.kv_cache import KVCache
@@ -281,6 +281,24 @@ class _Packed:
     gate_rows: Tensor  # (s,) chunk index of every token
     local_chunk_spans: list[tuple[int, int]]  # pieces of chunks in the slice, slice coordinates
     local_text_spans: list[tuple[int, int]]  # the rows of `text` of each piece's chunk
+    cross_plan: RangePlan  # cross-attention: local_chunk_spans over local_text_spans
+    # self-attention's plan and the groups' key lengths it was built for (see `self_plan`)
+    _self_plan: tuple[tuple[int, ...], RangePlan] | None = None
+
+    def self_plan(
+        self, key_lengths: tuple[int, ...], backend: AttentionBackend, device: torch.device
+    ) -> RangePlan:
+        """Self-attention's plan: every chunk's packed queries over its key range, shifted to
+        its group's place among the groups' key sequences (`key_lengths`: cache ++ forward).
+        The first layer builds it, when the cached keys' lengths are known; the others reuse it
+        (their lengths are the same: the ranges are, in every layer)."""
+        if self._self_plan is None or self._self_plan[0] != key_lengths:
+            k_ranges, offset = [], 0
+            for group, length in zip(self.groups, key_lengths, strict=True):
+                k_ranges += [(offset + c.k_range[0], offset + c.k_range[1]) for c in group.chunks]
+                offset += length
+            self._self_plan = (key_lengths, backend.plan(self.chunk_spans, k_ranges, device))
+        return self._self_plan[1]
 
 
 class Seam:
@@ -373,7 +391,7 @@ class TransformerLayer(nn.Module):
         chunks that ask for it have their K|V written to their group's cache first. q, k, v
         hold all S tokens (and, under a splitting seam, this device's heads only)."""
         hd = self.self_attention.hd
-        kv_parts, k_ranges, offset = [], [], 0
+        kv_parts = []
         sizes = [s1 - s0 for s0, s1 in p.group_spans]  # the groups tile the packed sequence
         per_group = zip(p.groups, k.split(sizes), v.split(sizes), strict=True)
         for g, (group, k_g, v_g) in enumerate(per_group):
@@ -385,10 +403,9 @@ class TransformerLayer(nn.Module):
                     [group.cache.read(layer, group.cached_chunks).to(kv.dtype), kv], dim=0
                 )
             kv_parts.append(kv)
-            k_ranges += [(offset + c.k_range[0], offset + c.k_range[1]) for c in group.chunks]
-            offset += kv.shape[0]
+        plan = p.self_plan(tuple(kv.shape[0] for kv in kv_parts), backend, q.device)
         keys, values = torch.cat(kv_parts).split(hd, dim=-1)
-        return backend.ranged(q, keys, values, p.chunk_spans, k_ranges)
+        return backend.attend(q, keys, values, plan)
 
     def finish(
         self,
@@ -406,7 +423,14 @@ class TransformerLayer(nn.Module):
         # cross-attention: each chunk's queries (its piece in the slice) over its caption tokens
         qx = sa.q_layernorm_xattn(sa.linear_qkv.qx(a).reshape(s, -1, sa.hd))
         kx, vx = sa.cross_kv(p.text)
-        o_xa = backend.ranged(qx, kx, vx, p.local_chunk_spans, p.local_text_spans)
+        o_xa = backend.attend(qx, kx, vx, p.cross_plan)
+        return self.residuals(h, o_sa, o_xa, gate_rows)
+
+    def residuals(self, h: Tensor, o_sa: Tensor, o_xa: Tensor, gate_rows: Tensor) -> Tensor:
+        """The projection, the gated residuals and the MLP: token-wise, tensors in and out (so
+        model/compile.py can compile it for any token count)."""
+        sa = self.self_attention
+        s = h.shape[0]
         # output projection over the [SA_0, XA_0, ..., SA_7, XA_7] interleave (§3.9)
         o = torch.cat([o_sa.reshape(s, -1), o_xa.reshape(s, -1)], dim=-1)
         o = o.reshape(s, 2, LINEAR_PROJ_BLOCKS, -1).transpose(1, 2).reshape(s, -1)
@@ -458,7 +482,7 @@ class VideoDiT(nn.Module):
         cfg = config.model_config
         self.cfg = cfg
         self.distill = config.engine_config.distill
-        self.backend = backend or default_backend()
+        self.backend = as_backend(backend)
         p, pt = cfg.patch_size, cfg.t_patch_size
         self.x_embedder = nn.Conv3d(
             cfg.in_channels, cfg.hidden_size, (pt, p, p), (pt, p, p), bias=False
@@ -607,6 +631,7 @@ class VideoDiT(nn.Module):
             torch.tensor([t.shape[0] for t in tokens], device=device),
         )
         local_chunks, which = _local_spans(chunk_spans, lo, hi)
+        local_text = [text_spans[i] for i in which]
         return _Packed(
             groups,
             group_spans,
@@ -616,7 +641,8 @@ class VideoDiT(nn.Module):
             rope[lo:hi],
             gate_rows[lo:hi],
             local_chunks,
-            [text_spans[i] for i in which],
+            local_text,
+            self.backend.plan(local_chunks, local_text, text.device),
         )
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
