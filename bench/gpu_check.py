@@ -59,6 +59,7 @@ from bench.model_forward import (  # noqa: E402
     window_flops,
 )
 from engine.engine import ChunkDone, Engine  # noqa: E402
+from model.attention import SdpaBackend  # noqa: E402
 from model.checkpoint import build_dit_meta, random_dit  # noqa: E402
 from model.config import MagiConfig, get_preset  # noqa: E402
 from model.dit import ChunkGroup, VideoDiT  # noqa: E402
@@ -590,6 +591,8 @@ def part_correctness(check: Check, deadline: float) -> None:
             f"<= {BF16_FACTOR:g} x cpu's",
             verdict(e_dev <= BF16_FACTOR * e_cpu, table),
         )
+    with case(check, table, "attention"):
+        attention_rows(check, table)
     with case(check, table, "whole generation"):
         folder = check.tiny_folder()
         params = SessionParams("g", ((0, PROMPT),), 2, size, size, seed=0)
@@ -620,6 +623,55 @@ def part_correctness(check: Check, deadline: float) -> None:
             f"<= {FRAME_BOUND} levels",
             verdict(diff <= FRAME_BOUND, table),
         )
+
+
+def attention_rows(check: Check, table: Table) -> None:
+    """Which route the attention takes on this device (varlen flash, SDPA with enable_gqa, or
+    SDPA with KV heads repeated), as notes; on CUDA with varlen also a row: the varlen call and
+    the per-shape SDPA calls (bf16) against fp32 math, over a window's overlapping key ranges."""
+    backend, dev = SdpaBackend(), check.device
+    varlen = False
+    for name in ("tiny", "4.5B_distill"):
+        m = get_preset(name).model_config
+        for dtype in (torch.float32, torch.bfloat16):
+            q = torch.randn(64, m.num_attention_heads, m.kv_channels, device=dev, dtype=dtype)
+            k = torch.randn(64, m.num_query_groups, m.kv_channels, device=dev, dtype=dtype)
+            route = backend.path(q, k, k)
+            varlen |= route.startswith("varlen")
+            table.raw.append(
+                {"case": "attention_path", "preset": name, "dtype": str(dtype), "path": route}
+            )
+            table.notes.append(f"attention on {dev}, {name} heads, {dtype}: {route}")
+    if not varlen:
+        table.notes.append(f"varlen attention: not taken on {dev} (CUDA sm80+ bf16 only)")
+        return
+    m = get_preset("4.5B_distill").model_config
+    q = torch.randn(4096, m.num_attention_heads, m.kv_channels, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(2, 5120, m.num_query_groups, m.kv_channels, device=dev, dtype=q.dtype)
+    n = 1024  # tokens per chunk: 4 chunks in flight behind one cached, look-back 2..5 chunks
+    q_ranges = [(i * n, (i + 1) * n) for i in range(4)]
+    k_ranges = [(max(0, i + 1 - back) * n, (i + 2) * n) for i, back in enumerate((2, 3, 4, 5))]
+    per_shape = SdpaBackend(use_varlen=False)
+    want = per_shape.ranged(q.float(), kv[0].float(), kv[1].float(), q_ranges, k_ranges)
+    times = {}
+    for name, b in (("varlen", backend), ("sdpa", per_shape)):
+        plan = b.plan(q_ranges, k_ranges, dev)
+        b.attend(q, kv[0], kv[1], plan)  # warm-up
+        start = check.mark()
+        for _ in range(5):
+            got = b.attend(q, kv[0], kv[1], plan)
+        end = check.mark()
+        times[name] = (check.ms(start, end) / 5, relative(got, want))
+    (t_var, e_var), (t_sdpa, e_sdpa) = times["varlen"], times["sdpa"]
+    table.raw.append({"case": "attention_varlen", "varlen": times["varlen"], "sdpa": times["sdpa"]})
+    table.add(
+        "attention: varlen call vs per-shape SDPA, bf16 against fp32 (4.5B heads, 4 chunks)",
+        f"{dev} varlen {e_var:.1e}, sdpa {e_sdpa:.1e}",
+        f"{e_var:.1e}",
+        f"<= {BF16_FACTOR:g} x sdpa's",
+        verdict(e_var <= BF16_FACTOR * e_sdpa, table),
+    )
+    table.notes.append(f"attention per layer call: varlen {t_var:.2f} ms, sdpa {t_sdpa:.2f} ms")
 
 
 def frame_diff(got: list[np.ndarray], want: list[np.ndarray]) -> float:
@@ -731,7 +783,8 @@ def step_case(
     label: str,
     deadline: float,
 ) -> None:
-    engine = Engine(model, scheduler_config())
+    # decodes within the step (no side stream), so the step's device time includes them
+    engine = Engine(model, scheduler_config(), overlap_decode=False)
     probe = DitProbe(check, model)
     try:
         model.text.encode(PROMPT)  # cached by text, as the server's encoder is
@@ -835,9 +888,15 @@ def realtime_case(
         started = time.perf_counter()
         open_sessions(engine, 1, size, steps, prefix="rt")
         arrivals: list[float] = []
+        pending: list[ChunkDone] = []
         while len(arrivals) < 1 + PERIODS:
-            done, _ = step(check, engine)  # frames reach the host inside the step
-            arrivals += [time.perf_counter()] * len(done)
+            # as the worker does (--overlap-decode auto): a step's chunks are decoded on a side
+            # stream beside the next step and read once that step is enqueued
+            done, _ = step(check, engine)
+            for d in pending:
+                _ = d.frames  # waits for the copy to the host
+                arrivals.append(time.perf_counter())
+            pending = done
             if len(arrivals) >= 2 and time.monotonic() > deadline:
                 break
         dit_s = sum(check.ms(f.start, f.end) for f in probe.take()) / 1e3

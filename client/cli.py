@@ -1,4 +1,4 @@
-"""magi-client: generate, live, fork, snapshot, resume, models, status and cancel.
+"""magi-client: generate, live, fork, attach, snapshot, resume, models, status and cancel.
 
 Exit codes: 0 done; 2 bad arguments (found before any call); 3 the server refused (its status
 code and message are printed as it gave them); 4 connection or stream failure; 1 a local
@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fork.add_argument("--session-id", default="", metavar="ID", help="choose the fork's id")
     _output_args(fork)
+    attach = subcommands.add_parser(
+        "attach",
+        parents=[conn],
+        help="stream one of your sessions again after its call broke, into a file",
+        description="For a session started with --detach-grace-s whose stream broke: within "
+        "the grace it waits, paused, and this writes its chunks from K on (the server keeps "
+        "the last 4 it sent; the rest follow live). Its encoding is the one it started with.",
+    )
+    attach.add_argument("session", metavar="SESSION", help="the session to stream again")
+    attach.add_argument(
+        "--from",
+        dest="from_chunk",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the first chunk to write: one the server still keeps, or the next to come "
+        "(default 0; if it is no longer kept the server names those that are)",
+    )
+    _output_args(attach)
     snap = subcommands.add_parser(
         "snapshot",
         parents=[conn],
@@ -181,6 +200,14 @@ def _request_args(p: argparse.ArgumentParser, live: bool) -> None:
     p.add_argument("--steps", type=int, default=0, metavar="N", help="Euler steps per chunk")
     p.add_argument("--model", default="", help="a `models` name (the server's default)")
     p.add_argument("--session-id", default="", metavar="ID", help="choose the session id")
+    p.add_argument(
+        "--detach-grace-s",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="if the stream breaks, keep the session paused this long for `attach` "
+        "(default 0: a broken stream cancels it)",
+    )
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -225,6 +252,7 @@ def prepare_stream(args: argparse.Namespace, live: bool) -> StreamPlan:
         model=args.model,
         raw=args.raw is not None,
         session_id=args.session_id,
+        detach_grace_s=args.detach_grace_s,
         image=_read_input(args.image, "--image"),
         video=_read_input(args.video, "--video"),
     )
@@ -272,6 +300,14 @@ def prepare_resume(args: argparse.Namespace) -> StreamPlan:
     except ValueError as e:
         raise UsageError(str(e)) from None
     return StreamPlan(options, args.out, args.raw, args.raw_format, 0, {})
+
+
+def prepare_attach(args: argparse.Namespace) -> StreamPlan:
+    """Every local check of attach; raises UsageError."""
+    _check_out(args.out)
+    if args.from_chunk < 0:
+        raise UsageError(f"--from must be >= 0, got {args.from_chunk}")
+    return StreamPlan(None, args.out, args.raw, args.raw_format, 0, {})
 
 
 def collect_prompts(
@@ -378,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = prepare_fork(args)
         if args.command == "resume":
             plan = prepare_resume(args)
+        if args.command == "attach":
+            plan = prepare_attach(args)
     except (UsageError, ValueError) as e:
         print(f"magi-client: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -387,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 async def _run(args: argparse.Namespace, connect: ConnectOptions, plan: StreamPlan | None) -> int:
     if args.command in ("generate", "fork", "resume"):
         return await commands.generate(connect, plan)
+    if args.command == "attach":
+        return await commands.attach(connect, plan, args.session, args.from_chunk)
     if args.command == "snapshot":
         return await commands.snapshot(connect, args.session)
     if args.command == "live":

@@ -10,6 +10,7 @@ import asyncio
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,8 @@ class StreamPlan:
     """A checked generate / live command (client.cli builds it): what to ask for and where to
     write it."""
 
-    options: GenerateOptions | None  # None: live waits for its first prompt on stdin
+    # None: live waits for its first prompt on stdin; attach sends none (the session has one)
+    options: GenerateOptions | None
     out: Path
     raw_dir: Path | None
     raw_format: str
@@ -62,6 +64,15 @@ class StreamPlan:
 async def generate(connect: ConnectOptions, plan: StreamPlan) -> int:
     async with AsyncClient(connect) as client:
         return await _run_stream(client, client.generate(plan.options), plan, feed=None)
+
+
+async def attach(
+    connect: ConnectOptions, plan: StreamPlan, session_id: str, from_chunk: int
+) -> int:
+    """Your session whose stream broke, streamed again from `from_chunk` into a new file."""
+    async with AsyncClient(connect) as client:
+        stream = client.attach(session_id, from_chunk)
+        return await _run_stream(client, stream, plan, feed=None)
 
 
 async def live(connect: ConnectOptions, plan: StreamPlan) -> int:
@@ -104,8 +115,9 @@ async def _run_stream(
     pusher: asyncio.Task | None = None
     sigint = SigintCancels(asyncio.current_task())
     try:
-        out(describe(await stream.start()))
-        writers = open_writers(plan)
+        started = await stream.start()
+        out(describe(started))
+        writers = open_writers(plan, started)
         if feed is not None:
             pusher = asyncio.create_task(feed())
         async for item in stream:
@@ -120,6 +132,9 @@ async def _run_stream(
         if progress.chunks:
             out(_summary(plan, progress))
         return report(e)
+    except WrongEncoding as e:  # attach: the session chose its encoding when it started
+        err(f"error: {e}")
+        return EXIT_USAGE  # the call breaks (finally): a session with a grace waits again
     except OSError as e:
         progress.close()
         err(f"cannot write the output: {e}")
@@ -211,9 +226,23 @@ class SigintCancels:
         self._loop.remove_signal_handler(signal.SIGINT)
 
 
-def open_writers(plan: StreamPlan) -> list[ChunkWriter]:
-    if plan.raw_dir is None:
+class WrongEncoding(ValueError):
+    """--raw DIR for a session that streams fMP4 (attach: the session's start chose)."""
+
+
+def open_writers(plan: StreamPlan, started: Started) -> list[ChunkWriter]:
+    """Writers for the stream's encoding: generate / fork / resume asked for it (--raw); an
+    attached session streams the one it started with."""
+    raw = started.params.output_encoding == pb.OUTPUT_ENCODING_RAW_RGB24
+    if not raw:
+        if plan.raw_dir is not None:
+            raise WrongEncoding(
+                f"session {started.session_id} streams H.264 fMP4 (it was started without "
+                "--raw): drop --raw"
+            )
         return [Fmp4Writer(plan.out)]
+    if plan.raw_dir is None:  # attach to a raw session without --raw: the video only
+        return [RawMp4Writer(plan.out)]
     frames = PngWriter(plan.raw_dir) if plan.raw_format == "png" else NpyWriter(plan.raw_dir)
     return [RawMp4Writer(plan.out), frames]
 
@@ -391,9 +420,23 @@ async def status(connect: ConnectOptions, session_id: str, as_json: bool) -> int
     out(f"  prompt v{info.prompt_version}, next steerable chunk {info.next_steerable_chunk}")
     for entry in info.timeline:
         out(f"  from chunk {entry.from_chunk}: v{entry.version} {entry.text!r}")
+    out(f"  {describe_fork_history(info)}")
     if info.status_code or info.status_message:
         out(f"  status {info.status_code}: {info.status_message}")
     return EXIT_OK
+
+
+def describe_fork_history(info: pb.SessionInfo, now_unix_s: float | None = None) -> str:
+    """Where `magi-client fork SESSION --at K` can continue it now."""
+    if not info.HasField("fork_history"):
+        return "forkable at no chunk (none held)"
+    h = info.fork_history
+    text = f"forkable at chunks {h.first_chunk}..{h.last_chunk}"
+    if h.held_until_unix_ms:  # ended: the server drops the history then (or sooner)
+        now_unix_s = time.time() if now_unix_s is None else now_unix_s
+        left_s = max(h.held_until_unix_ms / 1000 - now_unix_s, 0.0)
+        text += f" for {left_s:.0f} s more"
+    return text
 
 
 async def cancel(connect: ConnectOptions, session_id: str) -> int:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from engine.runner import LATENT_CHANNELS, DitForward, ModelRunner
+from engine.runner import LATENT_CHANNELS, DitForward, HostCopy, ModelRunner
 from engine.snapshot import (
     SessionSnapshot,
     SnapshotError,
@@ -47,12 +47,20 @@ class ChunkDone:
     chunk_index: int  # global chunk index (v2v prefix chunks count)
     output_index: int  # 0-based among the chunks this session outputs
     first_frame: int  # index of the first frame in the session's output video
-    frames: Tensor  # uint8 (T, H, W, 3), on the host
+    decoded: Tensor  # uint8 (T, H, W, 3) on the host: read it as `frames`, which waits for it
     latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
     prompt: PromptEntry  # the prompt that drove this chunk
     queue_s: float  # waiting before it entered (admission for the first chunk, pauses after)
     denoise_s: float  # wall time from the chunk entering the window to its last step
-    decode_s: float  # VAE decode time
+    decode_s: float  # VAE decode time (CUDA: the device's, once `frames` has been read)
+    ready: HostCopy | None = None  # CUDA: the frames' copy to the host; None: they are there
+
+    @property
+    def frames(self) -> Tensor:
+        """The frames, once their copy from the device has landed (blocks until then)."""
+        if self.ready is not None:
+            self.decode_s, self.ready = self.ready.wait(), None
+        return self.decoded
 
 
 @dataclass
@@ -83,10 +91,15 @@ class Engine:
         text_conditioning: TextConditioning | None = None,  # None: TextConditioning() defaults
         link: PlanLink | None = None,  # rank 0 of a group: sends each plan to the other ranks
         batch_invariant: bool | None = None,  # None: on for the CPU (ModelRunner)
+        overlap_decode: bool | None = None,  # None: on for CUDA (ModelRunner)
     ) -> None:
         self.model = model
         self.runner = ModelRunner(
-            model, text_conditioning=text_conditioning, dit=dit, batch_invariant=batch_invariant
+            model,
+            text_conditioning=text_conditioning,
+            dit=dit,
+            batch_invariant=batch_invariant,
+            overlap_decode=overlap_decode,
         )
         self.link = link
         self._opened: list[SessionParams] = []  # opened since the last plan went to the link
@@ -187,13 +200,11 @@ class Engine:
                 f"session {session_id!r} has no chunk boundary to snapshot yet (it is queued, "
                 "or forks are off: --fork-history 0)"
             )
-        tensors = marks[session.fork_marks[-1].chunk]
-        if tensors.cache.chunk_indices and self.runner.dit is not None:
-            raise SnapshotError(
-                "a snapshot of a worker group's session with cached KV at its boundary (window "
-                "below 4) is not supported yet: each rank holds a share of it"
-            )
-        return capture(session, tensors, self.fingerprint)
+        chunk = session.fork_marks[-1].chunk
+        if self.link is not None and marks[chunk].cache.chunk_indices:
+            self.link.gather_kv(session_id, chunk)  # the other ranks hand in their KV heads
+        kv = self.runner.marked_kv(session_id, chunk)
+        return capture(session, marks[chunk], kv, self.fingerprint)
 
     def _open_snapshot(self, params: SessionParams) -> Session:
         """A session resumed from a snapshot: its spec, window, timeline and tensors as they
@@ -307,12 +318,13 @@ class Engine:
                 chunk_index=out.chunk_index,
                 output_index=out.output_index,
                 first_frame=out.first_frame,
-                frames=produced[(out.session_id, out.chunk_index)].frames,
+                decoded=produced[(out.session_id, out.chunk_index)].frames,
                 latent=produced[(out.session_id, out.chunk_index)].latent,
                 prompt=out.prompt,
                 queue_s=out.queue_s,
                 denoise_s=out.denoise_s,
                 decode_s=out.decode_s,
+                ready=produced[(out.session_id, out.chunk_index)].ready,
             )
             for out in self.scheduler.update_from_output(plan, output)
         ]

@@ -107,6 +107,17 @@ class SessionProgress:
 
 
 @dataclass(frozen=True)
+class ForkHistory:
+    """Sent when the chunks a session can be forked at change; also after its end, since its
+    history outlives it by fork_ttl_s, and once more (`first_chunk` None) when it is dropped."""
+
+    session_id: str
+    first_chunk: int | None  # output index; None: no fork point held
+    last_chunk: int | None  # output index, inclusive
+    held_until_unix_ms: int = 0  # an ended session's: when it is dropped at the latest; else 0
+
+
+@dataclass(frozen=True)
 class ChunkReady:
     session_id: str
     chunk_index: int  # output index
@@ -189,6 +200,7 @@ Event = (
     | SessionOpened
     | OpenRefused
     | SessionProgress
+    | ForkHistory
     | ChunkReady
     | SessionEnded
     | PromptApplied

@@ -27,7 +27,8 @@ class RankSpec:
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the --device values
 CPU_MEMORY_BUDGET_BYTES = 8 << 30  # admission's budget on CPU when none is given
-BATCH_INVARIANT = {"auto": None, "on": True, "off": False}  # --batch-invariant -> ModelRunner
+# --batch-invariant and --overlap-decode -> ModelRunner (None: chosen by the device)
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class WorkerConfig:
     neg_prompt: bool = False  # negative-prompt special tokens before the null caption (NEG_PROMPT)
     device: str = "auto"  # auto (cuda:<local rank> when CUDA is there, else cpu), cpu, cuda[:N]
     batch_invariant: str = "auto"  # on: a session's frames never depend on the batch; auto: on CPU
+    overlap_decode: str = "auto"  # on: decode beside the next step (side stream); auto: on CUDA
     fork_history: int = 8  # chunks back a session can be forked at
     fork_ttl_s: float = 120.0  # how long an ended session can still be forked
     heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
@@ -105,8 +107,10 @@ class WorkerConfig:
             raise ValueError("memory budget and max_sessions must be > 0, queue_size >= 0")
         if self.memory_reserve_bytes < 0:
             raise ValueError("--memory-reserve-mb must be >= 0")
-        if self.batch_invariant not in BATCH_INVARIANT:
+        if self.batch_invariant not in AUTO_ON_OFF:
             raise ValueError(f"--batch-invariant {self.batch_invariant!r}: use auto, on or off")
+        if self.overlap_decode not in AUTO_ON_OFF:
+            raise ValueError(f"--overlap-decode {self.overlap_decode!r}: use auto, on or off")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:

@@ -28,7 +28,7 @@ import torch
 
 from engine import ipc, logs, snapshot
 from engine.engine import ChunkDone, Engine
-from engine.launch import BATCH_INVARIANT, CPU_MEMORY_BUDGET_BYTES, WorkerConfig
+from engine.launch import AUTO_ON_OFF, CPU_MEMORY_BUDGET_BYTES, WorkerConfig
 from engine.logs import event
 from engine.ranks import (
     GroupLost,
@@ -45,6 +45,7 @@ from engine.snapshot import SnapshotError
 from model.text import TextConditioning
 from scheduler.scheduler import (
     AdmissionRefused,
+    ForkRange,
     ForkUnavailable,
     RequestTooLarge,
     SchedulerConfig,
@@ -111,7 +112,11 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
     conn.send(ipc.WorkerReady(os.getpid()))
     try:
         serve_follower(
-            model, forward, _text_conditioning(config), BATCH_INVARIANT[config.batch_invariant]
+            model,
+            forward,
+            _text_conditioning(config),
+            AUTO_ON_OFF[config.batch_invariant],
+            AUTO_ON_OFF[config.overlap_decode],
         )
     except Exception as e:  # rank 0 or another rank died, or this rank's forward failed
         _group_lost(e)
@@ -205,7 +210,8 @@ def _load_engine(
         dit=forward,
         link=link,
         text_conditioning=_text_conditioning(config),
-        batch_invariant=BATCH_INVARIANT[config.batch_invariant],
+        batch_invariant=AUTO_ON_OFF[config.batch_invariant],
+        overlap_decode=AUTO_ON_OFF[config.overlap_decode],
     )
 
 
@@ -345,9 +351,12 @@ class WorkerLoop:
         self.sched = engine.scheduler
         self.config = config
         self.reported: dict[str, ipc.SessionProgress] = {}  # the last progress sent
+        self.forks_reported: dict[str, ForkRange] = {}  # the last fork range sent, per session
         self.stalled = False  # the last step planned nothing: wait for a command
         self.last_heartbeat = 0.0
         self.answers: list[ipc.PromptApplied | ipc.PromptRejected] = []  # this batch's, in order
+        # overlap_decode: the last step's chunks, sent once the next step is enqueued
+        self.pending: list[ChunkDone] = []
 
     def run(self) -> None:
         while True:
@@ -365,12 +374,18 @@ class WorkerLoop:
             self._heartbeat()
 
     def _receive(self, block: bool) -> list[ipc.Command]:
+        if block:  # no chunk waits behind the block (its session may be paused on it)
+            self._send_pending()
         timeout = self.config.heartbeat_interval_s if block else 0.0
         commands = []
         if self.conn.poll(timeout):
             commands.append(self.conn.recv())
             while self.conn.poll(0):
                 commands.append(self.conn.recv())
+        if any(not isinstance(c, ipc.Consumed) for c in commands):
+            # a cancel, open, prompt, snapshot or shutdown acts after every chunk is out (a
+            # snapshot resumes from the first chunk not handed up)
+            self._send_pending()
         return commands
 
     # ---- commands -------------------------------------------------------------------------
@@ -470,10 +485,14 @@ class WorkerLoop:
             raise  # the whole group restarts: its sessions end UNAVAILABLE, not FAILED here
         except Exception as e:  # a failed forward fails its sessions, not the worker
             logger.exception("engine step failed")
+            self._send_pending()  # decoded by the step before: sent before the sessions end
             for sid, session in list(self.sched.sessions.items()):
                 if session.state is SessionState.RUNNING:
                     self.engine.cancel(sid, SessionState.FAILED, f"engine step failed: {e}")
             return
+        # The step before's chunks: with overlap_decode the device decoded them while this step
+        # was being enqueued (engine.runner), so their copies have landed or soon will.
+        self._send_pending()
         stats = self.engine.last_step
         if stats is None:  # everyone is paused or waiting: block until a command arrives
             self.stalled = True
@@ -484,10 +503,29 @@ class WorkerLoop:
                 chunk_slots=stats.chunk_slots,
                 step_s=time.perf_counter() - t0,
                 dit_s=stats.dit_s,
-                decode_s=stats.decode_s,
+                decode_s=stats.decode_s,  # with overlap_decode: enqueueing the decodes
             )
         )
         for chunk in done:
+            if self._defers(chunk):
+                self.pending.append(chunk)
+            else:
+                self._send_chunk(chunk)
+
+    def _defers(self, chunk: ChunkDone) -> bool:
+        """Whether the chunk waits for the next step to be enqueued (overlap_decode). A chunk
+        whose session ended in this step goes now: _report sends the end right after, and a
+        session's chunks always come before its end."""
+        session = self.sched.sessions.get(chunk.session_id)
+        return self.engine.runner.overlap_decode and session is not None and not session.finished
+
+    def _send_pending(self) -> None:
+        """Send the deferred chunks, in the order they finished (each waits for its frames'
+        copy to the host). Every path that could end a session, block, or answer for its
+        chunks (a snapshot) calls this first, so nothing deferred is lost or reordered: a
+        cancelled session's deferred chunk is sent, before its end."""
+        pending, self.pending = self.pending, []
+        for chunk in pending:
             self._send_chunk(chunk)
 
     def _send_chunk(self, chunk: ChunkDone) -> None:
@@ -531,6 +569,27 @@ class WorkerLoop:
             if progress != self.reported.get(sid):
                 self.conn.send(progress)
                 self.reported[sid] = progress
+        self._report_forks()
+
+    def _report_forks(self) -> None:
+        """Send each change of where a session can be forked, ended sessions' too (their
+        history outlives them by fork_ttl_s), and the drop of a history."""
+        ttl_s = self.sched.config.fork_ttl_s
+        known = {*self.sched.sessions, *self.sched.histories, *self.forks_reported}
+        for sid in known:
+            held = self.sched.fork_range(sid)
+            if held == self.forks_reported.get(sid):
+                continue
+            if held is None:
+                del self.forks_reported[sid]
+                self.conn.send(ipc.ForkHistory(sid, None, None))
+                continue
+            self.forks_reported[sid] = held
+            until_ms = 0
+            if held.ended_at is not None:  # monotonic here; the server wants wall-clock time
+                left_s = held.ended_at + ttl_s - time.monotonic()
+                until_ms = int((time.time() + left_s) * 1000)
+            self.conn.send(ipc.ForkHistory(sid, held.first_chunk, held.last_chunk, until_ms))
 
     def _heartbeat(self) -> None:
         now = time.monotonic()

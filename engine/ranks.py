@@ -38,7 +38,7 @@ from engine.runner import ModelRunner
 from model.dit import ChunkGroup, VideoDiT
 from model.folder import MagiModel
 from model.kv_cache import KVCache
-from model.parallel import split_tiled_decode, ulysses_forward
+from model.parallel import local_kv_heads, split_tiled_decode, ulysses_forward
 from model.sharding import ShardedDiT, load_dit_shard
 from model.text import TextConditioning
 from model.vae import ViTVAE
@@ -177,7 +177,8 @@ def load_rank(
     dit = share.dit if isinstance(share, ShardedDiT) else share
     model = load_model(folder, device=device, dit=dit)
     num_layers = model.config.model_config.num_layers
-    return model, GroupForward(share, group, num_layers, model.vae)
+    kv_groups = model.config.model_config.num_query_groups
+    return model, GroupForward(share, group, num_layers, model.vae, kv_groups)
 
 
 # ---- messages ---------------------------------------------------------------------------
@@ -188,6 +189,9 @@ class _Message:
     opened: list[SessionParams] = field(default_factory=list)  # sessions to open, in order
     plan: StepPlan | None = None  # the step to run (its frees included); None: nothing to run
     stop: bool = False  # the group is shutting down
+    # (session, global chunk): every rank hands its KV heads of that fork point to the others
+    # (a snapshot on rank 0 needs all of them)
+    gather_kv: tuple[str, int] | None = None
 
 
 def _send(data: bytes, group: RankGroup) -> None:
@@ -224,15 +228,47 @@ class GroupForward:
     `decode` splits a VAE decode over the ranks (the frames come back on rank 0 only)."""
 
     def __init__(
-        self, dit: VideoDiT | ShardedDiT, group: RankGroup, num_layers: int, vae: ViTVAE
+        self,
+        dit: VideoDiT | ShardedDiT,
+        group: RankGroup,
+        num_layers: int,
+        vae: ViTVAE,
+        kv_groups: int,
     ) -> None:
         # `dit`: whatever `ulysses_forward` takes (what `load_rank_dit` returns on this rank)
         self.dit, self.group, self.num_layers, self.vae = dit, group, num_layers, vae
+        self.kv_groups = kv_groups  # the model's KV heads (a rank holds max(G, N) / N of them)
         self.stats = ForwardStats()
 
     def new_cache(self) -> KVCache:
         # under Ulysses a rank's cache holds its own KV heads, written inside the forward
         return KVCache(self.num_layers)
+
+    def gather_kv(self, cache: KVCache) -> dict[int, list[Tensor]]:
+        """Every cached chunk's per-layer K|V with all the model's KV heads (every rank calls
+        it with the same chunks): the ranks' heads side by side, in rank order, and heads that
+        `local_kv_heads` repeated for N > G taken once, so the result is what one rank holds."""
+        world = self.group.world_size
+        full: dict[int, list[Tensor]] = {}
+        try:
+            for c in cache.chunk_indices:
+                layers = []
+                for layer in range(self.num_layers):
+                    own = cache.layers_of(c)[layer].contiguous()  # (tokens, G'/N, 2hd)
+                    parts = [torch.empty_like(own) for _ in range(world)]
+                    dist.all_gather(parts, own, group=self.group.forward)
+                    heads = torch.cat(parts, dim=1)  # (tokens, max(G, N), 2hd)
+                    layers.append(heads[:, :: heads.shape[1] // self.kv_groups])
+                full[c] = layers
+        except Exception as e:
+            raise GroupLost(f"gathering the KV of a snapshot failed: {e}") from e
+        return full
+
+    def own_kv_heads(self, kv: Tensor) -> Tensor:
+        """The inverse of `gather_kv` for one tensor: this rank's share of all KV heads."""
+        heads = local_kv_heads(kv, self.group.world_size)
+        per_rank = heads.shape[1] // self.group.world_size
+        return heads[:, self.group.rank * per_rank : (self.group.rank + 1) * per_rank].clone()
 
     def __call__(self, groups: list[ChunkGroup]) -> list[list[Tensor]]:
         t0 = time.perf_counter()
@@ -287,6 +323,11 @@ class StepLink:
         self.stats.send_s += time.perf_counter() - t0
         self.stats.steps += plan is not None
 
+    def gather_kv(self, session_id: str, chunk: int) -> None:
+        """Ask the followers to hand in their KV heads of the session's fork point at `chunk`
+        (rank 0 then calls `GroupForward.gather_kv` with them)."""
+        self._broadcast(_Message(gather_kv=(session_id, chunk)))
+
     def sync(self) -> None:
         """Show the followers rank 0 is alive (call when idle)."""
         self._broadcast(_Message())
@@ -322,13 +363,18 @@ def serve_follower(
     forward: GroupForward,
     text_conditioning: TextConditioning | None = None,
     batch_invariant: bool | None = None,
+    overlap_decode: bool | None = None,
 ) -> FollowerStats:
     """Run rank 0's plans on this rank's own tensors until it sends stop. A failed collective
     (rank 0 or another rank died) or step raises out of here: the process then exits and the
     group is restarted. `text_conditioning` and `batch_invariant` must be rank 0's (the ranks
     make the same forward calls)."""
     runner = ModelRunner(
-        model, text_conditioning=text_conditioning, dit=forward, batch_invariant=batch_invariant
+        model,
+        text_conditioning=text_conditioning,
+        dit=forward,
+        batch_invariant=batch_invariant,
+        overlap_decode=overlap_decode,
     )
     stats = FollowerStats()
     while True:
@@ -337,6 +383,8 @@ def serve_follower(
             stats.sessions_left = len(runner.sessions)
             stats.forwards, stats.decodes = forward.stats.forwards, forward.stats.decodes
             return stats
+        if message.gather_kv is not None:
+            runner.marked_kv(*message.gather_kv)
         for params in message.opened:
             runner.open(params)
         if message.plan is not None:

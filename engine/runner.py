@@ -12,6 +12,7 @@ mixes the branches, takes the Euler step per chunk and VAE-decodes the chunks th
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,13 +67,36 @@ class TensorMark:
         return self.cache.nbytes + sum(t.numel() * t.element_size() for t in held)
 
 
+class HostCopy:
+    """A CUDA decode batch's frames on their way into pinned host memory: the copy is enqueued
+    (`non_blocking`) behind the decode, and `wait` returns once it has landed. Nothing may read
+    the host buffer before that."""
+
+    def __init__(self, stream: torch.cuda.Stream, members: int) -> None:
+        self.members = members
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._done = torch.cuda.Event(enable_timing=True)
+        self._start.record(stream)
+
+    def landed_on(self, stream: torch.cuda.Stream) -> None:
+        """Mark the end of the copy (enqueued on `stream` just before)."""
+        self._done.record(stream)
+
+    def wait(self) -> float:
+        """Block until the frames are on the host; the batch's device time (decode and copy,
+        as the device ran it beside the next step) per member, in seconds."""
+        self._done.synchronize()
+        return self._start.elapsed_time(self._done) / 1e3 / self.members
+
+
 @dataclass
 class Produced:
     """A chunk that became clean this step: its frames and latent, for the consumer."""
 
-    frames: Tensor  # uint8 (T, H, W, 3), on the host
+    frames: Tensor  # uint8 (T, H, W, 3), on the host once `ready` has landed
     latent: Tensor  # (16, 6, h, w) fp32: the clean latent the frames were decoded from
-    decode_s: float  # its share of the VAE decode time
+    decode_s: float  # its share of the VAE decode time (on CUDA: of enqueueing it)
+    ready: HostCopy | None = None  # CUDA: the frames' copy to the host; None: they are there
 
 
 @dataclass
@@ -146,6 +170,11 @@ class DitForward(Protocol):
 
     def decode(self, z: Tensor, tile_frames: int) -> Tensor | None: ...  # None off rank 0
 
+    # a cache's K|V with all KV heads (every rank calls it), and back to a rank's share
+    def gather_kv(self, cache: KVCache) -> dict[int, list[Tensor]]: ...
+
+    def own_kv_heads(self, kv: Tensor) -> Tensor: ...
+
 
 class ModelRunner:
     """Owns the model and every session's tensors on this engine."""
@@ -156,6 +185,7 @@ class ModelRunner:
         text_conditioning: TextConditioning | None = None,
         dit: DitForward | None = None,
         batch_invariant: bool | None = None,
+        overlap_decode: bool | None = None,
     ) -> None:
         self.model = model
         self.dit = dit  # None: `model.dit` on this process alone
@@ -180,6 +210,14 @@ class ModelRunner:
         self.batch_invariant = (
             self.device.type == "cpu" if batch_invariant is None else batch_invariant
         )
+        # Decode chunk n while the next step runs: on CUDA the decode and the frames' copy to
+        # the host go on a side stream, and the worker sends a step's chunks only after it has
+        # enqueued the next step (engine.process). None: on for CUDA, off for the CPU, where
+        # nothing runs beside the host (a test forces it on to exercise the deferred sends).
+        self.overlap_decode = (
+            self.device.type == "cuda" if overlap_decode is None else overlap_decode
+        )
+        self._decode_stream: torch.cuda.Stream | None = None  # made on first use
         self._null_tokens = _visible(self._null).to(self.device)
         self._grids: dict[tuple[int, str], Tensor] = {}
         self.sessions: dict[str, SessionTensors] = {}
@@ -212,11 +250,12 @@ class ModelRunner:
         return 0 if mark.prefix is None else mark.prefix.shape[1]
 
     def open_snapshot(self, session_id: str, snapshot: SessionSnapshot) -> int:
-        """A resumed session's tensors, as its snapshot holds them."""
+        """A resumed session's tensors, as its snapshot holds them (a snapshot holds all KV
+        heads; a rank of a group keeps its own)."""
         cache = self._new_cache()
         for c, layers in snapshot.kv.items():
             for layer, kv in enumerate(layers):
-                cache.write(layer, c, kv)
+                cache.write(layer, c, kv if self.dit is None else self.dit.own_kv_heads(kv))
         prefix = snapshot.prefix
         self.sessions[session_id] = SessionTensors(prefix, cache, dict(snapshot.latents))
         return 0 if prefix is None else prefix.shape[1]
@@ -236,6 +275,14 @@ class ModelRunner:
     def forget(self, session_id: str) -> None:
         """Drop the session's fork marks (idempotent)."""
         self.marks.pop(session_id, None)
+
+    def marked_kv(self, session_id: str, chunk: int) -> dict[int, list[Tensor]]:
+        """The cached K|V (all heads, per chunk, per layer) of the session's fork point at
+        global `chunk`; in a group every rank calls it (it gathers the ranks' heads)."""
+        cache = self.marks[session_id][chunk].cache
+        if self.dit is not None:
+            return self.dit.gather_kv(cache)
+        return {c: cache.layers_of(c) for c in cache.chunk_indices}
 
     def marks_bytes(self) -> int:
         """Memory the fork marks hold beyond the live sessions' own tensors (an upper bound:
@@ -481,7 +528,7 @@ class ModelRunner:
             c - spec.prefix_chunks,
             spec.generated_total,
         )
-        return _visible(caption).to(self.device)  # the text cache keeps embeddings on the host
+        return _visible(caption).to(self.device)  # no copy: the text cache keeps it here
 
     def _decode_all(
         self, finished: list[tuple[SessionSpec, int, Tensor]]
@@ -500,21 +547,56 @@ class ModelRunner:
             key = (spec.session_id, c) if self.batch_invariant else tuple(z.shape)
             by_shape.setdefault(key, []).append((spec.session_id, c, z, latent))
         decoded = {}
+        stream = self._decode_on()
         for members in by_shape.values():
             t0 = time.perf_counter()
-            z = torch.stack([m[2] for m in members]).float() / self.rc.scale_factor
-            tile_frames = pipeline_tile_frames(self.rc.fps)
-            if self.dit is not None:  # a worker group: tiles spread over the ranks
-                video = self.dit.decode(z, tile_frames)
-            else:
-                video = self.model.vae.tiled_decode(z, tile_frames=tile_frames)
-            if video is None:  # a follower rank: its tiles went to rank 0, which keeps frames
-                continue
-            frames = to_uint8_frames(video).unflatten(0, (len(members), -1)).cpu()
+            ready = None if stream is None else HostCopy(stream, len(members))
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                frames = self._decode_batch(members, stream)
+                if frames is None:  # a follower rank: its tiles went to rank 0, which keeps frames
+                    continue
+                if ready is not None:  # one pinned copy per batch, read after it has landed
+                    host = torch.empty(
+                        frames.shape, dtype=frames.dtype, device="cpu", pin_memory=True
+                    )
+                    frames = host.copy_(frames, non_blocking=True)
+                    ready.landed_on(stream)
             seconds = (time.perf_counter() - t0) / len(members)
             for (sid, c, _, latent), f in zip(members, frames, strict=True):
-                decoded[(sid, c)] = Produced(f, latent, seconds)
+                decoded[(sid, c)] = Produced(f, latent, seconds, ready)
         return decoded
+
+    def _decode_on(self) -> torch.cuda.Stream | None:
+        """The CUDA stream the step's decodes and host copies go on (None on the CPU): the
+        side stream when overlapping (a worker group's split decode keeps to the main stream:
+        its collectives run in the same order on every rank), after the main stream's work so
+        far, which wrote the latents."""
+        if self.device.type != "cuda":
+            return None
+        main = torch.cuda.current_stream(self.device)
+        if not self.overlap_decode or self.dit is not None:
+            return main
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        self._decode_stream.wait_stream(main)
+        return self._decode_stream
+
+    def _decode_batch(
+        self, members: list[tuple[str, int, Tensor, Tensor]], stream: torch.cuda.Stream | None
+    ) -> Tensor | None:
+        """(N, T, H, W, 3) uint8 frames of one batch, where the latents are; None off rank 0."""
+        if stream is not None and stream is self._decode_stream:
+            for m in members:  # made on the main stream: not reused there before this reads it
+                m[3].record_stream(stream)
+        z = torch.stack([m[2] for m in members]).float() / self.rc.scale_factor
+        tile_frames = pipeline_tile_frames(self.rc.fps)
+        if self.dit is not None:  # a worker group: tiles spread over the ranks
+            video = self.dit.decode(z, tile_frames)
+        else:
+            video = self.model.vae.tiled_decode(z, tile_frames=tile_frames)
+        if video is None:
+            return None
+        return to_uint8_frames(video).unflatten(0, (len(members), -1))
 
 
 def _visible(caption: PromptEmbedding) -> Tensor:

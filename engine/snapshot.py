@@ -23,7 +23,6 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from engine.snapshot_format import FORMAT, VERSION, SnapshotError, header_of
-from model.kv_cache import KVCache
 from scheduler.session import ForkMark, PromptEntry, Session, SessionSpec
 from scheduler.window import WindowSpec
 
@@ -60,15 +59,16 @@ def model_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def capture(session: Session, mark_tensors, model: str) -> SessionSnapshot:
-    """The session's newest fork point (`mark_tensors`: the runner's TensorMark of it)."""
+def capture(
+    session: Session, mark_tensors, kv: dict[int, list[Tensor]], model: str
+) -> SessionSnapshot:
+    """The session's newest fork point (`mark_tensors`: the runner's TensorMark of it; `kv`:
+    its cached K|V with all heads, ModelRunner.marked_kv)."""
     mark = session.fork_marks[-1]
     in_flight = [c for c, _ in mark.bound_prompts]
     # a resume streams every chunk not yet handed up when the mark was taken
     first = min(in_flight, default=mark.chunk)
     spec = dataclasses.replace(session.spec, output_from=max(first, session.spec.output_from))
-    cache: KVCache = mark_tensors.cache
-    kv = {c: list(cache._chunks[c]) for c in cache.chunk_indices}
     return SessionSnapshot(
         model=model,
         spec=spec,

@@ -34,6 +34,13 @@ class KVCache:
             parts.append(slots[layer])
         return torch.cat(parts, dim=0)
 
+    def layers_of(self, chunk_index: int) -> list[Tensor]:
+        """One cached chunk's K|V, per layer (the tensors held, not copies)."""
+        slots = self._chunks[chunk_index]
+        if any(kv is None for kv in slots):
+            raise KeyError(f"chunk {chunk_index} is not cached in every layer")
+        return list(slots)
+
     def has(self, chunk_index: int) -> bool:
         slots = self._chunks.get(chunk_index)
         return slots is not None and all(s is not None for s in slots)

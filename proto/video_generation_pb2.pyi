@@ -340,7 +340,7 @@ class SessionStats(_message.Message):
     def __init__(self, chunks_done: _Optional[int] = ..., frames_done: _Optional[int] = ..., wall_time_s: _Optional[float] = ..., time_to_first_chunk_s: _Optional[float] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner", "worker_memory")
+    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner", "worker_memory", "fork_history")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +353,7 @@ class SessionInfo(_message.Message):
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     WORKER_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    FORK_HISTORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionState
     queue_position: int
@@ -365,7 +366,18 @@ class SessionInfo(_message.Message):
     status_message: str
     owner: str
     worker_memory: DeviceMemory
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ..., worker_memory: _Optional[_Union[DeviceMemory, _Mapping]] = ...) -> None: ...
+    fork_history: ForkHistory
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ..., worker_memory: _Optional[_Union[DeviceMemory, _Mapping]] = ..., fork_history: _Optional[_Union[ForkHistory, _Mapping]] = ...) -> None: ...
+
+class ForkHistory(_message.Message):
+    __slots__ = ("first_chunk", "last_chunk", "held_until_unix_ms")
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    HELD_UNTIL_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    first_chunk: int
+    last_chunk: int
+    held_until_unix_ms: int
+    def __init__(self, first_chunk: _Optional[int] = ..., last_chunk: _Optional[int] = ..., held_until_unix_ms: _Optional[int] = ...) -> None: ...
 
 class DeviceMemory(_message.Message):
     __slots__ = ("device", "total_bytes", "free_bytes", "allocated_bytes", "reserved_bytes", "worker_resident_bytes", "budget_bytes")

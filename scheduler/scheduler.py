@@ -57,6 +57,15 @@ class ForkUnavailable(ValueError):
     """No fork point there: the session is unknown here, or the chunk is outside its history."""
 
 
+@dataclass(frozen=True)
+class ForkRange:
+    """The chunks a session can be forked at now (output indices, both inclusive)."""
+
+    first_chunk: int
+    last_chunk: int
+    ended_at: float | None  # monotonic time the session ended (its history then has a TTL)
+
+
 class ChunkScheduler:
     def __init__(self, config: SchedulerConfig, branches: int) -> None:
         self.config = config
@@ -176,6 +185,19 @@ class ChunkScheduler:
                 f"{self.config.fork_history} chunks to start)"
             )
         return marks[at_chunk]
+
+    def fork_range(self, session_id: str) -> ForkRange | None:
+        """Where `session_id` (running, or ended and still held) can be forked now; None when
+        it holds no fork point. Read-only: what fork_mark would accept."""
+        session = self.sessions.get(session_id) or self.histories.get(session_id)
+        if session is None:
+            return None
+        # a v2v prefix's chunks have no output index: a fork cannot name them
+        chunks = [session.to_output(m.chunk) for m in session.fork_marks]
+        chunks = [c for c in chunks if c >= 0]
+        if not chunks:
+            return None
+        return ForkRange(chunks[0], chunks[-1], session.ended_at)
 
     def _drop_history(self, session_id: str, session: Session | None = None) -> None:
         session = session or self.histories.pop(session_id)

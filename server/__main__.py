@@ -153,6 +153,14 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "session); off: one packed forward for all; auto: on for the CPU, off for CUDA",
     ),
     (
+        "--overlap-decode",
+        str,
+        "auto",
+        "on: a step's chunks are VAE-decoded on a side CUDA stream while the next step runs "
+        "(their frames are sent once it is enqueued); off: decoded within their step; auto: on "
+        "for CUDA, off for the CPU",
+    ),
+    (
         "--snapshot-dir",
         str,
         "",
@@ -292,6 +300,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         neg_prompt=bool(args.neg_prompt),
         device=args.device,
         batch_invariant=args.batch_invariant,
+        overlap_decode=args.overlap_decode,
         fork_history=args.fork_history,
         fork_ttl_s=args.fork_ttl_s,
         log_level=args.log_level,

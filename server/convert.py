@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from engine import ipc
 from proto import video_generation_pb2 as pb
 from scheduler.session import SessionState
@@ -164,6 +166,21 @@ def session_info(session: LiveSession, model: ServedModel) -> pb.SessionInfo:
         status_code=end.code.value[0] if end else 0,
         status_message=end.message if end else "",
         worker_memory=device_memory(session.worker.memory),
+        fork_history=fork_history(session.fork_history, time.time()),
+    )
+
+
+def fork_history(held: ipc.ForkHistory | None, now_unix_s: float) -> pb.ForkHistory | None:
+    """None (the field unset) when it holds no fork point, or when an ended session's history
+    is past its time (an idle worker drops it only at its next step)."""
+    if held is None or held.first_chunk is None or held.last_chunk is None:
+        return None
+    if held.held_until_unix_ms and held.held_until_unix_ms <= now_unix_s * 1000:
+        return None
+    return pb.ForkHistory(
+        first_chunk=held.first_chunk,
+        last_chunk=held.last_chunk,
+        held_until_unix_ms=held.held_until_unix_ms,
     )
 
 

@@ -172,6 +172,9 @@ class LiveSession:
         self.progressed = False  # a SessionProgress has been applied (newer than the open's answer)
         self.queue_position = 0
         self.next_steerable_chunk: int | None = 0
+        # where it can be forked, as the worker last said (it outlives the session by
+        # --fork-ttl-s); None: nowhere
+        self.fork_history: ipc.ForkHistory | None = None
         self.timeline = tuple((f, text, i + 1) for i, (f, text) in enumerate(params.prompts))
         self.prompt_version = len(params.prompts)
         self.initial_timeline = self.timeline  # as it started (a fork's: sessions.fork_timeline)
@@ -648,6 +651,11 @@ class SessionManager:
         elif isinstance(message, ipc.DeviceMemory):
             self.worker.memory = message
             self.metrics.observe_device_memory(message)
+        elif isinstance(message, ipc.ForkHistory):
+            session = self.sessions.get(message.session_id)
+            if session is not None:  # ended ones too: their history outlives them
+                held = message.first_chunk is not None
+                session.fork_history = message if held else None
         else:
             session = self.sessions.get(message.session_id)
             # a session that ended here first (cancel, disconnect): the worker is catching up
@@ -684,6 +692,8 @@ class SessionManager:
         """The worker died: every request waiting on it and every live session fails."""
         self.worker.memory = None
         self.metrics.observe_device_memory(None)
+        for session in self.sessions.values():  # the fork points died with the worker
+            session.fork_history = None
         for reply in [*self._opening.values(), *self._prompts.values(), *self._snapshots.values()]:
             if not reply.done():
                 reply.set_exception(Unavailable(message))

@@ -1,20 +1,24 @@
 """deploy/nginx/magistream.conf with Debian's nginx: `nginx -t` accepts it, and two real
 `magi-server` replicas behind it on loopback keep every call of a session on the replica that
-holds it, including while one replica drains after SIGTERM.
+holds it, including while one replica drains after SIGTERM; and in a rolling restart, the
+SDK (client/) resumes a session whose replica drained through the same nginx address, its
+video identical to an uninterrupted run.
 
 The routing tests run the shipped config with its TLS taken out (`plaintext`, each removal
 counted), on plaintext replicas; tests/deploy/test_secured.py runs it with its TLS, in front
 of a replica that asks for tokens.
 
 Clients send the session id as `x-session-id` on every call (docs/deploy.md, "Session
-routing"); here plain grpc stubs do that by hand. Which replica owns an id depends on the
-replicas' ports (nginx hashes them into its ring), so the test asks nginx: a GetSession for a
-not-yet-existing id is answered NOT_FOUND by the owner, and nginx's access log names it.
+routing"); here plain grpc stubs do that by hand, and the SDK on its own. Which replica owns
+an id depends on the replicas' ports (nginx hashes them into its ring), so the test asks
+nginx: a GetSession for a not-yet-existing id is answered NOT_FOUND by the owner, and nginx's
+access log names it.
 """
 
 from __future__ import annotations
 
 import getpass
+import itertools
 import os
 import queue
 import re
@@ -31,6 +35,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from client import Client, ConnectOptions, GenerateOptions, RetryPolicy
 from engine.launch import free_port
 from proto import video_generation_pb2 as pb
 from proto import video_generation_pb2_grpc as pb_grpc
@@ -38,6 +43,10 @@ from tests.deploy.conftest import DEPLOY, run, tool
 from tests.serverproc import SERVING, ServerProcess
 from tests.serverproc import health_status as health
 from tests.tls import make_pki
+
+# the routing tests share one cluster, and the last ones use what the drain test left: one
+# xdist worker runs the module in order (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("nginx")
 
 SHIPPED = DEPLOY / "nginx" / "magistream.conf"
 HEADER = "x-session-id"
@@ -190,6 +199,7 @@ class Cluster:
     address: str  # nginx
     access_log: Path
     channel: grpc.Channel
+    snapshots: Path  # replica 1's --snapshot-dir (replica 0 has none: see `cluster`)
     owners: dict[str, int] = field(default_factory=dict)  # session id -> replica index
 
     @property
@@ -200,6 +210,11 @@ class Cluster:
         """The replica (upstream address) of every call of this session in nginx's log; a
         call that failed over lists each address it tried, as "A, B"."""
         pattern = rf"session={re.escape(session_id)} upstream=(.+?) http="
+        return re.findall(pattern, self.access_log.read_text())
+
+    def calls(self, session_id: str) -> list[tuple[str, str]]:
+        """(upstream, gRPC status) of every call of this session in nginx's log."""
+        pattern = rf"session={re.escape(session_id)} upstream=(.+?) http=\S+ grpc=(\S*) "
         return re.findall(pattern, self.access_log.read_text())
 
     def owner(self, session_id: str) -> int:
@@ -228,10 +243,23 @@ class Cluster:
         raise AssertionError(f"replica {replica} owns none of 64 ids: is nginx hashing?")
 
 
+def store_flags(snapshots: Path) -> tuple[str, ...]:
+    """A replica that shares the snapshot store `snapshots` and, on SIGTERM, snapshots every
+    session with chunks left (grace 0: none is let finish), so its client resumes elsewhere."""
+    return ("--snapshot-dir", str(snapshots), "--grace-period-s", "0")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """nginx in front of two replicas. Replica 0, which the drain test drains, has no
+    snapshot store, so its sessions run on for the grace period; replica 1 has one, for the
+    rolling restart test (the last one: it replaces replica 0 and drains replica 1)."""
     nginx = tool("nginx")
-    replicas = [Replica(tmp_path_factory.mktemp(f"replica{i}")) for i in range(2)]
+    snapshots = tmp_path_factory.mktemp("snapshots")
+    replicas = [
+        Replica(tmp_path_factory.mktemp("replica0")),
+        Replica(tmp_path_factory.mktemp("replica1"), *store_flags(snapshots)),
+    ]
     proxy = None
     try:
         for replica in replicas:  # both started at once: the model loads overlap
@@ -256,7 +284,7 @@ def cluster(tmp_path_factory):
         wait_for(lambda: can_connect(port) or proxy.poll() is not None, "nginx to listen")
         assert proxy.poll() is None, proxy.stderr.read().decode()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield Cluster(replicas, f"127.0.0.1:{port}", tmp / "access.log", channel)
+            yield Cluster(replicas, f"127.0.0.1:{port}", tmp / "access.log", channel, snapshots)
     finally:
         if proxy is not None:
             proxy.terminate()
@@ -405,7 +433,94 @@ def test_the_container_health_check_follows_grpc_health(cluster):
         assert result.returncode == expected, result.stderr
 
 
+def test_a_rolling_restart_costs_an_sdk_client_a_pause_not_its_session(cluster, tmp_path_factory):
+    """Replica 0 is replaced (on its address, sharing replica 1's snapshot store), then
+    replica 1 gets SIGTERM while the SDK streams a session from it through nginx: the drain
+    snapshots the session and ends its stream UNAVAILABLE with a resume token, and the SDK
+    resumes it through the same nginx address, with the same x-session-id, on replica 0. The
+    caller's video has every chunk once, each identical to an uninterrupted run."""
+    old, draining = cluster.replicas
+    old.stop()  # the drain test's SIGTERM ended it already; run alone, this does
+    survivor = Replica(
+        tmp_path_factory.mktemp("replica0-new"),
+        *store_flags(cluster.snapshots),
+        *("--cache", str(old.cache)),  # the same model files, as a restart has (none to write)
+        port=old.port,
+    )
+    cluster.replicas[0] = survivor  # the fixture stops it
+    survivor.wait_started()
+    # nginx marks a replica down for 10 s after a failed connection (the drain test's last
+    # calls): wait until ids reach the replacement, so the probes below see the whole ring
+    probes = (f"back-{i}" for i in itertools.count())
+    wait_for(lambda: cluster.owner(next(probes)) == 0, "nginx to route to the replacement")
+    (sid,) = cluster.ids_owned_by(1, 1, "rolling")
+
+    # the uninterrupted run: on the survivor directly, while the session streams from replica 1
+    with ThreadPoolExecutor(1) as pool:
+        solo = pool.submit(frames_of, survivor.address, sdk_options("rolling-solo"))
+        order, got = [], {}
+        with Client(ConnectOptions(cluster.address, retry=FAST)) as client:
+            with client.generate(sdk_options(sid)) as stream:
+                for chunk in stream:
+                    order.append(chunk.index)
+                    got[chunk.index] = chunk.frames
+                    if len(order) == 1:
+                        draining.terminate()
+            resumes, finished = stream.resumes, stream.finished.state
+            # the resumed session's control calls, hashed on its id, reach it too: with
+            # replica 1 gone, nginx sends its ids to replica 0
+            after = client.get_session(sid)
+        want = solo.result(60)
+
+    assert resumes == 1 and finished == "FINISHED"
+    assert order == list(range(SDK_CHUNKS))  # each chunk once, in order
+    for index in range(SDK_CHUNKS):
+        assert got[index] == want[index], f"chunk {index} differs from the uninterrupted run"
+    assert after.state == pb.SESSION_STATE_FINISHED
+    assert f"event=session.snapshot session=anonymous/{sid}" in draining.logs()
+    # nginx's log: the probe (NOT_FOUND) and the stream (UNAVAILABLE, with the token) on
+    # replica 1. The resume carries the same x-session-id, so nginx sends it to replica 1
+    # too, and the SDK tries again while it fails there: refused while replica 1 still
+    # drains (grpc=14), or nginx's own 502 (grpc= empty; the client reads UNAVAILABLE) when
+    # replica 1 reset the kept-alive connection the request went out on (nginx never passes
+    # a sent POST on). Replica 1 closes its port as soon as its streams end: the next try
+    # fails to connect and nginx fails over to the next replica on the ring ("B, A"), or
+    # goes there straight, having marked replica 1 down ("A"). Both have been seen here.
+    a, b = survivor.address, draining.address
+    calls = cluster.calls(sid)
+    assert calls[:2] == [(b, "5"), (b, "14")], calls
+    *refused, resumed, status = calls[2:]
+    assert all(upstream == b and code != "0" for upstream, code in refused), calls
+    assert resumed in ((a, "0"), (f"{b}, {a}", "0")), calls
+    assert status in ((a, "0"), (f"{b}, {a}", "0")), calls
+
+
 # ---- helpers ------------------------------------------------------------------------------
+
+SDK_CHUNKS = 6
+# quick retries: the resume waits only for the drained replica to close its port
+FAST = RetryPolicy(initial_backoff_s=0.05, max_backoff_s=0.5, resume_for_s=20.0)
+
+
+def sdk_options(session_id: str) -> GenerateOptions:
+    """A small raw session for the SDK, slow enough (twice the tiny model's steps) that it
+    still has chunks left when its replica gets SIGTERM after the first one."""
+    return GenerateOptions(
+        prompts=((0, PROMPT), (3, "the ball falls")),
+        chunks=SDK_CHUNKS,
+        width=32,
+        height=32,
+        seed=5,
+        steps=16,
+        raw=True,
+        session_id=session_id,
+    )
+
+
+def frames_of(address: str, options: GenerateOptions) -> dict[int, bytes]:
+    """An uninterrupted SDK run: chunk index -> raw frames."""
+    with Client(address) as client:
+        return {c.index: c.frames for c in client.generate(options)}
 
 
 def request(session_id: str, chunks: int = 0) -> pb.GenerateRequest:

@@ -1,9 +1,13 @@
 """The engine on a worker group (engine.ranks): rank 0 schedules and broadcasts each plan, every
 rank runs it on its own tensors with its share of the forward. A whole generation with a
 mid-stream prompt change gives what one rank gives, a free in a plan frees on every rank, and a
-session batched with another in the group is bit-identical to it alone there."""
+session batched with another in the group is bit-identical to it alone there. The window is 2
+chunks, so a chunk boundary holds cached KV (one share per rank): a snapshot gathers it and
+resumes bit for bit on the group and on one rank."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +15,9 @@ import torch
 from engine import ranks
 from engine.engine import Engine
 from engine.ranks import FollowerStats, RankGroup, StepLink, load_rank, serve_follower
+from engine.snapshot import decode, encode
+from model.config import MagiConfig
+from model.folder import MagiModel
 from scheduler.session import ForkSource, SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
@@ -28,9 +35,32 @@ def generate(engine: Engine) -> tuple[dict, dict, int]:
     return latents, frames, entry.from_chunk
 
 
+def window_2(model: MagiModel) -> MagiModel:
+    """The model with 2 chunks in flight: the chunks before them stay in the KV cache."""
+    rc = dataclasses.replace(model.config.runtime_config, window_size=2)
+    config = MagiConfig(model.config.model_config, rc, model.config.engine_config)
+    return dataclasses.replace(model, config=config)
+
+
+def snapshot_at_chunk_3(engine: Engine) -> tuple[bytes, dict]:
+    """A 5-chunk session snapshotted as chunk 3 enters (chunk 0 cached then, chunk 1 awaiting
+    its clean re-forward, chunk 2 in flight), and the latents of its uninterrupted run."""
+    engine.open(SessionParams("kept", ((0, PROMPT),), 5, 64, 64, seed=5))
+    done = []
+    while 3 not in {m.chunk for m in engine.scheduler.sessions["kept"].fork_marks}:
+        produced = engine.step()
+        for d in produced:  # as a stream would: a session waits for its consumer
+            engine.consumed(d.session_id)
+        done += produced
+    data = encode(engine.snapshot("kept"))
+    done += engine.run_until_idle()
+    return data, {d.chunk_index: d.latent for d in done}
+
+
 def _rank(rank: int, world: int, process_group, folder: str):
     group = RankGroup(rank, world, forward=process_group, control=process_group)
     model, forward = load_rank(folder, group)
+    model = window_2(model)
     # Every rank generates with meta as the default device: a tensor made without an explicit
     # device would land there and fail the step (the placement proof for a group).
     with torch.device("meta"):
@@ -48,24 +78,29 @@ def _rank(rank: int, world: int, process_group, folder: str):
         # and a fork of it at chunk 1 (every rank restores its own tensors from its marks)
         engine.open(SessionParams("fork", (), 3, 64, 64, seed=3, fork=ForkSource("again", 1)))
         forked = {d.chunk_index: d.latent for d in engine.run_until_idle()}
+        # a snapshot with cached KV (each rank holds a share) resumed on the group
+        data, kept = snapshot_at_chunk_3(engine)
+        engine.open(SessionParams("resumed", (), None, 64, 64, resume=data))
+        resumed = {d.chunk_index: d.latent for d in engine.run_until_idle()}
         engine.sync()
         link.close()
     batched = ({c: d.latent for c, d in again.items()}, {c: d.frames for c, d in again.items()})
-    return (*result, held_after_the_end, link.stats, forward.stats, batched, forked)
+    snap = (data, kept, resumed)
+    return (*result, held_after_the_end, link.stats, forward.stats, batched, forked, snap)
 
 
 @pytest.fixture(scope="module")
 def single_rank(tiny_model):
-    return generate(Engine(tiny_model))
+    return generate(Engine(window_2(tiny_model)))
 
 
 # two ranks prove the protocol; 4- and 8-rank Ulysses is tested on the model (test_parallel)
 @pytest.mark.parametrize("world", [2])
-def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
+def test_a_group_generates_what_one_rank_does(tiny_folder, tiny_model, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, held, link, forward, batched, forked), *followers = ranks.launch(
-        _rank, world, str(tiny_folder)
+    (latents, frames, from_chunk, held, link, forward, batched, forked, snap), *followers = (
+        ranks.launch(_rank, world, str(tiny_folder))
     )
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]
     for c in latents:
@@ -82,9 +117,19 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, single_rank, world):
     for c in latents:
         assert torch.equal(batched[0][c], latents[c]) and torch.equal(batched[1][c], frames[c])
     assert sorted(forked) == [1, 2] and all(torch.equal(forked[c], latents[c]) for c in forked)
-    # the chunks' decodes were split over the ranks (one per finished chunk: 3 + 3 + 2, and the
-    # fork's 2 plus chunk 0, which it decodes for its frame count without streaming it)
-    assert {f.decodes for f in followers} == {11}
+    # the group's snapshot held all KV heads of chunk 0 and resumed bit for bit on the
+    # group; on one rank it resumes too, as close to the group's run as one rank's run is
+    data, kept, resumed = snap
+    assert sorted(decode(data, None, torch.device("cpu")).kv) == [0]
+    assert sorted(resumed) == [2, 3, 4] and all(torch.equal(resumed[c], kept[c]) for c in resumed)
+    alone = Engine(window_2(tiny_model))
+    alone.open(SessionParams("resumed", (), None, 64, 64, resume=data))
+    for d in alone.run_until_idle():
+        assert (d.latent - kept[d.chunk_index]).abs().max() < 1e-4, d.chunk_index
+    # the chunks' decodes were split over the ranks (one per finished chunk: 3 + 3 + 2, the
+    # fork's 2 plus chunk 0, which it decodes for its frame count without streaming it, the
+    # kept session's 5 and the resumed one's 3)
+    assert {f.decodes for f in followers} == {19}
     # the plans are small next to the forwards they drive (the prompt and nothing else)
     assert link.send_s < forward.forward_s
     print(

@@ -185,6 +185,9 @@ EXAMPLES: dict[str, Message] = {
     "RawFrame": pb.RawFrame(chunk_index=1, frame_index=47, last_in_chunk=True, rgb24=b"\x01" * 12),
     "SessionFinished": _finished(),
     "SessionStats": _stats(),
+    "ForkHistory": pb.ForkHistory(
+        first_chunk=4, last_chunk=11, held_until_unix_ms=1_767_225_600_000
+    ),
     "SessionInfo": pb.SessionInfo(
         session_id="demo-1",
         state=pb.SESSION_STATE_RUNNING,
@@ -198,6 +201,7 @@ EXAMPLES: dict[str, Message] = {
         status_message="",
         owner="alice",
         worker_memory=_device_memory(),
+        fork_history=pb.ForkHistory(first_chunk=2, last_chunk=9),
     ),
     "DeviceMemory": _device_memory(),
     "ListSessionsRequest": pb.ListSessionsRequest(),

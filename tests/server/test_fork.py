@@ -5,14 +5,20 @@ fields are checked at the edge; `magi-client fork` writes the fork to a file."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 
+from client.cli import main
+from engine import ipc
 from proto import video_generation_pb2 as pb
+from server import convert
 from tests.client.test_cli import count_frames
+from tests.server.conftest import wait_for
 from tests.server.helpers import stub
 
 # one worker runs the module: its module fixtures are made once
@@ -64,6 +70,21 @@ def source(server):
     return chunks
 
 
+@pytest.fixture(scope="module")
+def long_source(server) -> pb.SessionInfo:
+    """A finished 12-chunk session, once its fork history (the last 8 chunks) is reported."""
+    with grpc.insecure_channel(server.address) as channel:
+        stream(channel, source_request("long-source", chunks=12))
+        get = pb.GetSessionRequest(session_id="long-source")
+        # the worker reports the history's deadline just after the end
+        wait_for(
+            lambda: stub(channel).GetSession(get).fork_history.held_until_unix_ms > 0,
+            10,
+            "the ended session's fork history",
+        )
+        return stub(channel).GetSession(get)
+
+
 def test_a_fork_with_the_same_timeline_equals_its_source(server, source):
     with grpc.insecure_channel(server.address) as channel:
         started, chunks, last = stream(channel, fork_request("fork-same", "fork-source", 3))
@@ -99,9 +120,12 @@ def test_rewind_a_running_session_and_fork_the_fork(server):
         for e in running:
             if e.HasField("chunk"):  # chunk 0 is out: chunks 1..3 are in flight, 3 marked
                 break
+        held = calls.GetSession(pb.GetSessionRequest(session_id="rewind-src")).fork_history
         _, first, _ = stream(channel, fork_request("rewind-1", "rewind-src", 2))
         calls.CancelSession(pb.CancelSessionRequest(session_id="rewind-src"))
         _, second, _ = stream(channel, fork_request("rewind-2", "rewind-1", 4))
+    # running: from chunk 0 to the newest to start (3 or later), with no deadline yet
+    assert held.first_chunk == 0 and held.last_chunk >= 3 and held.held_until_unix_ms == 0
     assert sorted(first) == [2, 3, 4, 5] and sorted(second) == [4, 5]
     for c in first:
         assert first[c] == want[c], c
@@ -109,9 +133,39 @@ def test_rewind_a_running_session_and_fork_the_fork(server):
         assert second[c] == want[c], c
 
 
-def test_a_fork_outside_the_history_is_failed_precondition(server):
+def test_get_session_shows_the_fork_history_and_a_fork_at_its_first_chunk_works(
+    server, long_source, capsys
+):
+    held = long_source.fork_history
+    assert (held.first_chunk, held.last_chunk) == (4, 11)  # the last 8 chunks to start
+    left_s = held.held_until_unix_ms / 1000 - time.time()
+    assert 0 < left_s <= 120  # the server's --fork-ttl-s (default 120) from the end
+    assert main(["status", "long-source", "--server", server.address]) == 0
+    assert re.search(r"\n  forkable at chunks 4\.\.11 for \d+ s more\n", capsys.readouterr().out)
     with grpc.insecure_channel(server.address) as channel:
-        stream(channel, source_request("long-source", chunks=12))
+        _, chunks, last = stream(channel, fork_request("fork-first", "long-source", 4))
+        with pytest.raises(grpc.RpcError) as before:
+            stream(channel, fork_request("fork-before", "long-source", 3))
+    assert last.finished.state == pb.SESSION_STATE_FINISHED and sorted(chunks) == list(range(4, 12))
+    assert before.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot be forked at chunk 3: its fork history holds chunks 4..11" in (
+        before.value.details()
+    )
+
+
+def test_an_ended_sessions_history_past_its_time_is_not_shown():
+    """The worker drops an expired history at its next step; GetSession stops showing it at
+    once."""
+    held = ipc.ForkHistory("a/b", 4, 11, held_until_unix_ms=1_000_000)
+    assert convert.fork_history(held, now_unix_s=999.0).first_chunk == 4
+    assert convert.fork_history(held, now_unix_s=1000.0) is None
+    assert convert.fork_history(ipc.ForkHistory("a/b", None, None), now_unix_s=0.0) is None
+    running = ipc.ForkHistory("a/b", 0, 3)  # no deadline while it runs
+    assert convert.fork_history(running, now_unix_s=1e12).last_chunk == 3
+
+
+def test_a_fork_outside_the_history_is_failed_precondition(server, long_source):
+    with grpc.insecure_channel(server.address) as channel:
         with pytest.raises(grpc.RpcError) as e:
             stream(channel, fork_request("too-far", "long-source", 1))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

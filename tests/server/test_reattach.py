@@ -5,17 +5,22 @@ cancelled and NOT_FOUND; bad graces, chunks no longer kept and a second reader a
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import grpc
 import pytest
 
+from client.cli import main
+from client.exits import EXIT_REFUSED
 from client.options import GenerateOptions
 from client.sync import Client
 from proto import video_generation_pb2 as pb
 from server.config import Limits
 from server.errors import InvalidRequest
 from server.validation import parse_detach_grace
+from tests.client.test_cli import count_frames
 from tests.server.conftest import wait_for
 from tests.server.helpers import decode_mp4, stub
 
@@ -164,3 +169,52 @@ def test_the_sdk_attaches_and_the_first_fmp4_chunk_again_carries_the_init_segmen
     assert again.finished.state == "FINISHED"
     # chunks 1.. alone make a playable MP4: the replayed first one brings the init segment
     assert len(decode_mp4(b"".join(c.payload for c in chunks))) == 24 * (CHUNKS - 1)
+
+
+def test_magi_client_attach_writes_the_rest_of_a_generate_whose_call_broke(
+    server, tmp_path, capsys
+):
+    """The user's story: `generate --detach-grace-s` dies mid-stream (kill -9), `attach --from
+    N` (N: the chunks its file holds) writes the rest; ffprobe is the judge."""
+    part, rest = tmp_path / "part.mp4", tmp_path / "rest.mp4"
+    generate = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "client", "generate", "--server", server.address),
+            *("--prompt", PROMPT, "--chunks", str(CHUNKS), "--width", "32", "--height", "32"),
+            *("--seed", "19", "--session-id", "cli-re", "--detach-grace-s", "30"),
+            *("--out", str(part)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in generate.stderr:  # one progress line per chunk (stderr is no terminal)
+            if "chunk 0 done" in line:
+                break
+    finally:
+        generate.kill()  # the connection breaks: the session waits, paused, for attach
+        generate.communicate(timeout=30)
+    wait_for(lambda: server.metric("magistream_sessions_detached") == 1, 10, "detach")
+    have = count_frames(part) // 24  # whole chunks; the session paused before its end
+    assert 1 <= have < CHUNKS
+
+    attach = ["attach", "cli-re", "--server", server.address]
+    assert main([*attach, "--from", str(have)]) == 2  # --out is required, as for generate
+    assert main([*attach, "--from", "-1", "--out", str(rest)]) == 2  # found before any call
+    code = main([*attach, "--from", str(have), "--out", str(rest)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.out.startswith("session cli-re: tiny 32x32")
+    assert count_frames(rest) == 24 * (CHUNKS - have)
+
+    # ended now, and never known: NOT_FOUND in the server's words, exit 3, no file left
+    for sid, says in [
+        ("cli-re", "session 'cli-re' has ended (finished); there is nothing to attach to"),
+        ("re-nobody", "session 're-nobody' is unknown"),
+    ]:
+        again = tmp_path / f"{sid}.mp4"
+        code = main(["attach", sid, "--server", server.address, "--out", str(again)])
+        printed = capsys.readouterr()
+        assert code == EXIT_REFUSED and not again.exists()
+        assert printed.err.startswith(f"magi-client: NOT_FOUND: {says}"), printed.err
