@@ -228,7 +228,11 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         while True:
             item = await session.next_event()
             if isinstance(item, ipc.ChunkReady):
-                messages = await self._encode(session, item, first_chunk)
+                try:
+                    messages = await self._encode(session, item, first_chunk)
+                except asyncio.CancelledError:  # the call broke while the chunk was encoded:
+                    session.put_back(item)  # an Attach within the grace sends it
+                    raise
                 self.sessions.chunk_taken(session, item, messages)
                 for message in messages:
                     yield message

@@ -211,6 +211,14 @@ class LiveSession:
     def push(self, item: ipc.ChunkReady | SessionEnd | object) -> None:
         self._events.put_nowait(item)
 
+    def put_back(self, item: ipc.ChunkReady | SessionEnd | object) -> None:
+        """An event taken by a call that broke before sending it: first in line again."""
+        rest = []
+        while not self._events.empty():
+            rest.append(self._events.get_nowait())
+        for queued in (item, *rest):
+            self._events.put_nowait(queued)
+
     @property
     def empty(self) -> bool:
         """Nothing waits to be sent: no queued event, no chunk whose sending was cut short."""

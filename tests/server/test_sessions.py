@@ -577,3 +577,16 @@ async def test_a_server_without_a_snapshot_store_says_how_to_get_one(engine, man
         await manager.snapshot("s", ANONYMOUS)
     with pytest.raises(SessionNotFound):  # the owner's own sessions only, store or not
         await manager.snapshot("s", "mallory")
+
+
+async def test_an_event_put_back_by_a_broken_call_is_the_next_one_out():
+    """A call that broke while its chunk was encoded puts the chunk back (service._events):
+    an Attach must get it before the chunks that came after it."""
+    session = LiveSession(SessionParams("", ((0, PROMPT),), 3, SIZE, SIZE), "s", ANONYMOUS)
+    first, second, third = (object() for _ in range(3))
+    for event in (first, second, third):
+        session.push(event)
+    taken = await session.next_event()
+    session.put_back(taken)
+    assert [await session.next_event() for _ in range(3)] == [first, second, third]
+    assert session.empty
