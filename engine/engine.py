@@ -15,7 +15,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from engine.runner import LATENT_CHANNELS, DitForward, HostCopy, ModelRunner
+from engine.runner import LATENT_CHANNELS, Captions, DitForward, HostCopy, ModelRunner
 from engine.snapshot import (
     SessionSnapshot,
     SnapshotError,
@@ -76,9 +76,12 @@ class StepStats:
 
 
 class PlanLink(Protocol):
-    """Rank 0's line to the other ranks of a group (engine.ranks.StepLink)."""
+    """Rank 0's line to the other ranks of a group (engine.ranks.StepLink). `captions`: rank
+    0's T5, which encodes the prompts the plan uses that the other ranks do not hold yet."""
 
-    def send(self, plan: StepPlan | None, opened: list[SessionParams]) -> None: ...
+    def send(
+        self, plan: StepPlan | None, opened: list[SessionParams], captions: Captions
+    ) -> None: ...
 
 
 class Engine:
@@ -304,7 +307,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if self.link is not None and (plan.forwards or plan.freed or self._opened):
             opened, self._opened = self._opened, []
-            self.link.send(plan, opened)  # every rank runs this same plan
+            self.link.send(plan, opened, self.runner.captions)  # every rank runs this plan
         if not plan.forwards:
             self.runner.execute(plan)  # frees what ended, if anything
             self.last_step = None
@@ -351,7 +354,7 @@ class Engine:
             self.runner.forget(session_id)
         opened, self._opened = self._opened, []
         plan = StepPlan((), freed, forgotten) if freed or forgotten else None
-        self.link.send(plan, opened)
+        self.link.send(plan, opened, self.runner.captions)
 
     def run_until_idle(self) -> list[ChunkDone]:
         """Step until no session has work, consuming outputs as they come (tests, CLI)."""

@@ -5,11 +5,15 @@ Rank 0 runs the scheduler. Each engine step it broadcasts one small message: the
 itself (frozen, tensor-free) and the requests of the sessions opened since the last message
 (`SessionParams`, their image/video as uint8 arrays, sent once). Every rank, rank 0 included,
 then runs the same `ModelRunner.execute(plan)` on the tensors it owns: it opens the sessions
-(encodes their prefixes with its VAE), draws the entering chunks' noise from their keys, encodes
-the prompts the plan binds, and frees what the plan frees. Inside the step the ranks meet in the
-collectives of one `GroupForward`: the Ulysses forward (each rank holds its own KV heads of every
-session's cache) and the split VAE decode (tiles round-robin, stitched on rank 0, which alone
-keeps frames). Nothing but the plan is replicated by message: each rank derives its inputs.
+(encodes their prefixes with its VAE), draws the entering chunks' noise from their keys, builds
+the captions of the prompts the plan binds, and frees what the plan frees. Only rank 0 loads
+T5 (reference §6: one rank of the group encodes and broadcasts): the message also carries the
+T5 output of every prompt the plan uses that the followers do not hold yet, and the prompts they
+may drop (`CaptionLedger` on rank 0, `ReceivedCaptions` on the others, which mirror it).
+Inside the step the ranks meet in the collectives of one `GroupForward`: the Ulysses forward
+(each rank holds its own KV heads of every session's cache) and the split VAE decode (tiles
+round-robin, stitched on rank 0, which alone keeps frames). Nothing but the plan and the new
+prompts' T5 output is replicated by message: each rank derives its inputs.
 
 Protocol (on a gloo "control" group, CPU only, even when the forward runs on NCCL): rank 0
 broadcasts the pickled message's length (one int64), then its bytes. While idle rank 0 sends an
@@ -23,24 +27,26 @@ import os
 import pickle
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from engine.launch import RankSpec, free_port
-from engine.runner import ModelRunner
+from engine.runner import Captions, ModelRunner
 from model.dit import ChunkGroup, VideoDiT
 from model.folder import MagiModel
 from model.kv_cache import KVCache
 from model.parallel import local_kv_heads, split_tiled_decode, ulysses_forward
 from model.sharding import ShardedDiT, load_dit_shard
-from model.text import TextConditioning
+from model.text import PromptEmbedding, TextConditioning
 from model.vae import ViTVAE
 from scheduler.plan import StepPlan
 from scheduler.session import SessionParams
@@ -169,19 +175,51 @@ def load_rank_dit(
 def load_rank(
     folder: str | Path, group: RankGroup, device: str | torch.device = "cpu"
 ) -> tuple[MagiModel, GroupForward]:
-    """Any rank's model (VAE, text side, special tokens, and for the null caption the DiT's
-    replicated part) and the group forward its runner calls in place of `model.dit`."""
+    """Any rank's model (VAE, special tokens, and for the null caption the DiT's replicated
+    part; T5 on rank 0 only) and the group forward its runner calls in place of `model.dit`."""
     from model.folder import load_model
 
     share = load_rank_dit(folder, group.rank, group.world_size, group, device)
     dit = share.dit if isinstance(share, ShardedDiT) else share
-    model = load_model(folder, device=device, dit=dit)
+    model = load_model(folder, device=device, dit=dit, text=group.rank == 0)
     num_layers = model.config.model_config.num_layers
     kv_groups = model.config.model_config.num_query_groups
     return model, GroupForward(share, group, num_layers, model.vae, kv_groups)
 
 
 # ---- messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionRows:
+    """One prompt's T5 output on its way to the followers: its rows up to the last visible one
+    (the DiT never reads the padding after it, and `chunk_caption` builds the same visible rows
+    from them), as host arrays. 16 KiB per token at C = 4096."""
+
+    text: str  # the cleaned prompt (PromptEmbedding.text)
+    embedding: np.ndarray  # (n, C) float32
+    mask: np.ndarray  # (n,) as T5 gave it
+
+    @classmethod
+    def of(cls, caption: PromptEmbedding) -> CaptionRows:
+        visible = caption.mask.nonzero()
+        n = int(visible[-1, 0]) + 1 if len(visible) else 0
+        return cls(
+            caption.text,
+            caption.embedding[:n].detach().cpu().numpy(),
+            caption.mask[:n].detach().cpu().numpy(),
+        )
+
+    def on(self, device: torch.device) -> PromptEmbedding:
+        return PromptEmbedding(
+            embedding=torch.as_tensor(self.embedding, device=device),
+            mask=torch.as_tensor(self.mask, device=device),
+            text=self.text,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.nbytes + self.mask.nbytes
 
 
 @dataclass
@@ -192,6 +230,10 @@ class _Message:
     # (session, global chunk): every rank hands its KV heads of that fork point to the others
     # (a snapshot on rank 0 needs all of them)
     gather_kv: tuple[str, int] | None = None
+    # prompt text (as the plan names it) -> its T5 output: the plan's prompts the followers do
+    # not hold yet; then the prompts they drop (none the plan uses)
+    captions: dict[str, CaptionRows] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
 
 
 def _send(data: bytes, group: RankGroup) -> None:
@@ -297,31 +339,88 @@ class GroupForward:
 # ---- rank 0 -----------------------------------------------------------------------------
 
 
+def plan_prompts(plan: StepPlan | None) -> list[str]:
+    """The prompt texts the plan's chunks are conditioned on (what `ModelRunner._prompt` reads),
+    each once, in plan order."""
+    if plan is None:
+        return []
+    texts = (entry.text for step in plan.forwards for _, entry in step.prompts)
+    return list(dict.fromkeys(texts))
+
+
+class CaptionLedger:
+    """Rank 0's record of the prompts whose T5 output the followers hold: exactly the keys of
+    their `ReceivedCaptions`, since every change to it travels in a message. Bounded like the
+    text encoder's cache: past `capacity`, the prompts least recently used by a plan are
+    dropped (never one the current plan uses); a prompt needed again is simply sent again."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        if capacity < 1:
+            raise ValueError(f"the followers' caption capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._held: OrderedDict[str, None] = OrderedDict()
+
+    def missing(self, texts: list[str]) -> list[str]:
+        return [t for t in texts if t not in self._held]
+
+    def use(self, texts: list[str]) -> tuple[str, ...]:
+        """Record that a message carries `texts` (the missing ones with it); the prompts the
+        followers drop with that message."""
+        for text in texts:
+            self._held[text] = None
+            self._held.move_to_end(text)
+        used, dropped = set(texts), []
+        for text in list(self._held):
+            if len(self._held) <= self.capacity:
+                break
+            if text not in used:
+                del self._held[text]
+                dropped.append(text)
+        return tuple(dropped)
+
+    @property
+    def texts(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+
 @dataclass
 class LinkStats:
     """What the step messages cost (rank 0), to check they are not the bottleneck."""
 
     steps: int = 0  # messages that carried a plan
     message_bytes: int = 0
-    send_s: float = 0.0  # pickling + broadcasting the messages
+    send_s: float = 0.0  # pickling + broadcasting the messages (+ encoding new prompts)
+    captions_sent: int = 0  # prompts' T5 outputs sent to the followers
+    caption_bytes: int = 0  # their arrays' bytes
+    captions_dropped: int = 0
 
 
 class StepLink:
     """Rank 0's side of the protocol: the engine sends each plan (and the sessions opened
     since the last one) before it runs the plan itself."""
 
-    def __init__(self, group: RankGroup) -> None:
+    def __init__(self, group: RankGroup, caption_capacity: int = 256) -> None:
         if group.rank != 0:
             raise ValueError("StepLink sends from rank 0; other ranks call serve_follower")
         self.group = group
         self.stats = LinkStats()
+        self.ledger = CaptionLedger(caption_capacity)
         self._closed = False
 
-    def send(self, plan: StepPlan | None, opened: list[SessionParams]) -> None:
+    def send(self, plan: StepPlan | None, opened: list[SessionParams], captions: Captions) -> None:
+        """Broadcast the plan, with the T5 output (from `captions`, rank 0's encoder) of each of
+        its prompts the followers do not hold yet."""
         t0 = time.perf_counter()
-        self._broadcast(_Message(opened=opened, plan=plan))
+        texts = plan_prompts(plan)
+        # encoded before the ledger changes: a failed encode leaves it as the followers' is
+        rows = {t: CaptionRows.of(captions.encode(t)) for t in self.ledger.missing(texts)}
+        dropped = self.ledger.use(texts)
+        self._broadcast(_Message(opened=opened, plan=plan, captions=rows, dropped=dropped))
         self.stats.send_s += time.perf_counter() - t0
         self.stats.steps += plan is not None
+        self.stats.captions_sent += len(rows)
+        self.stats.caption_bytes += sum(r.nbytes for r in rows.values())
+        self.stats.captions_dropped += len(dropped)
 
     def gather_kv(self, session_id: str, chunk: int) -> None:
         """Ask the followers to hand in their KV heads of the session's fork point at `chunk`
@@ -350,12 +449,42 @@ class StepLink:
 # ---- ranks 1..N-1 -----------------------------------------------------------------------
 
 
+class ReceivedCaptions:
+    """A follower's caption source: the T5 outputs rank 0 sent, on this rank's device, keyed by
+    the prompt text as the plans name it (rank 0's `CaptionLedger` says which it holds)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._held: dict[str, PromptEmbedding] = {}
+
+    def receive(self, captions: dict[str, CaptionRows], dropped: tuple[str, ...]) -> None:
+        for text in dropped:
+            del self._held[text]  # a KeyError here: this rank missed a message
+        for text, rows in captions.items():
+            self._held[text] = rows.on(self.device)
+
+    def encode(self, prompt: str) -> PromptEmbedding:
+        try:
+            return self._held[prompt]
+        except KeyError:
+            raise RuntimeError(
+                f"rank 0 sent no T5 output for the prompt {prompt!r}: this rank's captions are "
+                "out of step with rank 0's ledger (a message lost or run out of order)"
+            ) from None
+
+    @property
+    def texts(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+
 @dataclass
 class FollowerStats:
     steps: int = 0  # plans run
     forwards: int = 0
     decodes: int = 0
     sessions_left: int = 0  # sessions still held when the stop came (0 once all ended)
+    t5_loaded: bool = False  # whether this rank's model holds a T5 (it should not)
+    captions: frozenset[str] = frozenset()  # prompts whose T5 output it held at the stop
 
 
 def serve_follower(
@@ -368,21 +497,26 @@ def serve_follower(
     """Run rank 0's plans on this rank's own tensors until it sends stop. A failed collective
     (rank 0 or another rank died) or step raises out of here: the process then exits and the
     group is restarted. `text_conditioning` and `batch_invariant` must be rank 0's (the ranks
-    make the same forward calls)."""
+    make the same forward calls). Prompts are not encoded here: rank 0 sends their T5 output."""
+    device = model.dit.y_embedder.null_caption_embedding.device
+    captions = ReceivedCaptions(device)
     runner = ModelRunner(
         model,
         text_conditioning=text_conditioning,
         dit=forward,
         batch_invariant=batch_invariant,
         overlap_decode=overlap_decode,
+        captions=captions,
     )
-    stats = FollowerStats()
+    stats = FollowerStats(t5_loaded=model.text is not None)
     while True:
         message = _receive(forward.group)
         if message.stop:
             stats.sessions_left = len(runner.sessions)
             stats.forwards, stats.decodes = forward.stats.forwards, forward.stats.decodes
+            stats.captions = captions.texts
             return stats
+        captions.receive(message.captions, message.dropped)
         if message.gather_kv is not None:
             runner.marked_kv(*message.gather_kv)
         for params in message.opened:

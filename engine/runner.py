@@ -176,6 +176,14 @@ class DitForward(Protocol):
     def own_kv_heads(self, kv: Tensor) -> Tensor: ...
 
 
+class Captions(Protocol):
+    """Where the runner gets a prompt's T5 output: the model's `TextEncoder` on a single
+    process and on rank 0 of a group; on a follower rank, the embeddings rank 0 sent with the
+    plans (engine.ranks.ReceivedCaptions), so only rank 0 holds T5."""
+
+    def encode(self, prompt: str) -> PromptEmbedding: ...
+
+
 class ModelRunner:
     """Owns the model and every session's tensors on this engine."""
 
@@ -186,9 +194,16 @@ class ModelRunner:
         dit: DitForward | None = None,
         batch_invariant: bool | None = None,
         overlap_decode: bool | None = None,
+        captions: Captions | None = None,  # None: the model's own T5
     ) -> None:
         self.model = model
         self.dit = dit  # None: `model.dit` on this process alone
+        self.captions = model.text if captions is None else captions
+        if self.captions is None:
+            raise ValueError(
+                "this model was loaded without T5 (load_model(text=False): a follower rank); "
+                "pass the prompt embeddings rank 0 sends as captions="
+            )
         self.rc = model.config.runtime_config
         self.ec = model.config.engine_config
         self.text_conditioning = text_conditioning or TextConditioning()
@@ -522,7 +537,7 @@ class ModelRunner:
 
     def _prompt(self, spec: SessionSpec, prompts: dict[int, PromptEntry], c: int) -> Tensor:
         caption = chunk_caption(
-            self.model.text.encode(prompts[c].text),
+            self.captions.encode(prompts[c].text),
             self.model.special_tokens,
             self.text_conditioning,
             c - spec.prefix_chunks,

@@ -39,7 +39,9 @@ class MagiModel:
     config: MagiConfig
     dit: VideoDiT
     vae: ViTVAE
-    text: TextEncoder
+    # None on a follower rank of a worker group: rank 0 runs T5 and sends the embeddings with
+    # the plans (engine.ranks); the runner reads them through its caption source
+    text: TextEncoder | None
     special_tokens: SpecialTokens
 
 
@@ -83,10 +85,15 @@ def t5_device(configured: str, device: str | torch.device) -> torch.device:
 
 
 def load_model(
-    folder: str | Path, device: str | torch.device = "cpu", dit: VideoDiT | None = None
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dit: VideoDiT | None = None,
+    text: bool = True,
 ) -> MagiModel:
     """Load every part; the first missing or malformed file raises CheckpointError naming it.
-    `dit`: one already loaded (a worker rank's share of a sharded model) instead of the files'."""
+    `dit`: one already loaded (a worker rank's share of a sharded model) instead of the files'.
+    `text=False`: no T5 (`model.text` None), for a follower rank of a worker group, which gets
+    its prompt embeddings from rank 0 (T5-XXL is ~19 GB in fp32)."""
     folder = Path(folder)
     config = read_config(folder)
     paths = folder_paths(folder, config)
@@ -94,25 +101,28 @@ def load_model(
         dit = load_dit(folder, config, device=device)
     try:
         vae = load_vae(paths.vae, dtype=config.model_config.dtype, device=device)
-        t5_folder(paths.t5)
-        # the cache keeps embeddings where the DiT reads them, whichever device T5 runs on
-        text = TextEncoder(
-            paths.t5,
-            device=t5_device(config.runtime_config.t5_device, device),
-            cache_device=device,
-        )
+        encoder = None
+        if text:
+            t5_folder(paths.t5)
+            # the cache keeps embeddings where the DiT reads them, whichever device T5 runs on
+            encoder = TextEncoder(
+                paths.t5,
+                device=t5_device(config.runtime_config.t5_device, device),
+                cache_device=device,
+            )
         if not paths.special_tokens.is_file():
             raise FileNotFoundError(f"{paths.special_tokens}: special tokens file missing")
         tokens = SpecialTokens.load(paths.special_tokens).to(device)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CheckpointError(str(e)) from e
     caption_channels = config.model_config.caption_channels
-    if text.d_model != caption_channels or tokens.channels != caption_channels:
+    d_model = caption_channels if encoder is None else encoder.d_model
+    if d_model != caption_channels or tokens.channels != caption_channels:
         raise CheckpointError(
             f"{folder}: caption width mismatch: DiT caption_channels {caption_channels}, "
-            f"T5 d_model {text.d_model}, special tokens {tokens.channels}"
+            f"T5 d_model {d_model}, special tokens {tokens.channels}"
         )
-    return MagiModel(folder, config, dit, vae, text, tokens)
+    return MagiModel(folder, config, dit, vae, encoder, tokens)
 
 
 def write_random(preset: str, out: str | Path, seed: int = 0) -> Path:
@@ -148,7 +158,7 @@ def describe(model: MagiModel) -> list[str]:
     params = sum(p.numel() for p in model.dit.parameters())
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.dit.parameters()})
     vae_params = sum(p.numel() for p in model.vae.parameters())
-    t5_params = sum(p.numel() for p in model.text.model.parameters())
+    text = model.text
     paths = folder_paths(model.folder, cfg)
     shards = shard_map(paths.dit)
     lines = [
@@ -159,8 +169,10 @@ def describe(model: MagiModel) -> list[str]:
         f"distill {cfg.engine_config.distill}, fp8 {cfg.engine_config.fp8_quant}",
         f"dit files: {paths.dit.relative_to(model.folder)}/ ({len(shards)} shards)",
         f"vae: {vae_params:,} parameters, {paths.vae.relative_to(model.folder)}/",
-        f"t5: {t5_params:,} parameters, d_model {model.text.d_model}, "
-        f"{paths.t5.relative_to(model.folder)}/",
+        "t5: not loaded (a follower rank: rank 0 sends the prompt embeddings)"
+        if text is None
+        else f"t5: {sum(p.numel() for p in text.model.parameters()):,} parameters, "
+        f"d_model {text.d_model}, {paths.t5.relative_to(model.folder)}/",
         f"special tokens: {paths.special_tokens.name}",
         f"sampling: {cfg.runtime_config.num_steps} steps, window {cfg.runtime_config.window_size}, "
         f"{cfg.runtime_config.video_size_h}x{cfg.runtime_config.video_size_w}",

@@ -3,7 +3,8 @@ rank runs it on its own tensors with its share of the forward. A whole generatio
 mid-stream prompt change gives what one rank gives, a free in a plan frees on every rank, and a
 session batched with another in the group is bit-identical to it alone there. The window is 2
 chunks, so a chunk boundary holds cached KV (one share per rank): a snapshot gathers it and
-resumes bit for bit on the group and on one rank."""
+resumes bit for bit on the group and on one rank. Only rank 0 holds T5: the followers build
+every caption from the T5 output it sent, and hold exactly the prompts its ledger names."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ import torch
 
 from engine import ranks
 from engine.engine import Engine
-from engine.ranks import FollowerStats, RankGroup, StepLink, load_rank, serve_follower
+from engine.ranks import (
+    CaptionLedger,
+    CaptionRows,
+    FollowerStats,
+    RankGroup,
+    StepLink,
+    load_rank,
+    serve_follower,
+)
 from engine.snapshot import decode, encode
 from model.config import MagiConfig
 from model.folder import MagiModel
+from model.text import TextConditioning, chunk_caption
 from scheduler.session import ForkSource, SessionParams
 
 PROMPT, SWITCH = "a red ball rolls", "a green cube jumps"
@@ -66,7 +76,8 @@ def _rank(rank: int, world: int, process_group, folder: str):
     with torch.device("meta"):
         if rank != 0:
             return serve_follower(model, forward)
-        link = StepLink(group)
+        # 3 prompts in all: a capacity of 2 makes the followers drop and get some again
+        link = StepLink(group, caption_capacity=2)
         engine = Engine(model, dit=forward, link=link)
         result = generate(engine)
         held_after_the_end = len(engine.runner.sessions)
@@ -86,7 +97,8 @@ def _rank(rank: int, world: int, process_group, folder: str):
         link.close()
     batched = ({c: d.latent for c, d in again.items()}, {c: d.frames for c, d in again.items()})
     snap = (data, kept, resumed)
-    return (*result, held_after_the_end, link.stats, forward.stats, batched, forked, snap)
+    t5 = (model.text is not None, link.ledger.texts)
+    return (*result, held_after_the_end, link.stats, forward.stats, batched, forked, snap, t5)
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +111,19 @@ def single_rank(tiny_model):
 def test_a_group_generates_what_one_rank_does(tiny_folder, tiny_model, single_rank, world):
     want_latents, want_frames, switched_at = single_rank
     assert switched_at == 1
-    (latents, frames, from_chunk, held, link, forward, batched, forked, snap), *followers = (
+    (latents, frames, from_chunk, held, link, forward, batched, forked, snap, t5), *followers = (
         ranks.launch(_rank, world, str(tiny_folder))
     )
+    # rank 0 alone loaded T5; the followers hold what its ledger says they do, no more
+    rank0_t5, ledger = t5
+    assert rank0_t5 and all(isinstance(f, FollowerStats) and not f.t5_loaded for f in followers)
+    assert all(f.captions == ledger for f in followers) and len(ledger) <= 3
+    assert link.captions_sent > 3 and link.captions_dropped > 0  # dropped, sent again
     assert from_chunk == 1 and sorted(latents) == [0, 1, 2]
     for c in latents:
         assert (latents[c] - want_latents[c]).abs().max() < 1e-4, c
         assert (frames[c].int() - want_frames[c].int()).abs().max() <= 1, c
     # every rank ran every plan and every forward
-    assert all(isinstance(f, FollowerStats) for f in followers)
     assert {f.steps for f in followers} == {link.steps} and link.steps > 0
     assert {f.forwards for f in followers} == {forward.forwards} and forward.forwards > 0
     # rank 0 freed the finished session at once; the next plan freed it on every other rank
@@ -135,5 +151,30 @@ def test_a_group_generates_what_one_rank_does(tiny_folder, tiny_model, single_ra
     print(
         f"world {world}: {link.steps} plans, {link.message_bytes / link.steps:.0f} B/message,"
         f" send {1e3 * link.send_s / link.steps:.2f} ms,"
-        f" forward {1e3 * forward.forward_s / forward.forwards:.1f} ms"
+        f" forward {1e3 * forward.forward_s / forward.forwards:.1f} ms,"
+        f" {link.captions_sent} captions sent, {link.caption_bytes / link.captions_sent:.0f} B each"
     )
+
+
+def test_the_ledger_keeps_the_plans_prompts_and_drops_the_least_recent():
+    ledger = CaptionLedger(capacity=2)
+    assert ledger.missing(["a", "b"]) == ["a", "b"] and ledger.use(["a", "b"]) == ()
+    assert ledger.missing(["b", "c"]) == ["c"]
+    assert ledger.use(["b", "c"]) == ("a",)  # "a" is the least recently used
+    assert ledger.use(["a", "b", "c"]) == ()  # a plan's own prompts stay, past the capacity
+    assert ledger.use(["c"]) == ("a",) and ledger.texts == {"b", "c"}
+    with pytest.raises(ValueError, match="capacity"):
+        CaptionLedger(capacity=0)
+
+
+@pytest.mark.parametrize("words", [4, 2000])  # a short prompt; one T5 truncates to 800 tokens
+def test_a_followers_caption_is_rank_0s(tiny_model, words):
+    """The rows a follower gets build the caption rank 0 builds from all 800, bit for bit."""
+    full = tiny_model.text.encode(" ".join(["ball"] * words))
+    rows = CaptionRows.of(full)
+    assert rows.embedding.shape[0] == full.num_tokens
+    sent = rows.on(torch.device("cpu"))
+    for cond in (TextConditioning(), TextConditioning(pad_hq=False, pad_duration=False)):
+        want, got = (chunk_caption(e, tiny_model.special_tokens, cond, 0, 3) for e in (full, sent))
+        # what the DiT reads: the visible rows (engine.runner._visible)
+        assert torch.equal(got.embedding[got.mask.bool()], want.embedding[want.mask.bool()])
