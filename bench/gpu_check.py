@@ -16,7 +16,9 @@ a failure or an overrun is a row saying so and the run goes on):
   3. (runs last) batching at 480x480, distill 8 steps: 1, 2, 4, 8 sessions in one engine
      against one session alone, interleaved A B A B, median of the pairwise ratios;
   4. one 4.5B distill 480x480 session with fp8 weights (and bf16 beside it): time to first
-     chunk and the steady chunk period against the real-time target of 1.0 s per chunk.
+     chunk and the steady chunk period against the real-time target of 1.0 s per chunk;
+  5. (CUDA only, after 3) --compile off against on (model/compile.py) for that session's
+     steps: stages alternating after warming both, median ratio, the first compiled stage.
 `--quick` shrinks the 4.5B parts to the tiny presets and small videos; the code path is the
 same. Full numbers go to $OUT/gpu_check.json (default ./gpu-check-out).
 """
@@ -61,6 +63,7 @@ from bench.model_forward import (  # noqa: E402
 from engine.engine import ChunkDone, Engine  # noqa: E402
 from model.attention import SdpaBackend  # noqa: E402
 from model.checkpoint import build_dit_meta, random_dit  # noqa: E402
+from model.compile import compile_dit, eager  # noqa: E402
 from model.config import MagiConfig, get_preset  # noqa: E402
 from model.dit import ChunkGroup, VideoDiT  # noqa: E402
 from model.folder import MagiModel, load_model, write_random  # noqa: E402
@@ -84,6 +87,7 @@ WARMUP = 1  # untimed full-window steps after the window fills (kernel choice, a
 REPS = 3  # timed full-window steps at most
 ROUNDS = 3  # counted batching rounds at most, after a warm-up round
 PERIODS = 3  # chunk periods timed per real-time session at most
+COMPILE_GUESS_S = 60.0  # inductor's first compile of the three graphs (a guess, to skip early)
 
 # The MAGI-1 VAE's shape, the diffusers converter's values (magi1-reference.md §5.1: the
 # official ddconfig lives in the checkpoint). Random weights, so only the decode's cost is real.
@@ -123,7 +127,14 @@ FULL = Scale(
     sizes=(480, 720),
     sessions=(1, 2, 4, 8),
     vae=MAGI_VAE,
-    budgets={"forward": 40, "server": 90, "step": 170, "realtime": 70, "batching": 150},
+    budgets={
+        "forward": 40,
+        "server": 90,
+        "step": 170,
+        "realtime": 70,
+        "batching": 150,
+        "compile": 150,
+    },
 )
 QUICK = Scale(
     name="tiny",
@@ -131,7 +142,14 @@ QUICK = Scale(
     sizes=(32,),
     sessions=(1, 2),
     vae=VAEConfig.tiny(),
-    budgets={"forward": 20, "server": 90, "step": 20, "realtime": 20, "batching": 20},
+    budgets={
+        "forward": 20,
+        "server": 90,
+        "step": 20,
+        "realtime": 20,
+        "batching": 20,
+        "compile": 90,  # compiling takes as long for the tiny model
+    },
 )
 
 
@@ -1013,6 +1031,106 @@ def batching_case(
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. --compile off against on
+
+
+def part_compile(check: Check, deadline: float) -> None:
+    table = check.tables[-1]
+    scale = check.scale
+    size, steps = scale.sizes[0], scale.distill_steps
+    label = f"{size}x{size} distill, {steps} steps"
+    with case(check, table, label):
+        cfg = get_preset(scale.presets["distill"]).model_config
+        # the fill (~steps/2 full steps), a warm-up stage of each and >= 2 pairs, and compiling
+        flops = full_window_flops(cfg, size, False) * (steps / 2 + 6 * steps / 4)
+        guard(check, flops, deadline - COMPILE_GUESS_S, label)
+        model = bench_model(check, "distill")
+        try:
+            compile_case(check, table, model, size, steps, deadline)
+        finally:
+            del model
+    table.notes += [
+        f"One distill session at {size}x{size}, window full, through the real Engine; a stage "
+        f"= {steps // 4} steps (the full window, then the step from the clean chunk's cache): "
+        "two token counts, one graph per piece (dynamic shapes). After the fill, one eager stage, "
+        "then `compile_dit(dit, 'on')` (inductor, default mode); first compiled stage = its "
+        "host time, compiling included. After a warm-up compiled stage, eager and compiled "
+        "stages alternate; eager/compiled is the median of the pairwise ratios (min..max), > 1 "
+        "when compiling helps. recompiles: graphs compiled during the timed stages (0 expected). "
+        "compiled vs eager: relative L2 of one full-window forward's velocities.",
+    ]
+
+
+def compile_case(
+    check: Check, table: Table, model: MagiModel, size: int, steps: int, deadline: float
+) -> None:
+    from torch._dynamo.utils import counters  # imports the compiler: CUDA runs only
+
+    per_stage = steps // 4
+    engine = Engine(model, scheduler_config(), overlap_decode=False)
+    pairs: list[tuple[float, float]] = []
+    try:
+        model.text.encode(PROMPT)
+        open_sessions(engine, 1, size, steps)
+        for _ in range(steps + per_stage):  # the first chunk's grid, then an eager stage
+            step(check, engine)
+        compile_dit(model.dit, "on")
+        check.sync()
+        started = time.perf_counter()
+        stage_ms(check, engine, per_stage)
+        check.sync()
+        first_s = time.perf_counter() - started
+        stage_ms(check, engine, per_stage)  # warm-up of the compiled pieces
+        graphs = counters["stats"]["unique_graphs"]
+        for _ in range(2 * ROUNDS):
+            with eager(model.dit):
+                off, _ = stage_ms(check, engine, per_stage)
+            on, _ = stage_ms(check, engine, per_stage)
+            pairs.append((off, on))
+            if len(pairs) >= 2 and time.monotonic() > deadline:
+                break
+        recompiles = counters["stats"]["unique_graphs"] - graphs
+    finally:
+        engine.cancel("s0")
+    diff = compiled_vs_eager(check, model, size)
+    ratios = [off / on for off, on in pairs]
+    off_ms = statistics.median(off for off, _ in pairs)
+    on_ms = statistics.median(on for _, on in pairs)
+    table.raw.append(
+        {
+            "size": size,
+            "pairs_ms": pairs,
+            "ratios": ratios,
+            "first_compiled_stage_s": first_s,
+            "recompiles": recompiles,
+            "compiled_vs_eager": diff,
+        }
+    )
+    table.add(
+        f"{size}x{size}",
+        f"{off_ms:.1f}",
+        f"{on_ms:.1f}",
+        f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}..{max(ratios):.3f})",
+        f"{first_s:.1f}",
+        f"{recompiles} ({verdict(recompiles == 0, table)})",
+        f"{diff:.2e}",
+        len(pairs),
+    )
+
+
+def compiled_vs_eager(check: Check, model: MagiModel, size: int) -> float:
+    """One full-window forward of the compiled model against the same model run eager."""
+    config = model.config
+    group = build_window(model.dit, config, Case(size, 4, "clean", config.model_config.dtype))
+    for c in group.chunks:
+        c.step_size = 0.25 if config.engine_config.distill else None
+    got = velocities(model.dit, group, check.device)
+    with eager(model.dit):
+        want = velocities(model.dit, group, check.device)
+    return relative(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -1035,7 +1153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda when there), cuda[:N], cpu")
     parser.add_argument("--quick", action="store_true", help="tiny presets and sizes (CI smoke)")
     parser.add_argument(
-        "--parts", default="1,2,4,3", help="parts to run, in this order (1 = both correctness)"
+        "--parts",
+        default="1,2,4,3,5",
+        help="parts to run, in this order (1 = both correctness; 5 runs on CUDA only)",
     )
     parser.add_argument("--budget-s", type=float, default=450.0, help="the whole run, seconds")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (else by name)")
@@ -1141,10 +1261,35 @@ def main(argv: list[str] | None = None) -> int:
                     lambda d: part_batching(check, d),
                 )
             ],
+            "5": [
+                (
+                    Table(
+                        "compile",
+                        f"5. --compile off against on, {scale.name} distill",
+                        [
+                            "video",
+                            "eager stage ms",
+                            "compiled stage ms",
+                            "eager/compiled",
+                            "first compiled stage s",
+                            "recompiles",
+                            "compiled vs eager",
+                            "pairs",
+                        ],
+                    ),
+                    budgets["compile"],
+                    lambda d: part_compile(check, d),
+                )
+            ],
         }
         for key in args.parts.split(","):
             if key.strip() not in parts:
-                parser.error(f"--parts: unknown part {key!r}; known: 1, 2, 3, 4")
+                parser.error(f"--parts: unknown part {key!r}; known: 1, 2, 3, 4, 5")
+            if key.strip() == "5" and not check.cuda:
+                # inductor's CPU code is not what a GPU server runs; tests/model/test_compile.py
+                # checks the compiled pieces on the CPU
+                print("5. --compile off against on: not run, the compile A/B runs on CUDA only")
+                continue
             for table, budget, body in parts[key.strip()]:
                 run_part(check, table, budget, body)
         write_outputs(check)

@@ -29,6 +29,7 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # the --device values
 CPU_MEMORY_BUDGET_BYTES = 8 << 30  # admission's budget on CPU when none is given
 # --batch-invariant and --overlap-decode -> ModelRunner (None: chosen by the device)
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
+COMPILE_MODES = ("off", "on")  # --compile: model/compile.py's modes (this module is torch-free)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class WorkerConfig:
     device: str = "auto"  # auto (cuda:<local rank> when CUDA is there, else cpu), cpu, cuda[:N]
     batch_invariant: str = "auto"  # on: a session's frames never depend on the batch; auto: on CPU
     overlap_decode: str = "auto"  # on: decode beside the next step (side stream); auto: on CUDA
+    compile: str = "off"  # on: torch.compile the DiT layers' token-wise parts (model/compile.py)
     fork_history: int = 8  # chunks back a session can be forked at
     fork_ttl_s: float = 120.0  # how long an ended session can still be forked
     heartbeat_interval_s: float = 0.5  # how often an idle worker says it is alive
@@ -111,6 +113,8 @@ class WorkerConfig:
             raise ValueError(f"--batch-invariant {self.batch_invariant!r}: use auto, on or off")
         if self.overlap_decode not in AUTO_ON_OFF:
             raise ValueError(f"--overlap-decode {self.overlap_decode!r}: use auto, on or off")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile!r}: use off or on")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.torch_threads < 0 or self.heartbeat_interval_s <= 0:

@@ -42,6 +42,7 @@ from engine.ranks import (
     wait_loaded,
 )
 from engine.snapshot import SnapshotError
+from model.compile import compile_dit
 from model.text import TextConditioning
 from scheduler.scheduler import (
     AdmissionRefused,
@@ -105,6 +106,7 @@ def follower_main(conn: Connection, config: WorkerConfig, rank: RankSpec) -> Non
         group = join_group(rank, device, config.group.join_timeout_s)
         _ensure_folder(config)
         model, forward = load_rank(config.model_folder, group, device)
+        compile_dit(forward.dit, config.compile)  # every rank alike: each runs its share
         wait_loaded(group)
     except Exception as e:
         conn.send(ipc.WorkerFailed(f"rank {rank.rank}: {type(e).__name__}: {e}"))
@@ -186,6 +188,7 @@ def _load_engine(
         model, forward, link = load_model(config.model_folder, device=device), None, None
     else:  # rank 0 of a group: its own DiT share, and the plans go to every rank
         (model, forward), link = load_rank(config.model_folder, group, device), StepLink(group)
+    compile_dit(model.dit if forward is None else forward.dit, config.compile)
     budget = admission_budget(config, device)  # after loading: what the weights left free
     event(
         logger,

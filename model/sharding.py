@@ -187,6 +187,10 @@ class ShardedDiT:
     bytes_read: int = 0
     _scratch: dict[tuple, list[_Scratch]] = field(default_factory=dict, repr=False)
 
+    def scratch_layers(self) -> list[TransformerLayer]:
+        """The gathered full layers the forward runs (two per layer kind)."""
+        return [s.layer for pair in self._scratch.values() for s in pair]
+
     def __post_init__(self) -> None:
         # two scratch layers per layer kind, allocated up front (outside inference mode)
         device = self.shards[0][0].device if self.shards and self.shards[0] else "cpu"

@@ -161,6 +161,13 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], object, str], ...] = (
         "for CUDA, off for the CPU",
     ),
     (
+        "--compile",
+        str,
+        "off",
+        "on: torch.compile the DiT layers' token-wise parts (inductor; the first steps of each "
+        "shape compile, seconds to minutes); off: eager",
+    ),
+    (
         "--snapshot-dir",
         str,
         "",
@@ -301,6 +308,7 @@ def _configure(args: argparse.Namespace) -> tuple[ServerConfig, ServedModel, Vid
         device=args.device,
         batch_invariant=args.batch_invariant,
         overlap_decode=args.overlap_decode,
+        compile=args.compile,
         fork_history=args.fork_history,
         fork_ttl_s=args.fork_ttl_s,
         log_level=args.log_level,
