@@ -295,6 +295,11 @@ class _StreamBase:
         """How the session ended; set once the stream is read to its end."""
         return self._stream.finished
 
+    @property
+    def resumes(self) -> int:
+        """Times the session was resumed from a snapshot after its server went away."""
+        return self._stream.resumes
+
     def start(self) -> Started:
         """Opens the call (retrying UNAVAILABLE) and waits for `started`. Iterating does this
         too; call it to know the session id before the first chunk. Safe from any thread."""
@@ -343,11 +348,6 @@ class GenerateStream(_StreamBase):
     """Iterate for ChunkEvents; `push_prompt`, `cancel` and `status` use unary calls. A stream
     whose server went away with a resume token is resumed on its own (AsyncGenerateStream)."""
 
-    @property
-    def resumes(self) -> int:
-        """Times the session was resumed from a snapshot after its server went away."""
-        return self._stream.resumes
-
     def __iter__(self) -> Iterator[ChunkEvent]:
         return self._items()
 
@@ -362,7 +362,9 @@ class GenerateStream(_StreamBase):
 
 
 class InteractStream(_StreamBase):
-    """Iterate for ChunkEvents and Acks (one per pushed prompt, in push order)."""
+    """Iterate for ChunkEvents and Acks (one per pushed prompt, in push order). A stream whose
+    server went away with a resume token is resumed on its own, its prompts with it
+    (AsyncInteractStream); a push made meanwhile waits for the resume."""
 
     def __iter__(self) -> Iterator[ChunkEvent | Ack]:
         return self._items()

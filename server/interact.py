@@ -7,7 +7,9 @@ waiting for their answer. Acks go out in the order the prompts were read, one pe
 
 When the session ends, every prompt read so far is answered before `finished`: with its real
 answer where the engine gave one, otherwise with a rejection. The reader then stops; a prompt
-the server had not read by then is after the end, and `finished` is its answer.
+the server had not read by then is after the end, and `finished` is its answer. A drain that
+saved the session for the client to resume is the exception: `service.interact` stops the
+reader, and unanswered prompts get no ack (the client pushes them again on the resumed call).
 
 At most `max_in_flight` prompts are read and not yet acked (an ack counts until the stream
 hands it to gRPC, whose own buffers HTTP/2 flow control bounds); past that the reader stops

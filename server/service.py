@@ -109,7 +109,12 @@ class VideoGenerationService(pb_grpc.VideoGenerationServicer):
         try:
             with self._released_if_broken(session, why_broken):
                 async for item in self._events(session):
-                    if item.WhichOneof("event") == "finished":
+                    if item.WhichOneof("event") == "finished" and session.end.resume:
+                        # saved for the client to resume (a drain): a prompt not answered by
+                        # now gets no ack here; the client pushes it again on the resumed
+                        # call unless the snapshot's timeline holds it
+                        reader.stop()
+                    elif item.WhichOneof("event") == "finished":
                         # every prompt read so far is answered before the end
                         for ack in await reader.close():
                             yield pb.GenerateEvent(prompt_ack=ack)
