@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import ssl
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +108,11 @@ class Denied:
 
 
 def is_loopback_peer(peer: str) -> bool:
-    """Whether a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`)
+    """Whether a gRPC peer string (`ipv4:127.0.0.1:5000`, `ipv6:%5B::1%5D:5000`, `unix:/path`)
     is this machine. IPv4-mapped IPv6 addresses count as their IPv4 address."""
-    kind, _, rest = peer.partition(":")
+    # gRPC percent-encodes the brackets (and a zone id's `%`) of IPv6 peers: a client that
+    # dials `localhost` reaches a `0.0.0.0` listener over [::1] and shows as `ipv6:%5B::1%5D:N`
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "unix" or kind == "unix-abstract":
         return True
     if kind == "ipv4":

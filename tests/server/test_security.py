@@ -512,7 +512,11 @@ def test_a_new_certificate_applies_after_sighup(mtls_server, pki, tmp_path):
         ("ipv4:127.0.0.1:5000", True),
         ("ipv4:127.8.9.10:1", True),
         ("ipv6:[::1]:5000", True),
+        ("ipv6:%5B::1%5D:34238", True),  # as gRPC writes it
         ("ipv6:[::ffff:127.0.0.1]:5000", True),
+        ("ipv6:%5B::ffff:127.0.0.1%5D:5000", True),
+        ("ipv6:%5B2001:db8::1%5D:5000", False),
+        ("ipv6:%5Bfe80::1%25eth0%5D:5000", False),
         ("unix:/tmp/magistream.sock", True),
         ("ipv4:10.0.0.7:5000", False),
         ("ipv4:0.0.0.0:5000", False),
@@ -576,9 +580,12 @@ def test_protected_mode_end_to_end(tiny_folder, tmp_path):
             with pytest.raises(grpc.RpcError) as e:  # --reflection off: not served at all
                 list_services(channel)
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = pb_grpc.VideoGenerationStub(channel)
-            assert stub.ListModels(pb.ListModelsRequest(), timeout=30).default_model
+        # `localhost` reaches a 0.0.0.0 listener over IPv6 where the machine has ::1 (the README
+        # examples dial it), IPv4 elsewhere: loopback either way
+        for host in ("127.0.0.1", "localhost"):
+            with grpc.insecure_channel(f"{host}:{server.port}") as channel:
+                stub = pb_grpc.VideoGenerationStub(channel)
+                assert stub.ListModels(pb.ListModelsRequest(), timeout=30).default_model
         if address is None:
             pytest.skip("this machine has no non-loopback IPv4 address to connect from")
         with grpc.insecure_channel(f"{address}:{server.port}") as channel:
