@@ -421,6 +421,13 @@ async def status(connect: ConnectOptions, session_id: str, as_json: bool) -> int
     for entry in info.timeline:
         out(f"  from chunk {entry.from_chunk}: v{entry.version} {entry.text!r}")
     out(f"  {describe_fork_history(info)}")
+    if info.HasField("detached"):  # its call broke: it waits, paused, for an Attach
+        d = info.detached
+        left_s = max(d.attach_by_unix_ms / 1000 - time.time(), 0.0)
+        out(
+            f"  detached: attach within {left_s:.0f} s, from chunk {d.from_chunk}..{d.next_chunk}"
+            f" (magi-client attach {info.session_id} --from {d.from_chunk})"
+        )
     if info.status_code or info.status_message:
         out(f"  status {info.status_code}: {info.status_message}")
     return EXIT_OK

@@ -340,7 +340,7 @@ class SessionStats(_message.Message):
     def __init__(self, chunks_done: _Optional[int] = ..., frames_done: _Optional[int] = ..., wall_time_s: _Optional[float] = ..., time_to_first_chunk_s: _Optional[float] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner", "worker_memory", "fork_history")
+    __slots__ = ("session_id", "state", "queue_position", "stats", "prompt_version", "timeline", "next_steerable_chunk", "params", "status_code", "status_message", "owner", "worker_memory", "fork_history", "detached")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +354,7 @@ class SessionInfo(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     WORKER_MEMORY_FIELD_NUMBER: _ClassVar[int]
     FORK_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionState
     queue_position: int
@@ -367,7 +368,18 @@ class SessionInfo(_message.Message):
     owner: str
     worker_memory: DeviceMemory
     fork_history: ForkHistory
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ..., worker_memory: _Optional[_Union[DeviceMemory, _Mapping]] = ..., fork_history: _Optional[_Union[ForkHistory, _Mapping]] = ...) -> None: ...
+    detached: Detached
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., queue_position: _Optional[int] = ..., stats: _Optional[_Union[SessionStats, _Mapping]] = ..., prompt_version: _Optional[int] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., next_steerable_chunk: _Optional[int] = ..., params: _Optional[_Union[SessionParams, _Mapping]] = ..., status_code: _Optional[int] = ..., status_message: _Optional[str] = ..., owner: _Optional[str] = ..., worker_memory: _Optional[_Union[DeviceMemory, _Mapping]] = ..., fork_history: _Optional[_Union[ForkHistory, _Mapping]] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ...) -> None: ...
+
+class Detached(_message.Message):
+    __slots__ = ("attach_by_unix_ms", "from_chunk", "next_chunk")
+    ATTACH_BY_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    attach_by_unix_ms: int
+    from_chunk: int
+    next_chunk: int
+    def __init__(self, attach_by_unix_ms: _Optional[int] = ..., from_chunk: _Optional[int] = ..., next_chunk: _Optional[int] = ...) -> None: ...
 
 class ForkHistory(_message.Message):
     __slots__ = ("first_chunk", "last_chunk", "held_until_unix_ms")

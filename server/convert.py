@@ -8,7 +8,7 @@ from engine import ipc
 from proto import video_generation_pb2 as pb
 from scheduler.session import SessionState
 from server.config import Limits
-from server.sessions import LiveSession
+from server.sessions import LiveSession, SessionManager
 from server.validation import MIN_SIZE_PX, MODES, SHORTCUT_MODES, SIZE_MULTIPLE_PX, ServedModel
 
 STATES = {
@@ -167,6 +167,20 @@ def session_info(session: LiveSession, model: ServedModel) -> pb.SessionInfo:
         status_message=end.message if end else "",
         worker_memory=device_memory(session.worker.memory),
         fork_history=fork_history(session.fork_history, time.time()),
+        detached=detached(session),
+    )
+
+
+def detached(session: LiveSession) -> pb.Detached | None:
+    """None (the field unset) unless it waits, paused, for an Attach."""
+    if session.detached_at is None:
+        return None
+    left_s = session.detached_at + session.detach_grace_s - time.monotonic()
+    first, nxt = SessionManager.attach_range(session)
+    return pb.Detached(
+        attach_by_unix_ms=int((time.time() + max(left_s, 0.0)) * 1000),
+        from_chunk=first,
+        next_chunk=nxt,
     )
 
 

@@ -581,7 +581,7 @@ class SessionManager:
                 f"session {session_id!r} has ended ({session.state.value}{why}); there is "
                 "nothing to attach to",
             )
-        oldest = session.kept.oldest if session.kept.oldest is not None else session.next_chunk
+        oldest, _ = self.attach_range(session)
         if from_chunk < oldest:
             raise NotAttachable(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -600,6 +600,12 @@ class SessionManager:
         session.drop_acks()
         event(logger, "session.attached", session.key, from_chunk=from_chunk)
         return session, session.kept.since(from_chunk)
+
+    @staticmethod
+    def attach_range(session: LiveSession) -> tuple[int, int]:
+        """The chunks an Attach can start from: the oldest kept one .. the next to stream."""
+        oldest = session.kept.oldest if session.kept.oldest is not None else session.next_chunk
+        return oldest, session.next_chunk
 
     def _detach(self, session: LiveSession) -> None:
         session.detached_at = time.monotonic()

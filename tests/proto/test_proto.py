@@ -185,6 +185,7 @@ EXAMPLES: dict[str, Message] = {
     "RawFrame": pb.RawFrame(chunk_index=1, frame_index=47, last_in_chunk=True, rgb24=b"\x01" * 12),
     "SessionFinished": _finished(),
     "SessionStats": _stats(),
+    "Detached": pb.Detached(attach_by_unix_ms=1_767_225_600_000, from_chunk=1, next_chunk=4),
     "ForkHistory": pb.ForkHistory(
         first_chunk=4, last_chunk=11, held_until_unix_ms=1_767_225_600_000
     ),
@@ -202,6 +203,7 @@ EXAMPLES: dict[str, Message] = {
         owner="alice",
         worker_memory=_device_memory(),
         fork_history=pb.ForkHistory(first_chunk=2, last_chunk=9),
+        detached=pb.Detached(attach_by_unix_ms=1_767_225_600_000, from_chunk=3, next_chunk=5),
     ),
     "DeviceMemory": _device_memory(),
     "ListSessionsRequest": pb.ListSessionsRequest(),

@@ -163,8 +163,14 @@ def test_the_sdk_attaches_and_the_first_fmp4_chunk_again_carries_the_init_segmen
             chunk_iter = iter(stream)
             next(chunk_iter), next(chunk_iter)  # chunks 0 and 1, then the call breaks
         wait_for(lambda: server.metric("magistream_sessions_detached") == 1, 10, "detach")
+        # GetSession says it waits and what an Attach can get: chunks 0 and 1 went out
+        info = client.get_session(stream.session_id)
+        assert info.HasField("detached") and info.detached.from_chunk == 0
+        assert info.detached.next_chunk >= 2
+        assert 0 < info.detached.attach_by_unix_ms / 1000 - time.time() <= 30
         with client.attach(stream.session_id, from_chunk=1) as again:
             chunks = list(again)
+        assert not client.get_session(stream.session_id).HasField("detached")
     assert [c.index for c in chunks] == list(range(1, CHUNKS))
     assert again.finished.state == "FINISHED"
     # chunks 1.. alone make a playable MP4: the replayed first one brings the init segment
@@ -198,6 +204,10 @@ def test_magi_client_attach_writes_the_rest_of_a_generate_whose_call_broke(
     wait_for(lambda: server.metric("magistream_sessions_detached") == 1, 10, "detach")
     have = count_frames(part) // 24  # whole chunks; the session paused before its end
     assert 1 <= have < CHUNKS
+
+    # status tells the user what to run
+    assert main(["status", "cli-re", "--server", server.address]) == 0
+    assert "(magi-client attach cli-re --from 0)" in capsys.readouterr().out
 
     attach = ["attach", "cli-re", "--server", server.address]
     assert main([*attach, "--from", str(have)]) == 2  # --out is required, as for generate
