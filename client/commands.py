@@ -114,6 +114,8 @@ async def _run_stream(
     writers: list[ChunkWriter] = []
     pusher: asyncio.Task | None = None
     sigint = SigintCancels(asyncio.current_task())
+    started: Started | None = None
+    next_chunk: int | None = None  # after the last chunk written
     try:
         started = await stream.start()
         out(describe(started))
@@ -127,11 +129,15 @@ async def _run_stream(
             for writer in writers:
                 writer.write(item)
             progress.chunk(item)
+            next_chunk = item.index + 1
     except MagiError as e:
         progress.close()
         if progress.chunks:
             out(_summary(plan, progress))
-        return report(e)
+        code = report(e)
+        if started is not None and stream.finished is None and not e.resume_token:
+            _attach_hint(started.session_id, _grace_s(plan), next_chunk)
+        return code
     except WrongEncoding as e:  # attach: the session chose its encoding when it started
         err(f"error: {e}")
         return EXIT_USAGE  # the call breaks (finally): a session with a grace waits again
@@ -156,6 +162,25 @@ async def _run_stream(
         stream.close()
     progress.close()
     return _finish(stream, plan, progress, ending)
+
+
+def _grace_s(plan: StreamPlan) -> float:
+    """The detach grace the command asked for (attach: none of its own to say)."""
+    if plan.options is not None:
+        return plan.options.detach_grace_s
+    return float(plan.fields.get("detach_grace_s", 0.0))
+
+
+def _attach_hint(session_id: str, grace_s: float, next_chunk: int | None) -> None:
+    """The call broke before the session ended: with a grace it now waits, paused, for an
+    Attach; say how to write the rest."""
+    if grace_s <= 0:
+        return
+    start = "" if next_chunk is None else f" --from {next_chunk}"
+    err(
+        f"session {session_id} waits up to {grace_s:g} s for the rest to be fetched: "
+        f"magi-client attach {session_id}{start} --out REST.mp4"
+    )
 
 
 def _close(writers: list[ChunkWriter], plan: StreamPlan, progress: Progress) -> None:

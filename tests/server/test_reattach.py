@@ -5,6 +5,7 @@ cancelled and NOT_FOUND; bad graces, chunks no longer kept and a second reader a
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -175,6 +176,24 @@ def test_the_sdk_attaches_and_the_first_fmp4_chunk_again_carries_the_init_segmen
     assert again.finished.state == "FINISHED"
     # chunks 1.. alone make a playable MP4: the replayed first one brings the init segment
     assert len(decode_mp4(b"".join(c.payload for c in chunks))) == 24 * (CHUNKS - 1)
+
+
+def test_a_generate_whose_call_breaks_says_how_to_attach(server, tmp_path, capsys):
+    """--deadline breaks the call mid-session: with a grace the CLI names the attach command
+    (from the chunk after the last it wrote); without one it says nothing of attach."""
+    out = tmp_path / "cut.mp4"
+    common = [*("--server", server.address, "--prompt", PROMPT, "--chunks", "30"), "--out"]
+    common += [str(out), *("--width", "32", "--height", "32", "--deadline", "0.8")]
+    code = main(["generate", *common, "--session-id", "cli-hint", "--detach-grace-s", "30"])
+    printed = capsys.readouterr()
+    assert code == 4, printed.err  # the stream failed (DEADLINE_EXCEEDED)
+    hint = re.search(r"magi-client attach cli-hint(?: --from (\d+))? --out REST.mp4", printed.err)
+    assert hint, printed.err
+    if hint.group(1) is not None:  # the chunk after the last one in the file
+        assert int(hint.group(1)) == count_frames(out) // 24
+    assert main(["cancel", "cli-hint", "--server", server.address]) == 0
+    code = main(["generate", *common, "--session-id", "cli-nohint"])
+    assert code == 4 and "magi-client attach" not in capsys.readouterr().err
 
 
 def test_magi_client_attach_writes_the_rest_of_a_generate_whose_call_broke(
