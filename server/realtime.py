@@ -65,6 +65,7 @@ class Realtime:
         self.credentials = credentials
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes  # the largest start message (base64 media)
+        self.streaming = 0  # connections past authentication and not yet ended (WebServer.close)
 
     async def handle(self, ws: ServerConnection) -> None:
         principal = self._authenticate(ws)
@@ -80,17 +81,21 @@ class Realtime:
             return
         current_principal.set(principal)  # this connection's own task: its own context
         code, message, retry_after_ms = grpc.StatusCode.OK, "", 0
+        self.streaming += 1
         try:
-            await self._run(ws)
-        except ServiceError as e:
-            code, message = status_of(e), str(e)
-            retry_after_ms = int(dict(e.trailing_metadata()).get("retry-after-ms", 0))
-        except ConnectionClosed:
-            code = grpc.StatusCode.CANCELLED
-        except Exception as e:  # noqa: BLE001 - a bug: the client still gets a status
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {e}"
-            logger.error("unexpected error in the realtime API", exc_info=e)
-        await self._end(ws, code, message, retry_after_ms)
+            try:
+                await self._run(ws)
+            except ServiceError as e:
+                code, message = status_of(e), str(e)
+                retry_after_ms = int(dict(e.trailing_metadata()).get("retry-after-ms", 0))
+            except ConnectionClosed:
+                code = grpc.StatusCode.CANCELLED
+            except Exception as e:  # noqa: BLE001 - a bug: the client still gets a status
+                code, message = grpc.StatusCode.INTERNAL, f"internal error: {e}"
+                logger.error("unexpected error in the realtime API", exc_info=e)
+            await self._end(ws, code, message, retry_after_ms)
+        finally:
+            self.streaming -= 1
 
     async def _run(self, ws: ServerConnection) -> None:
         """Stream the session's events until it ends, or until the connection goes (then the

@@ -15,9 +15,11 @@ callers (server.auth decides), the same protected mode. Two checks are browser-s
 
 from __future__ import annotations
 
+import asyncio
 import http
 import logging
 import mimetypes
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +113,17 @@ class WebServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close(close_connections=True)
-            await self._server.wait_closed()
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Close the port and its connections; realtime connections still ending (a drained
+        session's `finished` and error on their way out) get up to `grace_s` first, as the
+        gRPC streams do (app._drain)."""
+        if self._server is None:
+            return
+        deadline = time.monotonic() + grace_s
+        while self.realtime.streaming and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._server.close(close_connections=True)
+        await self._server.wait_closed()
 
     # ---- plain HTTP ---------------------------------------------------------------------
 
