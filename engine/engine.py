@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,7 +120,7 @@ class Engine:
         AdmissionRefused when full, ForkUnavailable for a fork point that is not held, and
         ValueError for a request the model cannot serve."""
         params.check_openable()
-        rc, ec = self.model.config.runtime_config, self.model.config.engine_config
+        rc = self.model.config.runtime_config
         existing = self.scheduler.sessions.get(params.session_id)
         if existing is not None and not existing.finished:
             raise ValueError(f"session id {params.session_id!r} is already in use")
@@ -131,39 +132,36 @@ class Engine:
         # the window's shape is checked before any work (a bad step count fails here)
         shape = dataclasses.replace(WindowSpec.from_runtime(rc, None), num_steps=num_steps)
         prefix_frames = self.runner.open(params)
-        try:
-            prefix_chunks = prefix_frames // rc.chunk_width if params.mode == "v2v" else 0
-            total = None if params.num_chunks is None else prefix_chunks + params.num_chunks
-            window = dataclasses.replace(shape, num_chunks=total, prefix_chunks=prefix_chunks)
-            spec = SessionSpec(
-                session_id=params.session_id,
-                seed=params.seed,
-                mode=params.mode,
-                height=params.height,
-                width=params.width,
-                num_steps=num_steps,
-                shortcut_mode=params.shortcut_mode or ec.shortcut_mode,
-                text_scales=params.text_scales,
-                prev_chunk_scales=params.prev_chunk_scales,
-                generated_total=params.num_chunks,
-                prefix_latent_frames=prefix_frames,
-                prefix_chunks=prefix_chunks,
-            )
-            history = self.history_bytes(spec, window)
-            session = Session(
-                spec=spec,
-                window=Window(window),
-                timeline=PromptTimeline(params.prompts, first_chunk=prefix_chunks),
-                estimated_bytes=self.session_bytes(spec, window) + history,
-                history_bytes=history,
-            )
-            self.scheduler.add(session)
-        except Exception:
-            self.runner.free(params.session_id)
-            raise
-        if self.link is not None:  # the other ranks open it with the next plan
-            self._opened.append(params)
-        return session
+        return self._add(params, lambda: self._new_session(params, shape, prefix_frames))
+
+    def _new_session(self, params: SessionParams, shape: WindowSpec, prefix_frames: int) -> Session:
+        """A new session's scheduler side: its spec, window, timeline and memory estimate."""
+        rc, ec = self.model.config.runtime_config, self.model.config.engine_config
+        prefix_chunks = prefix_frames // rc.chunk_width if params.mode == "v2v" else 0
+        total = None if params.num_chunks is None else prefix_chunks + params.num_chunks
+        window = dataclasses.replace(shape, num_chunks=total, prefix_chunks=prefix_chunks)
+        spec = SessionSpec(
+            session_id=params.session_id,
+            seed=params.seed,
+            mode=params.mode,
+            height=params.height,
+            width=params.width,
+            num_steps=shape.num_steps,
+            shortcut_mode=params.shortcut_mode or ec.shortcut_mode,
+            text_scales=params.text_scales,
+            prev_chunk_scales=params.prev_chunk_scales,
+            generated_total=params.num_chunks,
+            prefix_latent_frames=prefix_frames,
+            prefix_chunks=prefix_chunks,
+        )
+        history = self.history_bytes(spec, window)
+        return Session(
+            spec=spec,
+            window=Window(window),
+            timeline=PromptTimeline(params.prompts, first_chunk=prefix_chunks),
+            estimated_bytes=self.session_bytes(spec, window) + history,
+            history_bytes=history,
+        )
 
     def _open_fork(self, params: SessionParams) -> Session:
         """A session that continues another from one of its fork points: the source's spec,
@@ -232,8 +230,9 @@ class Engine:
         """A fork's or a resumed session's scheduler side, from the mark its tensors (already
         opened by the runner) were taken at: the window replayed to it, its chunks in flight
         with their prompts, the frames handed up before it."""
-        try:
-            session = Session(
+        return self._add(
+            params,
+            lambda: Session(
                 spec=spec,
                 window=Window.replayed(mark.window, mark.steps_done),
                 timeline=timeline,
@@ -242,12 +241,20 @@ class Engine:
                 bound_prompts=dict(mark.bound_prompts),
                 entered_at=dict.fromkeys((c for c, _ in mark.bound_prompts), time.monotonic()),
                 frames_out=mark.frames_out,
-            )
+            ),
+        )
+
+    def _add(self, params: SessionParams, make: Callable[[], Session]) -> Session:
+        """Admit the session `make` builds for the tensors the runner has opened: the runner
+        frees them if building or admitting it fails; a group's other ranks open it with the
+        next plan."""
+        try:
+            session = make()
             self.scheduler.add(session)
         except Exception:
             self.runner.free(params.session_id)
             raise
-        if self.link is not None:  # the other ranks open it with the next plan
+        if self.link is not None:
             self._opened.append(params)
         return session
 
