@@ -19,7 +19,7 @@ from proto import video_generation_pb2 as pb
 from server import convert
 from tests.client.test_cli import count_frames
 from tests.server.conftest import wait_for
-from tests.server.helpers import stub
+from tests.server.helpers import request, stub
 
 # one worker runs the module: its module fixtures are made once
 pytestmark = pytest.mark.xdist_group("fork")
@@ -28,15 +28,8 @@ PROMPT = "a red ball rolls"
 
 
 def source_request(sid: str, chunks: int = 6) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        session_id=sid,
-        timeline=[pb.TimelineEntry(text=PROMPT)],
-        num_chunks=chunks,
-        width_px=32,
-        height_px=32,
-        seed=77,
-        output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
-    )
+    raw = pb.OUTPUT_ENCODING_RAW_RGB24
+    return request(PROMPT, chunks, 32, session_id=sid, seed=77, output_encoding=raw)
 
 
 def fork_request(sid: str, source: str, at: int, timeline=()) -> pb.GenerateRequest:

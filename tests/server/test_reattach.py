@@ -23,23 +23,16 @@ from server.errors import InvalidRequest
 from server.validation import parse_detach_grace
 from tests.client.test_cli import count_frames
 from tests.server.conftest import wait_for
-from tests.server.helpers import decode_mp4, stub
+from tests.server.helpers import decode_mp4, request, stub
 
 PROMPT = "a red ball rolls"
 CHUNKS = 8  # more than the 2 streamed + 2 paused a broken call can leave, so it cannot finish
 
 
 def grace_request(sid: str, grace: float, chunks: int = CHUNKS) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        session_id=sid,
-        timeline=[pb.TimelineEntry(text=PROMPT)],
-        num_chunks=chunks,
-        width_px=32,
-        height_px=32,
-        seed=19,
-        output_encoding=pb.OUTPUT_ENCODING_RAW_RGB24,
-        detach_grace_s=grace,
-    )
+    raw = pb.OUTPUT_ENCODING_RAW_RGB24
+    fields = {"session_id": sid, "seed": 19, "output_encoding": raw, "detach_grace_s": grace}
+    return request(PROMPT, chunks, 32, **fields)
 
 
 def frames_by_chunk(events) -> dict[int, list[bytes]]:
